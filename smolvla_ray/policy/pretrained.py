@@ -1,0 +1,140 @@
+"""LeRobot `pretrained_model/` directories in and out, at a local path or any fsspec URL.
+
+The layout is LeRobot 0.6.1's: `config.json`, `model.safetensors` (every tensor, float32,
+LeRobot's key names) and the processor files. Loading is strict where LeRobot is lenient:
+a missing or unexpected tensor is an error that names it, since a silently random-initialized
+layer is the worst kind of bug in a finetune.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import fsspec
+import torch
+from safetensors.torch import load_file, save_file
+
+from smolvla_ray.policy.config import PolicyConfig
+from smolvla_ray.policy.modeling import PrefixMode, SmolVLAPolicy
+from smolvla_ray.policy.processor import PRE_STATE, PolicyProcessor
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _is_url(source: str) -> bool:
+    return "://" in source
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+
+
+def fetch_pretrained(source: str, cache_dir: str | Path, **storage_options) -> Path:
+    """A local directory holding `source`'s files: the path itself, a copy of a remote
+    fsspec directory, or (only with network) a hub snapshot."""
+    if not _is_url(source):
+        local = Path(source).expanduser()
+        if local.is_dir():
+            return local
+        if _looks_like_hub_id(source):
+            from huggingface_hub import snapshot_download
+
+            try:
+                return Path(snapshot_download(source, cache_dir=str(cache_dir)))
+            except Exception as err:  # the hub client raises many types; the message says all
+                raise FileNotFoundError(
+                    f"{source!r} is neither a local directory nor a reachable hub repo: {err}"
+                ) from err
+        raise FileNotFoundError(f"pretrained policy directory {source!r} does not exist")
+    fs, root = fsspec.core.url_to_fs(source, **storage_options)
+    if not fs.exists(f"{root}/{CONFIG_NAME}"):
+        raise FileNotFoundError(f"{source}/{CONFIG_NAME} does not exist")
+    target = Path(cache_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in fs.ls(root, detail=False):
+        fs.get(name, str(target / Path(name).name))
+    return target
+
+
+def check_state_dict_keys(
+    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], *, source: str
+) -> None:
+    """Raise naming every missing, unexpected or mis-shaped tensor."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong_shape = sorted(
+        f"{k}: {tuple(found[k].shape)} (expected {tuple(expected[k].shape)})"
+        for k in set(expected) & set(found)
+        if found[k].shape != expected[k].shape
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:20])}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected[:20])}")
+    if wrong_shape:
+        problems.append(f"wrong shapes: {', '.join(wrong_shape[:20])}")
+    if problems:
+        raise ValueError(
+            f"{source} does not match the policy its config.json describes; " + "; ".join(problems)
+        )
+
+
+def load_pretrained(
+    source: str,
+    *,
+    prefix_mode: PrefixMode = "auto",
+    config_overrides: dict | None = None,
+    **storage_options,
+) -> SmolVLAPolicy:
+    """Build a policy from a LeRobot `pretrained_model/` (path, fsspec URL or hub id)."""
+    with tempfile.TemporaryDirectory(prefix="smolvla-pretrained-") as tmp:
+        directory = fetch_pretrained(source, tmp, **storage_options)
+        config_path = directory / CONFIG_NAME
+        if not config_path.exists():
+            raise FileNotFoundError(f"{source}: no {CONFIG_NAME}")
+        config = PolicyConfig.from_lerobot_json(config_path.read_text(), source=str(config_path))
+        if config_overrides:
+            config = PolicyConfig.model_validate({**config.model_dump(), **config_overrides})
+        weights_path = directory / WEIGHTS_NAME
+        if not weights_path.exists():
+            raise FileNotFoundError(f"{source}: no {WEIGHTS_NAME}")
+        state = load_file(str(weights_path))
+        policy = SmolVLAPolicy(config, prefix_mode=prefix_mode)
+        check_state_dict_keys(policy.state_dict(), state, source=f"{source}/{WEIGHTS_NAME}")
+        policy.load_state_dict(state, strict=True)
+        if (directory / PRE_STATE).exists():
+            policy.processor = PolicyProcessor.load(config, directory)
+        else:
+            log.warning("%s has no processor files; policy.processor is None", source)
+    return policy
+
+
+def save_pretrained(policy: SmolVLAPolicy, target: str, **storage_options) -> None:
+    """Write `policy` as a LeRobot `pretrained_model/` to a local path or fsspec URL."""
+    if _is_url(target) and not target.startswith("file://"):
+        with tempfile.TemporaryDirectory(prefix="smolvla-save-") as tmp:
+            _write_local(policy, Path(tmp))
+            fs, root = fsspec.core.url_to_fs(target, **storage_options)
+            fs.makedirs(root, exist_ok=True)
+            for path in Path(tmp).iterdir():
+                fs.put(str(path), f"{root}/{path.name}")
+        return
+    _write_local(policy, Path(target.removeprefix("file://")))
+
+
+def _write_local(policy: SmolVLAPolicy, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_NAME).write_text(policy.config.to_lerobot_json())
+    state = {
+        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in policy.state_dict().items()
+    }
+    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    if policy.processor is not None:
+        policy.processor.save(directory)
