@@ -99,9 +99,13 @@ def from_jsonable(raw: dict[str, dict[str, list]]) -> dict[str, Stats]:
     out: dict[str, Stats] = {}
     for feature, entry in raw.items():
         if not isinstance(entry, dict):
-            raise ValueError(f"stats entry {feature!r} must be an object, got {type(entry).__name__}")
+            raise ValueError(
+                f"stats entry {feature!r} must be an object, got {type(entry).__name__}"
+            )
         out[feature] = {
-            name: np.atleast_1d(np.asarray(value, dtype=np.int64 if name == "count" else np.float32))
+            name: np.atleast_1d(
+                np.asarray(value, dtype=np.int64 if name == "count" else np.float32)
+            )
             for name, value in entry.items()
         }
     return out

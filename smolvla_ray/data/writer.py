@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -239,13 +240,55 @@ def _fixed_list(values: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
 
+class Mp4Concatenator:
+    """Appends whole mp4 files to one mp4 without re-encoding (a stream copy).
+
+    LeRobot records each episode to its own mp4 and concatenates them the same way, so the
+    frames of an episode are bit-identical in the v3.0 file and in the v2.1 per-episode file.
+    """
+
+    def __init__(self, path: Path, *, fps: int) -> None:
+        self.path = path
+        self.fps = fps
+        self.num_frames = 0
+        self._container = None
+        self._stream = None
+
+    def append(self, episode_video: Path) -> None:
+        """Copy every packet of `episode_video`, shifted to start after what is there."""
+        import av
+
+        if self._container is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._container = av.open(str(self.path), "w")
+        with av.open(str(episode_video)) as source:
+            stream = source.streams.video[0]
+            if self._stream is None:
+                self._stream = self._container.add_stream_from_template(stream, opaque=True)
+            offset = round(Fraction(self.num_frames, self.fps) / stream.time_base)
+            for packet in source.demux(stream):
+                if packet.dts is None:  # the demuxer's end-of-stream marker
+                    continue
+                packet.pts += offset
+                packet.dts += offset
+                packet.stream = self._stream
+                self._container.mux(packet)
+            self.num_frames += stream.frames
+
+    def close(self) -> None:
+        """Finish the file."""
+        if self._container is not None:
+            self._container.close()
+
+
 def _write_v30_files(root: Path, episodes, fps: int, codec: Codec):
     rows: list[dict[str, Any]] = []
     first: EpisodeData | None = None
-    videos: dict[str, Mp4Writer] = {}
+    videos: dict[str, Mp4Concatenator] = {}
     writer: pq.ParquetWriter | None = None
     data_path = root / layout.V30_DATA_PATH.format(chunk_index=0, file_index=0)
     data_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".episode-videos-", dir=root))
     try:
         for episode_index, start, task_index, ep in episodes:
             first = first or ep
@@ -266,10 +309,16 @@ def _write_v30_files(root: Path, episodes, fps: int, codec: Codec):
                     path = root / layout.V30_VIDEO_PATH.format(
                         video_key=key, chunk_index=0, file_index=0
                     )
-                    height, width = frames.shape[1:3]
-                    videos[key] = Mp4Writer(path, fps=fps, codec=codec, height=height, width=width)
+                    videos[key] = Mp4Concatenator(path, fps=fps)
+                episode_video = staging / f"{key}.mp4"
+                height, width = frames.shape[1:3]
+                video = Mp4Writer(episode_video, fps=fps, codec=codec, height=height, width=width)
+                try:
+                    video.write(frames)
+                finally:
+                    video.close()
                 from_ts = videos[key].num_frames / fps
-                videos[key].write(frames)
+                videos[key].append(episode_video)
                 row |= {
                     f"videos/{key}/chunk_index": 0,
                     f"videos/{key}/file_index": 0,
@@ -282,8 +331,9 @@ def _write_v30_files(root: Path, episodes, fps: int, codec: Codec):
     finally:
         if writer is not None:
             writer.close()
-        for video in videos.values():
-            video.close()
+        for concat in videos.values():
+            concat.close()
+        shutil.rmtree(staging, ignore_errors=True)
     return rows, first
 
 
@@ -349,10 +399,20 @@ def _write_tasks_parquet(path: Path, tasks: dict[str, int]) -> None:
             }
         ],
         "columns": [
-            {"name": "task_index", "field_name": "task_index", "pandas_type": "int64",
-             "numpy_type": "int64", "metadata": None},
-            {"name": "task", "field_name": "task", "pandas_type": "unicode",
-             "numpy_type": "object", "metadata": None},
+            {
+                "name": "task_index",
+                "field_name": "task_index",
+                "pandas_type": "int64",
+                "numpy_type": "int64",
+                "metadata": None,
+            },
+            {
+                "name": "task",
+                "field_name": "task",
+                "pandas_type": "unicode",
+                "numpy_type": "object",
+                "metadata": None,
+            },
         ],
         "creator": {"library": "pyarrow", "version": pa.__version__},
         "pandas_version": "2.2.3",
@@ -416,4 +476,3 @@ def _write_json(path: Path, content: Any) -> None:
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
