@@ -12,11 +12,10 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 from lerobot.processor import PolicyProcessorPipeline
 from lerobot.processor.converters import policy_action_to_transition, transition_to_policy_action
+from safetensors.torch import load_file, save_file
 
 
 def main(workdir: Path) -> None:

@@ -32,7 +32,7 @@ def make_batch(config: PolicyConfig, *, batch_size: int = 3, seed: int = 0) -> d
     length = 7
     batch["observation.language.tokens"] = torch.randint(5, 300, (batch_size, length), generator=g)
     lang_mask = torch.ones(batch_size, length, dtype=torch.bool)
-    lang_mask[1, 4:] = False
+    lang_mask[-1, 4:] = False
     batch["observation.language.attention_mask"] = lang_mask
     return batch
 
