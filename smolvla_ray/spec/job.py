@@ -1,0 +1,245 @@
+"""`JobSpec`: the sections together, cross-section checks, credentials and `SpecError`.
+
+Secrets in `storage_options` are `SecretStr`: masked in repr, str and `model_dump(mode="json")`,
+dropped by `public_dict()`, revealed only by `storage_options_plain()` for fsspec.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from smolvla_ray.spec.sections import (
+    SECTION_CONFIG,
+    CheckpointSpec,
+    DataSpec,
+    FailureSpec,
+    PolicySpec,
+    ScalingSpec,
+    TrainSpec,
+)
+
+ENV_STORAGE_OPTIONS = "SMOLVLA_STORAGE_OPTIONS"
+MASK = "**********"
+# Strings in storage_options are secrets unless their key is one of these well-known
+# non-secret fsspec/botocore options: unknown keys are masked, never leaked.
+PUBLIC_STORAGE_KEYS = frozenset(
+    {
+        "endpoint_url", "region_name", "region", "profile", "project", "account_name",
+        "anon", "use_ssl", "requester_pays", "version_aware", "default_block_size",
+        "default_cache_type", "addressing_style", "signature_version",
+        "s3", "config_kwargs", "client_kwargs",
+    }
+)  # fmt: skip
+
+
+class SpecError(ValueError):
+    """An invalid job spec; the message lists every problem with its field and fix."""
+
+    @classmethod
+    def from_validation_error(cls, err: ValidationError, *, source: str = "job spec") -> SpecError:
+        """One readable line per pydantic error: dotted field path, message, offending value."""
+        lines = [f"{source} is invalid ({err.error_count()} problem(s)):"]
+        for item in err.errors(include_url=False):
+            loc = [str(p) for p in item["loc"] if not _is_tag(p)]
+            message = item["msg"].removeprefix("Value error, ")
+            if item["type"] == "extra_forbidden":
+                message = f"unknown field; {valid_keys_hint(loc[:-1], loc[-1])}"
+            where = ".".join(loc) or "spec"
+            value = item.get("input")
+            shown = loc[:1] != ["storage_options"] and isinstance(value, str | int | float | bool)
+            suffix = f" (got {value!r})" if shown and item["type"] != "extra_forbidden" else ""
+            lines.append(f"  {where}: {message}{suffix}")
+        return cls("\n".join(lines))
+
+
+def _is_tag(part: object) -> bool:
+    # pydantic puts union member names ('list[int]', 'EpisodeRange') into error locations.
+    return isinstance(part, str) and ("[" in part or part == "EpisodeRange")
+
+
+StorageValue = Union[SecretStr, str, int, float, bool, None, dict[str, Any]]  # noqa: UP007
+
+
+class JobSpec(BaseModel):
+    """A complete finetuning job, from YAML; see docs/job-spec.md."""
+
+    model_config = SECTION_CONFIG
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    """Job name: Ray Train run name and storage folder (lowercase, digits, . _ -)."""
+    policy: PolicySpec
+    data: DataSpec
+    train: TrainSpec
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    checkpoint: CheckpointSpec
+    failure: FailureSpec = Field(default_factory=FailureSpec)
+    storage_options: dict[str, StorageValue] = Field(default_factory=dict)
+    """fsspec options for every URI in the spec (merged over $SMOLVLA_STORAGE_OPTIONS)."""
+
+    @field_validator("storage_options")
+    @classmethod
+    def _secrets(cls, value: dict[str, StorageValue]) -> dict[str, StorageValue]:
+        return _mark_secrets(value, "storage_options")
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> JobSpec:
+        train, scaling = self.train, self.scaling
+        every = self.checkpoint.every_steps
+        if every is not None and every > train.steps:
+            raise ValueError(
+                f"checkpoint.every_steps={every} exceeds train.steps={train.steps}; lower it "
+                "or set it to null (checkpoint only at the end)"
+            )
+        if train.precision == "bf16" and not scaling.use_gpu:
+            raise ValueError(
+                "train.precision='bf16' needs scaling.use_gpu=true (got false); "
+                "use precision auto or fp32 on CPU"
+            )
+        if train.frozen_dtype == "bf16" and self.resolved_precision() != "bf16":
+            raise ValueError(
+                "train.frozen_dtype='bf16' needs bf16 autocast, but training runs in fp32 "
+                f"(precision={train.precision!r}, use_gpu={scaling.use_gpu}); "
+                "set frozen_dtype auto or fp32"
+            )
+        gpus = (scaling.resources_per_worker or {}).get("GPU")
+        if gpus is not None and (gpus > 0) != scaling.use_gpu:
+            raise ValueError(
+                f"scaling.resources_per_worker.GPU={gpus} contradicts scaling.use_gpu="
+                f"{scaling.use_gpu}; make them agree (GPU > 0 exactly when use_gpu)"
+            )
+        return self
+
+    def resolved_precision(self) -> Literal["fp32", "bf16"]:
+        """The autocast dtype the run uses: 'auto' becomes bf16 on GPU, fp32 on CPU."""
+        if self.train.precision == "auto":
+            return "bf16" if self.scaling.use_gpu else "fp32"
+        return self.train.precision
+
+    def resolved_frozen_dtype(self) -> Literal["fp32", "bf16"]:
+        """The dtype the frozen weights are held in ('auto' follows the precision)."""
+        if self.train.frozen_dtype == "auto":
+            return self.resolved_precision()
+        return self.train.frozen_dtype
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step across all workers."""
+        return self.train.batch_size * self.train.grad_accum_steps * self.scaling.num_workers
+
+    def policy_config_updates(self) -> dict[str, Any]:
+        """PolicyConfig updates for the run: the policy section's, plus the optimizer and
+        scheduler values so an exported LeRobot config.json records what was used."""
+        opt, sched = self.train.optimizer, self.train.scheduler
+        return {
+            **self.policy.config_updates(),
+            "optimizer_lr": opt.lr,
+            "optimizer_betas": opt.betas,
+            "optimizer_eps": opt.eps,
+            "optimizer_weight_decay": opt.weight_decay,
+            "optimizer_grad_clip_norm": opt.grad_clip_norm,
+            "scheduler_warmup_steps": sched.warmup_steps,
+            "scheduler_decay_steps": sched.decay_steps,
+            "scheduler_decay_lr": sched.decay_lr,
+        }
+
+    def storage_options_plain(self, *, environ: Mapping[str, str] | None = None) -> dict:
+        """Options to hand to fsspec, secrets revealed: $SMOLVLA_STORAGE_OPTIONS (read at
+        call time, so workers use their own environment) with the spec's on top."""
+        return _merge(env_storage_options(environ), _reveal(self.storage_options))
+
+    def public_dict(self) -> dict[str, Any]:
+        """JSON-safe dump with secrets removed (not masked), for logs, params, checkpoints.
+        It validates back into a JobSpec; credentials then come from the environment."""
+        data = self.model_dump(mode="json")
+        data["storage_options"] = _reveal(self.storage_options, drop_secrets=True)
+        return data
+
+
+def _mark_secrets(value: Any, where: str, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: _mark_secrets(v, f"{where}.{k}", k) for k, v in value.items()}
+    plain = value.get_secret_value() if isinstance(value, SecretStr) else value
+    if plain == MASK:
+        raise ValueError(
+            f"{where} holds the mask {MASK!r} from a dump, not a credential; give the real "
+            f"value or set it in ${ENV_STORAGE_OPTIONS}"
+        )
+    if isinstance(plain, str):
+        return plain if key in PUBLIC_STORAGE_KEYS else SecretStr(plain)
+    return value
+
+
+def _reveal(value: Any, *, drop_secrets: bool = False) -> Any:
+    if isinstance(value, dict):
+        out = {k: _reveal(v, drop_secrets=drop_secrets) for k, v in value.items()}
+        return {k: v for k, v in out.items() if v is not _DROP}
+    if isinstance(value, SecretStr):
+        return _DROP if drop_secrets else value.get_secret_value()
+    return value
+
+
+_DROP = object()
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if both else value
+    return out
+
+
+def env_storage_options(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The JSON object in $SMOLVLA_STORAGE_OPTIONS ({} when unset); its text is never echoed."""
+    text = (os.environ if environ is None else environ).get(ENV_STORAGE_OPTIONS, "").strip()
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SpecError(
+            f"${ENV_STORAGE_OPTIONS} is not valid JSON (line {err.lineno}, column {err.colno}: "
+            f'{err.msg}); set it to an object like \'{{"key": "...", "secret": "..."}}\''
+        ) from None
+    if not isinstance(value, dict):
+        kind = type(value).__name__
+        raise SpecError(f"${ENV_STORAGE_OPTIONS} must hold a JSON object, not a {kind}")
+    return value
+
+
+def schema_child(annotation: Any) -> type[BaseModel] | Literal["dict"] | None:
+    """What sits below a field: a section model, a free-form mapping, or nothing (scalar)."""
+    options = get_args(annotation) if get_origin(annotation) in (Union, type(int | None)) else ()
+    for option in options or (annotation,):
+        if isinstance(option, type) and issubclass(option, BaseModel):
+            return option
+        if option is dict or get_origin(option) is dict:
+            return "dict"
+    return None
+
+
+def valid_keys_hint(path: Sequence[str], key: str) -> str:
+    """'did you mean ...? valid keys at <path>: ...' for an unknown `key` below `path`."""
+    model: Any = JobSpec
+    for part in path:
+        fields = model.model_fields if isinstance(model, type) else {}
+        model = schema_child(fields[part].annotation) if part in fields else None
+    if not isinstance(model, type):
+        return "remove it"
+    valid = list(model.model_fields)
+    close = difflib.get_close_matches(key, valid, n=3)
+    where = ".".join(path) or "the top level"
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return f"{hint}valid keys at {where}: {', '.join(valid)}"

@@ -1,0 +1,348 @@
+"""The sections of a job spec: policy, data, train (optimizer, scheduler), scaling,
+checkpoint and failure. Each is a pydantic model with `extra="forbid"`; every setting has
+exactly one home. Cross-section checks live on `JobSpec` (job.py).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Annotated, Any, Literal
+
+import fsspec
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from smolvla_ray.policy.config import PolicyConfig
+
+# Inputs stay out of pydantic's own messages: a rejected spec may hold credentials.
+SECTION_CONFIG = ConfigDict(
+    extra="forbid", hide_input_in_errors=True, use_attribute_docstrings=True
+)
+_URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
+_OWN_FIELDS = (
+    "freeze_vision_encoder", "train_expert_only", "train_state_proj", "chunk_size", "n_action_steps"
+)  # fmt: skip
+# PolicyConfig fields that a job sets elsewhere, and where.
+_OWN_HOME = {
+    "freeze_vision_encoder": "policy.freeze_vision_encoder",
+    "train_expert_only": "policy.train_expert_only",
+    "train_state_proj": "policy.train_state_proj",
+    "chunk_size": "policy.chunk_size",
+    "n_action_steps": "policy.n_action_steps",
+    "pretrained_path": "policy.pretrained",
+    "input_features": "data.cameras (features come from the dataset)",
+    "output_features": "the dataset (features come from the dataset)",
+    "device": "scaling.use_gpu",
+    "use_amp": "train.precision",
+    "type": "nothing (it is always 'smolvla')",
+}
+
+
+def _check_uri(value: str | None, *, writable: bool = False) -> str | None:
+    """Reject an empty string or an unknown fsspec protocol (e.g. a typo like `s4://`)."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise ValueError("must not be empty; give a local path or an fsspec URL like s3://b/p")
+    for part in value.split("::"):
+        match = _URI_SCHEME.match(part)
+        if match is None:
+            continue
+        scheme = match.group(1).lower()
+        known = set(fsspec.available_protocols())
+        if scheme not in known:
+            close = difflib.get_close_matches(scheme, sorted(known), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(c + '://' for c in close)}?" if close else ""
+            raise ValueError(f"unknown URL scheme {scheme + '://'!r}{hint}")
+        if writable and scheme in ("http", "https"):
+            raise ValueError("http(s) storage is read-only; use s3://, gs://, az:// or a path")
+    return value
+
+
+class PolicySpec(BaseModel):
+    """Which SmolVLA to finetune and how: weights, freezing overrides, other config fields."""
+
+    model_config = SECTION_CONFIG
+    pretrained: str | None = None
+    """A LeRobot `pretrained_model/` directory, any fsspec URL to one, or a hub id."""
+    preset: Literal["tiny", "base"] | None = None
+    """Build from a preset instead (random init): tiny (CPU-fast) or base (450M)."""
+    freeze_vision_encoder: bool | None = None
+    """Freeze the SigLIP vision encoder (None: keep the checkpoint's/preset's value)."""
+    train_expert_only: bool | None = None
+    """Train only the action expert and projections (None: keep the checkpoint's value)."""
+    train_state_proj: bool | None = None
+    """Train the state projection (None: keep the checkpoint's value)."""
+    chunk_size: int | None = Field(None, ge=1)
+    """Actions predicted per model call (None: keep the checkpoint's value)."""
+    n_action_steps: int | None = Field(None, ge=1)
+    """Actions executed per model call at inference, <= chunk_size (None: keep)."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Any other PolicyConfig field by its LeRobot name, e.g. {num_steps: 5}."""
+    prefix_mode: Literal["auto", "joint", "no_grad"] = "auto"
+    """How training runs the image/language prefix: no_grad needs a frozen VLM; auto picks."""
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_uri(cls, value: str | None) -> str | None:
+        return _check_uri(value)
+
+    @field_validator("overrides")
+    @classmethod
+    def _known_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        fields = PolicyConfig.model_fields
+        checked = {}
+        for key, item in value.items():
+            if key.startswith(("optimizer_", "scheduler_")):
+                section = "optimizer" if key.startswith("optimizer_") else "scheduler"
+                home = f"train.{section}.{key.split('_', 1)[1]}"
+                raise ValueError(f"{key!r} is not a policy override; set {home} instead")
+            if key in _OWN_HOME:
+                raise ValueError(f"{key!r} is not a policy override; set {_OWN_HOME[key]}")
+            if key not in fields:
+                close = difflib.get_close_matches(key, list(fields), n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise ValueError(f"{key!r} is not a PolicyConfig field{hint}")
+            try:
+                adapter = TypeAdapter(Annotated[fields[key].annotation, fields[key]])
+                checked[key] = adapter.validate_python(item)
+            except ValidationError as err:
+                reason = err.errors(include_url=False)[0]["msg"]
+                raise ValueError(f"{key}={item!r}: {reason}") from None
+        return checked
+
+    @model_validator(mode="after")
+    def _check(self) -> PolicySpec:
+        if (self.pretrained is None) == (self.preset is None):
+            raise ValueError(
+                "give exactly one of pretrained (e.g. lerobot/smolvla_base) or "
+                f"preset (tiny or base); got pretrained={self.pretrained!r}, "
+                f"preset={self.preset!r}"
+            )
+        updates = self.config_updates()
+        if self.preset is not None:
+            # A preset is known here, so the whole PolicyConfig can be checked now.
+            try:
+                PolicyConfig.preset(self.preset, **updates)
+            except ValidationError as err:
+                reason = "; ".join(e["msg"] for e in err.errors(include_url=False))
+                raise ValueError(f"with preset {self.preset!r}: {reason}") from None
+        elif self.chunk_size is not None and (self.n_action_steps or 0) > self.chunk_size:
+            raise ValueError(
+                f"n_action_steps={self.n_action_steps} exceeds chunk_size="
+                f"{self.chunk_size}; lower n_action_steps or raise chunk_size"
+            )
+        if self.prefix_mode == "no_grad" and self.train_expert_only is False:
+            raise ValueError(
+                "prefix_mode='no_grad' needs a frozen VLM but train_expert_only=False; "
+                "use prefix_mode 'auto' or 'joint', or set train_expert_only: true"
+            )
+        return self
+
+    def config_updates(self) -> dict[str, Any]:
+        """The PolicyConfig field updates this section implies (only the ones it sets)."""
+        own = {name: getattr(self, name) for name in _OWN_FIELDS if getattr(self, name) is not None}
+        return {**self.overrides, **own}
+
+
+class EpisodeRange(BaseModel):
+    """Episodes start, start+1, ..., stop-1 (half-open, like Python's range)."""
+
+    model_config = SECTION_CONFIG
+    start: int = Field(ge=0)
+    stop: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> EpisodeRange:
+        if self.stop <= self.start:
+            raise ValueError(
+                f"stop={self.stop} must exceed start={self.start} (the range is half-open)"
+            )
+        return self
+
+
+class DataSpec(BaseModel):
+    """The LeRobot dataset (v3.0 or v2.1) to train on and how workers read it."""
+
+    model_config = SECTION_CONFIG
+    uri: str
+    """Dataset root: a local path or any fsspec URL (s3://bucket/datasets/name)."""
+    episodes: list[int] | EpisodeRange | None = None
+    """Episode indices [0, 3, 7] or a range {start: 0, stop: 40}; None = all episodes."""
+    cameras: list[str] | None = None
+    """Camera names (['top', 'wrist'] for observation.images.top/...); None = all."""
+    num_loader_workers: int = Field(2, ge=0)
+    """Background decode processes per Ray worker (0 = decode in the training process)."""
+    cache_dir: str | None = None
+    """Node-local video cache; None = $SMOLVLA_RAY_CACHE, else ~/.cache/smolvla_ray."""
+    cache_max_bytes: ByteSize = Field(ByteSize(20 * 1024**3), ge=1)
+    """Cache size bound in bytes, or a string like 20GiB / 500MB."""
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return _check_uri(value) or value
+
+    @field_validator("episodes")
+    @classmethod
+    def _episodes(cls, value: list[int] | EpisodeRange | None) -> list[int] | EpisodeRange | None:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("episodes is an empty list; omit it (null) to use all episodes")
+            if min(value) < 0:
+                raise ValueError(f"episode indices must be >= 0; got {min(value)}")
+            if len(set(value)) != len(value):
+                dupes = sorted({i for i in value if value.count(i) > 1})
+                raise ValueError(f"episodes lists {dupes} more than once; list each once")
+        return value
+
+    @field_validator("cameras")
+    @classmethod
+    def _cameras(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value or not all(name.strip() for name in value):
+            raise ValueError("cameras needs non-empty names, e.g. [top, wrist]; null = all")
+        for name in value:
+            if name.startswith("observation.images."):
+                short = name.removeprefix("observation.images.")
+                raise ValueError(f"camera {name!r}: give the camera name only, {short!r}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"cameras {value} names a camera twice; list each once")
+        return value
+
+
+class OptimizerSpec(BaseModel):
+    """AdamW with LeRobot's SmolVLA presets; the one place a run sets the learning rate."""
+
+    model_config = SECTION_CONFIG
+    type: Literal["adamw"] = "adamw"
+    lr: float = Field(1e-4, gt=0)
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(1e-10, ge=0)
+    grad_clip_norm: float = Field(10.0, gt=0)
+    """Clip the global gradient norm of the trainable parameters to this."""
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError(f"betas {list(value)} must each be in [0, 1), e.g. [0.9, 0.95]")
+        return value
+
+
+class SchedulerSpec(BaseModel):
+    """Learning-rate schedule with LeRobot's SmolVLA presets.
+
+    Like LeRobot, when the run is shorter than `decay_steps`, warmup and decay are rescaled
+    proportionally to fit it (see `resolved`).
+    """
+
+    model_config = SECTION_CONFIG
+    type: Literal["cosine_decay_with_warmup", "constant"] = "cosine_decay_with_warmup"
+    """cosine_decay_with_warmup (linear warmup, cosine to decay_lr) or constant (lr)."""
+    warmup_steps: int = Field(1000, ge=0)
+    decay_steps: int = Field(30000, ge=1)
+    decay_lr: float = Field(2.5e-6, ge=0)
+    """Learning rate at the end of the cosine decay."""
+
+    @model_validator(mode="after")
+    def _check(self) -> SchedulerSpec:
+        unused = sorted(self.model_fields_set - {"type"})
+        if self.type == "constant" and unused:
+            raise ValueError(
+                f"{', '.join(unused)} has no effect with type 'constant'; "
+                "remove it or use type cosine_decay_with_warmup"
+            )
+        if self.warmup_steps > self.decay_steps:
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} exceeds decay_steps="
+                f"{self.decay_steps}; warmup is part of the decay span, so lower it"
+            )
+        return self
+
+    def resolved(self, total_steps: int) -> tuple[int, int]:
+        """(warmup, decay) steps for a run of `total_steps`, rescaled as LeRobot does."""
+        if total_steps < self.decay_steps:
+            return int(self.warmup_steps * total_steps / self.decay_steps), total_steps
+        return self.warmup_steps, self.decay_steps
+
+
+class TrainSpec(BaseModel):
+    """The optimization: steps, batch, optimizer, schedule, precision, seed, logging."""
+
+    model_config = SECTION_CONFIG
+    steps: int = Field(ge=1)
+    """Optimizer steps in the whole run."""
+    batch_size: int = Field(ge=1)
+    """Samples per worker per micro-step; global batch = this x grad_accum x workers."""
+    grad_accum_steps: int = Field(1, ge=1)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto = bf16 autocast on GPU, fp32 on CPU; bf16 needs scaling.use_gpu."""
+    seed: int = Field(1000, ge=0)
+    log_every: int = Field(10, ge=1)
+    """Report metrics every this many steps."""
+    frozen_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """dtype of the frozen weights; auto = bf16 when training in bf16, else fp32."""
+
+
+class ScalingSpec(BaseModel):
+    """How many Ray Train workers and what each one gets."""
+
+    model_config = SECTION_CONFIG
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    """One GPU per worker (unless resources_per_worker says otherwise)."""
+    resources_per_worker: dict[str, Annotated[float, Field(ge=0)]] | None = None
+    """Ray resources per worker, e.g. {CPU: 4, GPU: 1}; None = Ray's default."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class CheckpointSpec(BaseModel):
+    """Where the run's checkpoints go and how many stay."""
+
+    model_config = SECTION_CONFIG
+    storage: str
+    """Storage URI for the run: path, file://, s3://, gs://, az://, memory://."""
+    every_steps: int | None = Field(None, ge=1)
+    """Checkpoint every this many steps; None = only at the end."""
+    keep_last: int = Field(3, ge=1)
+    upload_mode: Literal["async", "sync"] = "async"
+    """async: upload in the background while training continues."""
+    from_checkpoint: str | None = None
+    """Start from this smolvla-ray checkpoint URI (trainable state, optimizer, step)."""
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, value: str) -> str:
+        return _check_uri(value, writable=True) or value
+
+    @field_validator("from_checkpoint")
+    @classmethod
+    def _from(cls, value: str | None) -> str | None:
+        return _check_uri(value)
+
+
+class FailureSpec(BaseModel):
+    """What to do when things go wrong."""
+
+    model_config = SECTION_CONFIG
+    max_failures: int = Field(0, ge=-1)
+    """Worker-group restarts from the latest checkpoint; -1 = unlimited (as Ray)."""
+    on_nonfinite: Literal["skip", "stop"] = "stop"
+    """A NaN/inf loss or gradient: skip that step, or stop the run."""
+    resource_wait_s: float = Field(600, ge=0)
+    """How long to wait for the cluster to grant the workers' resources."""
