@@ -1,0 +1,1 @@
+"""Checkpoints of what training changed: format, writer, discovery and export."""

@@ -1,0 +1,167 @@
+"""The checkpoint format: only what training changed, no pickle, a manifest written last.
+
+A checkpoint directory holds
+
+    trainable.safetensors   trainable parameters by state-dict name (float32)
+    optimizer.safetensors   AdamW moments and step per parameter name
+    state.json              step, epoch, optimizer param groups, scheduler state, the data
+                            cursor of every worker, the spec, the policy config and the base
+                            weights' identity
+    rng.safetensors         torch RNG state of every worker
+    processor files         LeRobot's normalizer statistics (for export)
+    manifest.json           size and sha256 of every file above; written last
+
+A checkpoint without a manifest, or whose files do not match it, is never resumed from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+TRAINABLE = "trainable.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+STATE = "state.json"
+RNG = "rng.safetensors"
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class TrainingState:
+    """Everything besides tensors that resuming needs, as JSON."""
+
+    step: int
+    epoch: int
+    cursors: list[dict[str, Any]]
+    param_names: list[str]
+    param_groups: list[dict[str, Any]]
+    scheduler: dict[str, Any]
+    spec: dict[str, Any]
+    policy_config: dict[str, Any]
+    base: dict[str, Any]
+    counters: dict[str, Any] = field(default_factory=dict)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def optimizer_tensors(
+    optimizer: torch.optim.Optimizer, names: list[str]
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """AdamW state as named tensors plus its param groups (hyperparameters) as JSON."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            tensors[f"{key}/{names[index]}"] = tensor.detach().to("cpu").contiguous()
+    groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
+    for group in groups:
+        group["betas"] = list(group.get("betas", ()))
+    return tensors, groups
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    tensors: Mapping[str, torch.Tensor],
+    names: list[str],
+    groups: list[dict[str, Any]],
+) -> None:
+    """Inverse of `optimizer_tensors`; parameters are matched by name."""
+    position = {name: i for i, name in enumerate(names)}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        kind, _, name = key.partition("/")
+        if name not in position:
+            raise ValueError(f"optimizer state names {name!r}, which is not a trainable parameter")
+        state.setdefault(position[name], {})[kind] = value
+    restored = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in groups]
+    optimizer.load_state_dict({"state": state, "param_groups": restored})
+
+
+def write_checkpoint(
+    directory: Path,
+    *,
+    trainable: Mapping[str, torch.Tensor],
+    optimizer: Mapping[str, torch.Tensor],
+    rng_states: list[torch.Tensor],
+    state: TrainingState,
+) -> None:
+    """Write the checkpoint's files, then the manifest of every file in `directory` (files
+    placed there before, such as processor files, are covered too)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in trainable.items()},
+        str(directory / TRAINABLE),
+    )
+    save_file(dict(optimizer), str(directory / OPTIMIZER))
+    save_file({f"rank{i}": t for i, t in enumerate(rng_states)}, str(directory / RNG))
+    (directory / STATE).write_text(json.dumps(state.__dict__, indent=1, default=str))
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "step": state.step,
+        "files": {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def verify_checkpoint(directory: Path) -> str | None:
+    """None when every file matches the manifest, else what is wrong."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.exists():
+        return "no manifest.json (the checkpoint was not finished)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        return f"manifest.json is malformed: {err}"
+    for name, entry in files.items():
+        path = directory / name
+        if not path.exists():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["size"]:
+            return f"{name} has {path.stat().st_size} bytes, manifest says {entry['size']}"
+        if sha256_file(path) != entry["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A verified checkpoint read back into memory."""
+
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    rng_states: list[torch.Tensor]
+    state: TrainingState
+    directory: Path
+
+
+def read_checkpoint(directory: Path) -> LoadedCheckpoint:
+    """Read a checkpoint, refusing one that does not verify."""
+    problem = verify_checkpoint(directory)
+    if problem is not None:
+        raise ValueError(f"checkpoint {directory} is not valid: {problem}")
+    rng = load_file(str(directory / RNG))
+    state = TrainingState(**json.loads((directory / STATE).read_text()))
+    return LoadedCheckpoint(
+        trainable=load_file(str(directory / TRAINABLE)),
+        optimizer=load_file(str(directory / OPTIMIZER)),
+        rng_states=[rng[f"rank{i}"] for i in range(len(rng))],
+        state=state,
+        directory=directory,
+    )

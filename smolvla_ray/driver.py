@@ -1,0 +1,110 @@
+"""Spec -> Ray Train: ScalingConfig, RunConfig (storage through fsspec), TorchTrainer.
+
+`run(spec)` trains on an embedded local Ray (or `address=` an existing cluster) and blocks
+until the run ends. Everything that can be checked before starting is checked first
+(shared/DESIGN.md invariant 6): nothing starts, and no cluster resource is held, on bad input.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+from smolvla_ray.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class StorageTarget:
+    """Where Ray Train persists the run: a path and, for non-local URLs, a pyarrow fs."""
+
+    path: str
+    filesystem: Any | None  # pyarrow.fs.FileSystem
+
+
+def storage_target(uri: str, storage_options: Mapping[str, Any]) -> StorageTarget:
+    """Any fsspec URL as Ray Train storage (pyarrow's PyFileSystem over the fsspec fs)."""
+    if "://" not in uri or uri.startswith("file://"):
+        return StorageTarget(os.path.abspath(uri.removeprefix("file://")), None)
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    return StorageTarget(path, PyFileSystem(FSSpecHandler(fs)))
+
+
+def preflight(spec: JobSpec) -> None:
+    """Fail before starting on what can be known now: dataset reachable with the cameras the
+    policy needs, pretrained checkpoint readable, storage writable."""
+    from smolvla_ray.data.meta import check_cameras, load_meta
+
+    options = spec.storage_options_plain()
+    meta = load_meta(spec.data.uri, storage_options=options)
+    if spec.data.cameras:
+        check_cameras(meta, spec.data.cameras)
+    pretrained = spec.policy.pretrained
+    if pretrained and ("://" in pretrained or os.path.exists(pretrained)):  # else a hub id
+        fs, root = fsspec.core.url_to_fs(pretrained, **options)
+        if not fs.exists(f"{root.rstrip('/')}/config.json"):
+            raise FileNotFoundError(
+                f"policy.pretrained={pretrained!r} has no config.json: point it at a LeRobot "
+                "pretrained_model/ directory"
+            )
+    _check_writable(spec.checkpoint.storage, options)
+
+
+def _check_writable(uri: str, options: Mapping[str, Any]) -> None:
+    fs, root = fsspec.core.url_to_fs(uri, **options)
+    probe = f"{root.rstrip('/')}/.smolvla-write-probe"
+    try:
+        fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(probe, b"ok")
+        fs.rm(probe)
+    except Exception as err:  # any backend error means the same thing to the user
+        raise PermissionError(
+            f"checkpoint.storage={uri!r} is not writable ({type(err).__name__}: {err}); fix "
+            "the URL or the credentials in storage_options"
+        ) from err
+
+
+def build_trainer(spec: JobSpec):  # -> ray.train.torch.TorchTrainer
+    """The TorchTrainer for `spec` (gloo on CPU, NCCL on GPU)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from smolvla_ray.train.loop import loop_config, train_loop_per_worker
+
+    target = storage_target(spec.checkpoint.storage, spec.storage_options_plain())
+    scaling = ScalingConfig(
+        num_workers=spec.scaling.num_workers,
+        use_gpu=spec.scaling.use_gpu,
+        resources_per_worker=spec.scaling.resources_per_worker,
+        placement_strategy=spec.scaling.placement_strategy,
+    )
+    run_config = RunConfig(
+        name=spec.name,
+        storage_path=target.path,
+        storage_filesystem=target.filesystem,
+        failure_config=FailureConfig(max_failures=spec.failure.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_last),
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config(spec),
+        scaling_config=scaling,
+        run_config=run_config,
+        torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
+    )
+
+
+def run(spec: JobSpec, *, address: str | None = None, check: bool = True):  # -> ray Result
+    """Train `spec` and block until it ends; embedded local Ray unless `address` is given."""
+    import ray
+
+    if check:
+        preflight(spec)
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    return build_trainer(spec).fit()

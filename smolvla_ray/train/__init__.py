@@ -1,0 +1,1 @@
+"""Distributed training: the per-worker loop, trainable-only DDP, optimizer and schedule."""

@@ -1,0 +1,257 @@
+"""The per-worker training loop that Ray Train's TorchTrainer runs on every worker.
+
+Build (policy with the freezing overrides, processor, data shard), check the frozen backbone
+is the same everywhere, wrap the trainable view in DDP, then step; every `log_every` steps
+all ranks report metrics (Ray requires every rank to call `report` equally often), and at
+checkpoint steps rank 0 attaches a checkpoint of what training changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from smolvla_ray.checkpoint.format import load_optimizer_state, read_checkpoint
+from smolvla_ray.checkpoint.writer import CheckpointWriter
+from smolvla_ray.spec import JobSpec
+from smolvla_ray.train.ddp import check_frozen_fingerprint, frozen_fingerprint, wrap_ddp
+from smolvla_ray.train.metrics import MetricsLog, run_uri
+from smolvla_ray.train.optim import build_optimizer, build_scheduler
+from smolvla_ray.train.setup import build_loader, build_policy, open_dataset
+from smolvla_ray.train.step import train_step
+
+log = logging.getLogger(__name__)
+
+
+def _replica_digest(ddp) -> str:
+    """A cheap digest of the trainable parameters, to compare replicas."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in ddp.module.params:
+        h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _gather(obj: Any) -> list[Any]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point. `loop_config`: {"spec": JSON dict, "storage_options": dict}."""
+    spec = JobSpec.model_validate(loop_config["spec"])
+    storage_options = loop_config.get("storage_options") or {}
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if spec.scaling.use_gpu else torch.device("cpu")
+
+    meta = open_dataset(spec, storage_options=storage_options)
+    policy = build_policy(spec, meta, storage_options=storage_options).to(device)
+    policy.train()
+    if spec.resolved_frozen_dtype() == "bf16" and policy.model.vlm_is_frozen():
+        # Frozen weights in bf16 halve their memory; autocast keeps the math consistent.
+        policy.model.vlm_with_expert.vlm.to(torch.bfloat16)
+    start_fingerprint = check_frozen_fingerprint(policy)
+    local_frozen = frozen_fingerprint(policy)
+
+    ddp, comm = wrap_ddp(policy, device=device)
+    names = ddp.module.names
+    optimizer = build_optimizer(
+        ddp.module.params,
+        lr=spec.train.optimizer.lr,
+        betas=tuple(spec.train.optimizer.betas),
+        eps=spec.train.optimizer.eps,
+        weight_decay=spec.train.optimizer.weight_decay,
+    )
+    scheduler = build_scheduler(
+        optimizer,
+        kind=spec.train.scheduler.type,
+        warmup_steps=spec.train.scheduler.warmup_steps,
+        decay_steps=spec.train.scheduler.decay_steps,
+        decay_lr=spec.train.scheduler.decay_lr,
+        total_steps=spec.train.steps,
+    )
+
+    step, cursor, counters = 0, None, {"skipped_steps": 0}
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as directory:
+            loaded = read_checkpoint(Path(directory))
+        step, cursor, counters = _restore(loaded, ddp, optimizer, scheduler, rank, names)
+        if rank == 0:
+            print(f"[smolvla-ray] resumed from step {step}", flush=True)
+
+    loader = build_loader(
+        spec,
+        meta,
+        policy,
+        rank=rank,
+        world_size=world,
+        cursor=cursor,
+        storage_options=storage_options,
+    )
+    writer = CheckpointWriter(spec=spec, policy=policy, base_fingerprint=start_fingerprint)
+    if rank == 0:
+        counts = {"trainable": sum(p.numel() for p in ddp.module.params)}
+        counts["total"] = sum(p.numel() for p in policy.parameters())
+        print(
+            f"[smolvla-ray] {world} worker(s) on {device.type}; parameters: {counts['total']:,} "
+            f"total, {counts['trainable']:,} trainable, "
+            f"{counts['total'] - counts['trainable']:,} frozen",
+            flush=True,
+        )
+
+    metrics_log = (
+        MetricsLog(run_uri(spec.checkpoint.storage, spec.name), storage_options)
+        if rank == 0
+        else None
+    )
+    batches = iter(loader)
+    autocast_dtype = torch.bfloat16 if spec.resolved_precision() == "bf16" else None
+    every = spec.checkpoint.every_steps
+    window_start, window_samples = time.perf_counter(), 0
+    run_start = time.perf_counter()
+    start_step = step
+    while step < spec.train.steps:
+        wait_start = time.perf_counter()
+        micro = [next(batches) for _ in range(spec.train.grad_accum_steps)]
+        data_wait = time.perf_counter() - wait_start
+        result = train_step(
+            ddp,
+            micro,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            step=step,
+            seed=spec.train.seed,
+            grad_clip_norm=spec.train.optimizer.grad_clip_norm,
+            device=device,
+            autocast_dtype=autocast_dtype,
+        )
+        step += 1
+        if not result.finite:
+            if spec.failure.on_nonfinite == "stop":
+                raise RuntimeError(
+                    f"non-finite loss {result.loss} or gradient norm {result.grad_norm} at "
+                    f"step {step}; parameters were not updated. Set failure.on_nonfinite: skip "
+                    "to skip such steps, or lower train.optimizer.lr"
+                )
+            counters["skipped_steps"] += 1
+        window_samples += result.num_samples * world
+        comm_bytes = comm.take()
+
+        checkpoint_s = 0.0
+        is_last = step == spec.train.steps
+        do_checkpoint = is_last or (every is not None and step % every == 0)
+        do_log = do_checkpoint or step % spec.train.log_every == 0
+        if not do_log:
+            continue
+        check = 1
+        if check and (step % check == 0 or is_last):
+            _check_replicas(ddp, policy, local_frozen)
+        elapsed = time.perf_counter() - window_start
+        metrics = {
+            "step": step,
+            "epoch": loader.epoch,
+            "loss": result.loss,
+            "grad_norm": result.grad_norm,
+            "lr": result.lr,
+            "samples_per_s": window_samples / elapsed if elapsed > 0 else 0.0,
+            "data_wait_s": data_wait,
+            "forward_s": result.forward_s,
+            "backward_s": result.backward_s,
+            "optimizer_s": result.optimizer_s,
+            "comm_bytes": comm_bytes,
+            "skipped_steps": counters["skipped_steps"],
+            "frozen_fingerprint": start_fingerprint,
+            "trainable_digest": _replica_digest(ddp),
+        }
+        cursors = _gather(loader.cursor())
+        rngs = _gather(torch.get_rng_state())
+        checkpoint = None
+        if do_checkpoint:
+            start = time.perf_counter()
+            if rank == 0:
+                checkpoint = writer.write(
+                    Path(tempfile.mkdtemp(prefix="smolvla-ckpt-")),
+                    step=step,
+                    epoch=loader.epoch,
+                    cursors=cursors,
+                    rng_states=rngs,
+                    ddp=ddp,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    counters=counters,
+                )
+            checkpoint_s = time.perf_counter() - start
+        metrics["checkpoint_s"] = checkpoint_s
+        if metrics_log is not None:
+            metrics_log.append(metrics)
+        if rank == 0:
+            done = step - start_step
+            eta = (time.perf_counter() - run_start) / max(done, 1) * (spec.train.steps - step)
+            print(
+                f"[smolvla-ray] step {step}/{spec.train.steps} loss {result.loss:.4f} "
+                f"lr {result.lr:.2e} {metrics['samples_per_s']:.1f} samples/s "
+                f"eta {eta:.0f}s" + (" (checkpoint)" if checkpoint is not None else ""),
+                flush=True,
+            )
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_upload_mode=writer.upload_mode,
+            delete_local_checkpoint_after_upload=checkpoint is not None,
+        )
+        window_start, window_samples = time.perf_counter(), 0
+
+
+def _check_replicas(ddp, policy, local_frozen: dict[str, str]) -> None:
+    """Fail when replicas drifted apart or a frozen tensor changed since the start."""
+    digests = _gather(_replica_digest(ddp))
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"trainable parameters differ across workers: digests {digests}")
+    changed = [k for k, v in frozen_fingerprint(policy).items() if local_frozen.get(k) != v]
+    if changed:
+        raise RuntimeError(f"frozen parameters changed during training: {changed[:5]}")
+
+
+def _restore(loaded, ddp, optimizer, scheduler, rank: int, names: list[str]):
+    """Load trainable tensors, optimizer, scheduler and RNG; return (step, cursor, counters)."""
+    state = loaded.state
+    if state.param_names != names:
+        raise RuntimeError(
+            "the checkpoint's trainable parameters differ from this policy's: was it written "
+            "with other freezing overrides? "
+            f"{sorted(set(state.param_names) ^ set(names))[:5]}"
+        )
+    with torch.no_grad():
+        for name, param in zip(names, ddp.module.params, strict=True):
+            param.copy_(loaded.trainable[name].to(param.device, param.dtype))
+    load_optimizer_state(optimizer, loaded.optimizer, names, state.param_groups)
+    groups = len(optimizer.param_groups)
+    scheduler.load_state_dict({**state.scheduler, "lr_lambdas": [None] * groups})
+    if rank < len(loaded.rng_states):
+        torch.set_rng_state(loaded.rng_states[rank])
+    cursor = state.cursors[rank] if rank < len(state.cursors) else state.cursors[0]
+    return state.step, cursor, dict(state.counters) or {"skipped_steps": 0}
+
+
+def loop_config(spec: JobSpec) -> dict[str, Any]:
+    """The train_loop_config for `spec`: the spec as JSON (secrets masked) plus the storage
+    options in the clear, which only travel to the workers in memory."""
+    return {
+        "spec": json.loads(spec.model_dump_json()),
+        "storage_options": spec.storage_options_plain(),
+    }
