@@ -1,0 +1,85 @@
+"""Every job spec in configs/ loads and validates, and the shipped ones say what they claim."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from smolvla_ray.spec import load_spec
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+ALL = sorted(CONFIGS.glob("*.yaml")) + sorted(CONFIGS.glob("*.yml"))
+
+
+def test_configs_exist():
+    names = {p.name for p in ALL}
+    assert {"tiny-demo.yaml", "so100-finetune.yaml", "libero-finetune.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)
+def test_config_validates(path: Path):
+    spec = load_spec(path)
+    assert spec.name == path.stem  # the file name is the job name
+    assert spec.public_dict()["name"] == spec.name
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)
+def test_config_has_no_inline_credentials(path: Path):
+    data = yaml.safe_load(path.read_text())
+    options = data.get("storage_options") or {}
+    assert set(options) <= {"endpoint_url", "region_name", "client_kwargs", "anon"}
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)
+def test_config_commented_optional_lines_are_valid_when_uncommented(path: Path):
+    """The `# field: default` lines document defaults; uncommenting them must still load."""
+    lines = []
+    for line in path.read_text().splitlines():
+        body = line.lstrip()
+        indent = line[: len(line) - len(body)]
+        candidate = body[2:] if body.startswith("# ") else None
+        if candidate and ":" in candidate.split("#")[0] and not candidate.startswith(" "):
+            key = candidate.split(":", 1)[0]
+            if key.replace("_", "").isalnum() and key.islower():
+                line = indent + candidate
+        lines.append(line)
+    data = yaml.safe_load("\n".join(lines))
+    assert isinstance(data, dict)
+
+
+def test_tiny_demo_is_the_cpu_demo():
+    spec = load_spec(CONFIGS / "tiny-demo.yaml")
+    assert spec.policy.preset == "tiny" and spec.data.uri == "./demo-output/dataset"
+    assert spec.scaling.num_workers == 2 and not spec.scaling.use_gpu
+    assert spec.checkpoint.storage == "./demo-output/runs"
+    assert spec.checkpoint.every_steps == 20 and spec.checkpoint.keep_last == 2
+    assert spec.train.batch_size == 4 and spec.train.log_every == 5
+    assert spec.train.optimizer.lr == 1e-3 and spec.train.scheduler.warmup_steps == 10
+    assert spec.data.num_loader_workers == 1
+    # The schedule fits the run: no rescaling hides the 10 warmup steps.
+    assert spec.train.scheduler.resolved(spec.train.steps) == (10, spec.train.steps)
+
+
+@pytest.mark.parametrize("name", ["so100-finetune.yaml", "libero-finetune.yaml"])
+def test_gpu_configs_follow_lerobot(name: str):
+    spec = load_spec(CONFIGS / name)
+    assert spec.policy.pretrained == "lerobot/smolvla_base"
+    assert spec.scaling.use_gpu and spec.resolved_precision() == "bf16"
+    assert spec.global_batch_size == 64
+    assert spec.checkpoint.storage.startswith("s3://") and spec.data.uri.startswith("s3://")
+    assert spec.failure.max_failures == 3 and spec.checkpoint.keep_last == 3
+    assert spec.train.optimizer.lr == 1e-4  # LeRobot's SmolVLA preset
+
+
+def test_so100_settings():
+    spec = load_spec(CONFIGS / "so100-finetune.yaml")
+    assert spec.train.steps == 20_000 and spec.checkpoint.every_steps == 2000
+    assert spec.train.scheduler.resolved(spec.train.steps) == (666, 20_000)
+
+
+def test_libero_settings():
+    spec = load_spec(CONFIGS / "libero-finetune.yaml")
+    assert spec.data.cameras == ["image", "image2"]
+    assert spec.policy.chunk_size == 50 and spec.policy.n_action_steps == 10
