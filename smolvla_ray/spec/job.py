@@ -50,24 +50,46 @@ class SpecError(ValueError):
 
     @classmethod
     def from_validation_error(cls, err: ValidationError, *, source: str = "job spec") -> SpecError:
-        """One readable line per pydantic error: dotted field path, message, offending value."""
-        lines = [f"{source} is invalid ({err.error_count()} problem(s)):"]
-        for item in err.errors(include_url=False):
-            loc = [str(p) for p in item["loc"] if not _is_tag(p)]
+        """One readable line per problem: dotted field path, message, offending value.
+
+        A value that fits no member of a union gets one line, not one per member."""
+        problems: dict[str, tuple[list[str], str]] = {}
+        for item in _prune_union_roots(err.errors(include_url=False)):
+            loc = [p for p in item["loc"] if not _is_tag(p)]
+            names = [str(p) for p in loc]
             message = item["msg"].removeprefix("Value error, ")
             if item["type"] == "extra_forbidden":
-                message = f"unknown field; {valid_keys_hint(loc[:-1], loc[-1])}"
-            where = ".".join(loc) or "spec"
+                message = f"unknown field; {valid_keys_hint(names[:-1], names[-1])}"
             value = item.get("input")
-            shown = loc[:1] != ["storage_options"] and isinstance(value, str | int | float | bool)
+            shown = names[:1] != ["storage_options"] and isinstance(value, str | int | float | bool)
             suffix = f" (got {value!r})" if shown and item["type"] != "extra_forbidden" else ""
-            lines.append(f"  {where}: {message}{suffix}")
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+            problems.setdefault(where.lstrip(".") or "spec", ([], suffix))[0].append(message)
+        lines = [f"{source} is invalid ({len(problems)} problem(s)):"]
+        for where, (messages, suffix) in problems.items():
+            lines.append(f"  {where}: {_join_alternatives(messages)}{suffix}")
         return cls("\n".join(lines))
 
 
 def _is_tag(part: object) -> bool:
-    # pydantic puts union member names ('list[int]', 'EpisodeRange') into error locations.
-    return isinstance(part, str) and ("[" in part or part == "EpisodeRange")
+    # pydantic puts union member names ('list[int]', 'str', 'function-after[...]') in locations.
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
+
+
+def _prune_union_roots(errors: list[Any]) -> list[Any]:
+    """Drop 'not a list'-style errors of union members when another member of the same union
+    got further (e.g. a mapping that is a range with a typo: report the typo only)."""
+    deep = set()
+    for item in errors:
+        loc = item["loc"]
+        for i, part in enumerate(loc):
+            if _is_tag(part) and len(loc) > i + 1:
+                deep.add(loc[:i])
+
+    def is_shallow_member(loc: tuple) -> bool:
+        return bool(loc) and _is_tag(loc[-1]) and loc[:-1] in deep
+
+    return [e for e in errors if not is_shallow_member(e["loc"])]
 
 
 StorageValue = Union[SecretStr, str, int, float, bool, None, dict[str, Any]]  # noqa: UP007
@@ -165,6 +187,14 @@ class JobSpec(BaseModel):
         data = self.model_dump(mode="json")
         data["storage_options"] = _reveal(self.storage_options, drop_secrets=True)
         return data
+
+
+def _join_alternatives(messages: list[str]) -> str:
+    prefix = "Input should be "
+    unique = list(dict.fromkeys(messages))
+    if len(unique) > 1 and all(m.startswith(prefix) for m in unique):
+        return prefix + " or ".join(m.removeprefix(prefix) for m in unique)
+    return "; ".join(unique)
 
 
 def _mark_secrets(value: Any, where: str, key: str = "") -> Any:

@@ -116,8 +116,9 @@ class PolicySpec(BaseModel):
                 adapter = TypeAdapter(Annotated[fields[key].annotation, fields[key]])
                 checked[key] = adapter.validate_python(item)
             except ValidationError as err:
-                reason = err.errors(include_url=False)[0]["msg"]
-                raise ValueError(f"{key}={item!r}: {reason}") from None
+                first = err.errors(include_url=False)[0]
+                at = f" (at {'.'.join(map(str, first['loc']))})" if first["loc"] else ""
+                raise ValueError(f"{key}={item!r}: {first['msg']}{at}") from None
         return checked
 
     @model_validator(mode="after")

@@ -511,3 +511,14 @@ def test_load_spec_error_names_the_file(tmp_path):
     with pytest.raises(SpecError) as info:
         load_spec(path)
     assert str(path) in str(info.value) and "policy: Field required" in str(info.value)
+
+
+def test_union_errors_collapse_to_one_line():
+    message = error_of(minimal(), ("data.episodes=abc",))
+    assert "(1 problem(s))" in message
+    assert "data.episodes: Input should be a valid list or a valid dictionary" in message
+    message = error_of(minimal(), ("data.episodes={start: 0, stop: 3, x: 1}",))
+    assert "(1 problem(s))" in message and "data.episodes.x: unknown field" in message
+    assert "data.episodes[1]: Input should be a valid integer" in error_of(
+        minimal(), ("data.episodes=[0, a]",)
+    )
