@@ -83,3 +83,35 @@ def test_libero_settings():
     spec = load_spec(CONFIGS / "libero-finetune.yaml")
     assert spec.data.cameras == ["image", "image2"]
     assert spec.policy.chunk_size == 50 and spec.policy.n_action_steps == 10
+
+
+def _doc_examples() -> list[str]:
+    text = (CONFIGS.parent / "docs" / "job-spec.md").read_text()
+    blocks = text.split("```yaml\n")[1:]
+    return [b.split("```", 1)[0] for b in blocks if b.startswith("name:")]
+
+
+def test_docs_describe_every_field():
+    from smolvla_ray.spec import JobSpec
+    from smolvla_ray.spec.job import schema_child
+
+    text = (CONFIGS.parent / "docs" / "job-spec.md").read_text()
+    missing = []
+
+    def walk(model, prefix=""):
+        for name, field in model.model_fields.items():
+            if f"`{name}`" not in text:
+                missing.append(prefix + name)
+            child = schema_child(field.annotation)
+            if isinstance(child, type):
+                walk(child, f"{prefix}{name}.")
+
+    walk(JobSpec)
+    assert not missing, f"docs/job-spec.md does not describe {missing}"
+
+
+@pytest.mark.parametrize("example", _doc_examples(), ids=lambda e: e.split("\n")[0])
+def test_doc_examples_validate(example: str, tmp_path: Path):
+    path = tmp_path / "example.yaml"
+    path.write_text(example)
+    load_spec(path)
