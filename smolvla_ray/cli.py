@@ -53,6 +53,76 @@ def demo_dataset(
     typer.echo(f"wrote {written}")
 
 
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a spec field: --set train.steps=100 (repeatable)."),
+]
+
+
+def _load(spec_path: str, overrides: list[str] | None):  # -> JobSpec
+    from smolvla_ray.spec import SpecError, load_spec
+
+    try:
+        return load_spec(spec_path, overrides or ())
+    except (SpecError, FileNotFoundError) as err:
+        _fail(str(err))
+
+
+@app.command()
+def validate(
+    spec: Annotated[str, typer.Argument(help="Job spec YAML file.")],
+    set_: SetOption = None,
+) -> None:
+    """Check a job spec (schema and cross-field rules) without starting anything."""
+    job = _load(spec, set_)
+    typer.echo(f"{spec}: valid job spec {job.name!r}")
+
+
+@app.command()
+def schema() -> None:
+    """Print the job spec's JSON Schema."""
+    import json
+
+    from smolvla_ray.spec import json_schema
+
+    typer.echo(json.dumps(json_schema(), indent=2))
+
+
+@app.command()
+def run(
+    spec: Annotated[str, typer.Argument(help="Job spec YAML file.")],
+    set_: SetOption = None,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster address (ray://..., auto); default: embedded local Ray."),
+    ] = None,
+) -> None:
+    """Run a finetune and block until it ends (Ctrl-C stops it cleanly)."""
+    job = _load(spec, set_)
+    from smolvla_ray import driver
+
+    try:
+        driver.preflight(job)
+    except (ValueError, OSError) as err:  # bad dataset, checkpoint or storage: input errors
+        _fail(str(err))
+    try:
+        result = driver.run(job, address=address, check=False)
+    except KeyboardInterrupt:
+        typer.secho("interrupted: stopping the run", err=True, fg=typer.colors.YELLOW)
+        import ray
+
+        ray.shutdown()
+        raise typer.Exit(130) from None
+    except Exception as err:  # the job failed; its error says why
+        _fail(f"job {job.name!r} failed: {err}", code=1)
+    metrics = result.metrics or {}
+    typer.echo(
+        f"job {job.name!r} finished at step {metrics.get('step')} with loss "
+        f"{metrics.get('loss', float('nan')):.4f}; checkpoint: "
+        f"{result.checkpoint.path if result.checkpoint else 'none'}"
+    )
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
