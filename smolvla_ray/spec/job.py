@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -33,6 +34,7 @@ from smolvla_ray.spec.sections import (
 
 ENV_STORAGE_OPTIONS = "SMOLVLA_STORAGE_OPTIONS"
 MASK = "**********"
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 # Strings in storage_options are secrets unless their key is one of these well-known
 # non-secret fsspec/botocore options: unknown keys are masked, never leaked.
 PUBLIC_STORAGE_KEYS = frozenset(
@@ -99,7 +101,7 @@ class JobSpec(BaseModel):
     """A complete finetuning job, from YAML; see docs/job-spec.md."""
 
     model_config = SECTION_CONFIG
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    name: str = Field(pattern=NAME_PATTERN.pattern)
     """Job name: Ray Train run name and storage folder (lowercase, digits, . _ -)."""
     policy: PolicySpec
     data: DataSpec
@@ -109,6 +111,17 @@ class JobSpec(BaseModel):
     failure: FailureSpec = Field(default_factory=FailureSpec)
     storage_options: dict[str, StorageValue] = Field(default_factory=dict)
     """fsspec options for every URI in the spec (merged over $SMOLVLA_STORAGE_OPTIONS)."""
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name(cls, value: Any) -> Any:
+        if isinstance(value, str) and not NAME_PATTERN.match(value):
+            slug = re.sub(r"[^a-z0-9._-]+", "-", value.lower()).strip("-._")[:63] or "my-job"
+            raise ValueError(
+                "must be 1-63 of a-z 0-9 . _ - starting with a letter or digit "
+                f"(it names the Ray run and its storage folder); e.g. {slug!r}"
+            )
+        return value
 
     @field_validator("storage_options")
     @classmethod

@@ -111,7 +111,8 @@ def test_unknown_key_suggests_close_match():
 @pytest.mark.parametrize(
     ("sections", "expected"),
     [
-        ({"name": "Bad Name"}, "name: String should match pattern"),
+        ({"name": "Bad Name"}, "name: must be 1-63 of a-z 0-9 . _ -"),
+        ({"name": "My_Job!"}, "e.g. 'my_job'"),
         (
             {"train": {"steps": 0}},
             "train.steps: Input should be greater than or equal to 1 (got 0)",
