@@ -66,10 +66,12 @@ class SpecError(ValueError):
             shown = names[:1] != ["storage_options"] and isinstance(value, str | int | float | bool)
             suffix = f" (got {value!r})" if shown and item["type"] != "extra_forbidden" else ""
             where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
-            problems.setdefault(where.lstrip(".") or "spec", ([], suffix))[0].append(message)
+            problems.setdefault(where.lstrip("."), ([], suffix))[0].append(message)
         lines = [f"{source} is invalid ({len(problems)} problem(s)):"]
         for where, (messages, suffix) in problems.items():
-            lines.append(f"  {where}: {_join_alternatives(messages)}{suffix}")
+            # Cross-section errors (no location) name their fields themselves.
+            label = f"{where}: " if where else ""
+            lines.append(f"  {label}{_join_alternatives(messages)}{suffix}")
         return cls("\n".join(lines))
 
 
