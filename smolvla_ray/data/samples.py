@@ -8,6 +8,7 @@ repeat the last action and are flagged in `action_is_pad`, exactly like LeRobot'
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from smolvla_ray.data.storage import FileCache
 from smolvla_ray.data.video import VideoPool
 
 DEFAULT_CHUNK_SIZE = 50
+_INHERITED_POOLS: list[VideoPool] = []  # see FrameDataset._video
 
 
 class FrameDataset(Dataset):
@@ -61,6 +63,7 @@ class FrameDataset(Dataset):
         self.tolerance_s = tolerance_s
         self.cache = cache or FileCache()
         self._pool: VideoPool | None = None
+        self._pool_pid = -1
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -101,8 +104,13 @@ class FrameDataset(Dataset):
         return torch.from_numpy(frame).permute(2, 0, 1).float().div_(255.0)
 
     def _video(self, relative: str):
-        if self._pool is None:
-            self._pool = VideoPool()
+        # A forked DataLoader worker inherits the parent's open decoders, whose threads did
+        # not survive the fork: each process opens its own, and the inherited ones are never
+        # touched again (closing them would wait forever on those threads).
+        if self._pool is None or self._pool_pid != os.getpid():
+            if self._pool is not None:
+                _INHERITED_POOLS.append(self._pool)
+            self._pool, self._pool_pid = VideoPool(), os.getpid()
         storage = self.meta.storage
         name = storage.display(relative)
         if storage.is_local:

@@ -14,6 +14,7 @@ import collections
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,9 @@ class VideoFile:
         self._time_base = float(self._stream.time_base)
         self._decoder: Iterator | None = None
         self._last_time = -np.inf
-        self._recent: collections.OrderedDict[float, np.ndarray] = collections.OrderedDict()
+        # Recently decoded frames, converted to RGB only when asked for: most decoded frames
+        # are the skipped ones between a keyframe and the target.
+        self._recent: collections.OrderedDict[float, Any] = collections.OrderedDict()
         self.num_seeks = 0
         self.num_decoded = 0
 
@@ -85,24 +88,24 @@ class VideoFile:
         """Every frame with start_s <= time < end_s, decoded in one pass: (times, frames)."""
         self._seek(start_s)
         times, frames = [], []
-        for time, image in self._decode():
+        for time, frame in self._decode():
             if time >= end_s - 1e-9:
                 break
             if time >= start_s - 1e-9:
                 times.append(time)
-                frames.append(image)
+                frames.append(_rgb(frame))
         return np.array(times), np.stack(frames)
 
     def _frame_at(self, t: float, tolerance_s: float, context: str) -> np.ndarray:
-        for time, image in self._recent.items():
+        for time, frame in self._recent.items():
             if abs(time - t) <= tolerance_s:
-                return image
+                return _rgb(frame)
         ahead = self._last_time < t <= self._last_time + _MAX_FORWARD_GAP_S
         if self._decoder is None or not ahead:
-            self._seek(t)
-        for time, image in self._decode():
+            self._seek(t + tolerance_s)
+        for time, frame in self._decode():
             if abs(time - t) <= tolerance_s:
-                return image
+                return _rgb(frame)
             if time > t + tolerance_s:
                 break
         raise FrameTimestampError(
@@ -114,8 +117,9 @@ class VideoFile:
     def _seek(self, t: float) -> None:
         import av
 
-        # One tick early so a frame exactly at t (up to float rounding) is not skipped.
-        target = max(0, round(t / self._time_base) - 1)
+        # Callers pass the latest acceptable time, so the keyframe found (at or before it)
+        # never lies after the wanted frame.
+        target = max(0, int(t / self._time_base))
         try:
             self._container.seek(target, stream=self._stream, backward=True, any_frame=False)
         except av.error.FFmpegError as err:
@@ -124,7 +128,7 @@ class VideoFile:
         self._last_time = -np.inf
         self.num_seeks += 1
 
-    def _decode(self) -> Iterator[tuple[float, np.ndarray]]:
+    def _decode(self) -> Iterator[tuple[float, Any]]:
         """Continue decoding from the current position, remembering recent frames."""
         import av
 
@@ -145,13 +149,16 @@ class VideoFile:
             if frame.pts is None:
                 continue
             time = frame.pts * self._time_base
-            image = frame.to_ndarray(format="rgb24")
             self.num_decoded += 1
             self._last_time = time
-            self._recent[time] = image
+            self._recent[time] = frame
             while len(self._recent) > _RECENT_FRAMES:
                 self._recent.popitem(last=False)
-            yield time, image
+            yield time, frame
+
+
+def _rgb(frame: Any) -> np.ndarray:
+    return frame.to_ndarray(format="rgb24")
 
 
 class VideoPool:
