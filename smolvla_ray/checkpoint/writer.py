@@ -20,7 +20,7 @@ class CheckpointWriter:
     """Writes checkpoints of one run; knows the spec and the base weights' identity."""
 
     def __init__(self, *, spec: JobSpec, policy: SmolVLAPolicy, base_fingerprint: str) -> None:
-        self.spec_json = json.loads(spec.model_dump_json())  # secrets masked
+        self.spec_json = spec.public_dict()  # without secrets; loads back into a JobSpec
         self.policy = policy
         self.base = {
             "uri": spec.policy.pretrained or f"preset:{spec.policy.preset}",

@@ -298,6 +298,9 @@ class TrainSpec(BaseModel):
     """Report metrics every this many steps."""
     frozen_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """dtype of the frozen weights; auto = bf16 when training in bf16, else fp32."""
+    check_replicas_every: int = Field(0, ge=0)
+    """Every this many steps, compare the trainable weights across workers and the frozen
+    weights against their start, failing on any difference (0 = never)."""
 
 
 class ScalingSpec(BaseModel):

@@ -8,7 +8,6 @@ checkpoint steps rank 0 attaches a checkpoint of what training changed.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -51,9 +50,9 @@ def _gather(obj: Any) -> list[Any]:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point. `loop_config`: {"spec": JSON dict, "storage_options": dict}."""
+    """Ray Train entry point; `loop_config` comes from `loop_config(spec)`."""
     spec = JobSpec.model_validate(loop_config["spec"])
-    storage_options = loop_config.get("storage_options") or {}
+    storage_options = ray.get(loop_config["storage_options_ref"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device() if spec.scaling.use_gpu else torch.device("cpu")
@@ -158,7 +157,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         do_log = do_checkpoint or step % spec.train.log_every == 0
         if not do_log:
             continue
-        check = 1
+        check = spec.train.check_replicas_every
         if check and (step % check == 0 or is_last):
             _check_replicas(ddp, policy, local_frozen)
         elapsed = time.perf_counter() - window_start
@@ -249,9 +248,10 @@ def _restore(loaded, ddp, optimizer, scheduler, rank: int, names: list[str]):
 
 
 def loop_config(spec: JobSpec) -> dict[str, Any]:
-    """The train_loop_config for `spec`: the spec as JSON (secrets masked) plus the storage
-    options in the clear, which only travel to the workers in memory."""
+    """The train_loop_config for `spec`: the spec without secrets (Ray records this config
+    in its run state) and a reference to the storage options in Ray's object store, which
+    workers read from memory."""
     return {
-        "spec": json.loads(spec.model_dump_json()),
-        "storage_options": spec.storage_options_plain(),
+        "spec": spec.public_dict(),
+        "storage_options_ref": ray.put(spec.storage_options_plain()),
     }
