@@ -43,7 +43,8 @@ class Storage:
     """
 
     url: str
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    # Credentials may live here: keep them out of reprs, logs and error messages.
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def fs(self) -> AbstractFileSystem:

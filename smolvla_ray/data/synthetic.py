@@ -26,6 +26,8 @@ _TASK_COLOURS = np.array([[220, 40, 40], [40, 200, 60], [50, 80, 230]], dtype=np
 _TASK_GOALS = (("x", 0.12), ("x", 0.88), ("y", 0.12))
 STATE_NAMES: tuple[str, ...] = ("x", "y", "vx", "vy", "gripper", "progress")
 STATE_DIM = len(STATE_NAMES)
+TIMECODE_BITS = 8
+TIMECODE_ROWS = 6
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,31 @@ def _render(xy: np.ndarray, task_id: int, *, view: int, height: int, width: int)
     tint = np.array([1.0, 0.9 + 0.1 * view, 0.8 + 0.2 * view], dtype=np.float32)
     background = np.broadcast_to(gradient * tint, (1, height, width, 3))
     image = background * (1.0 - alpha) + _TASK_COLOURS[task_id] * alpha
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    image[:, height - TIMECODE_ROWS :] = _timecode(len(xy), width)
+    return image
+
+
+def _timecode(length: int, width: int) -> np.ndarray:
+    """A strip of `TIMECODE_BITS` black/white cells spelling the frame index in binary.
+
+    Like a slate's timecode: it makes every frame unique even where the cube barely moves,
+    so tests can tell frame t from frame t +- 1 regardless of codec error.
+    """
+    bits = (np.arange(length)[:, None] >> np.arange(TIMECODE_BITS)[None, :]) & 1
+    cells = np.where(bits, 235, 20).astype(np.uint8)  # [L, bits]
+    columns = np.minimum(np.arange(width) * TIMECODE_BITS // width, TIMECODE_BITS - 1)
+    strip = cells[:, columns]  # [L, W]
+    return np.repeat(strip[:, None, :, None], TIMECODE_ROWS, axis=1).repeat(3, axis=3)
+
+
+def read_timecode(image: np.ndarray) -> int:
+    """The frame index written into a frame's timecode strip (uint8 [H, W, 3])."""
+    height, width = image.shape[:2]
+    strip = image[height - TIMECODE_ROWS :].astype(np.float64).mean(axis=(0, 2))
+    cell = width // TIMECODE_BITS
+    bits = [strip[i * cell + 2 : (i + 1) * cell - 2].mean() > 127 for i in range(TIMECODE_BITS)]
+    return sum(int(b) << i for i, b in enumerate(bits))
 
 
 def write_demo_dataset(

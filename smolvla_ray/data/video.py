@@ -23,6 +23,7 @@ from smolvla_ray.data.layout import DEFAULT_TOLERANCE_S
 # Decode forward instead of seeking when the target is at most this far past the decoder.
 _MAX_FORWARD_GAP_S = 0.5
 _RECENT_FRAMES = 8
+_SEEK_MARGINS_S = (0.0, 0.25, 1.0, 4.0, float("inf"))
 
 
 class FrameTimestampError(LookupError):
@@ -101,12 +102,20 @@ class VideoFile:
             if abs(time - t) <= tolerance_s:
                 return _rgb(frame)
         ahead = self._last_time < t <= self._last_time + _MAX_FORWARD_GAP_S
-        if self._decoder is None or not ahead:
-            self._seek(t + tolerance_s)
-        for time, frame in self._decode():
-            if abs(time - t) <= tolerance_s:
-                return _rgb(frame)
-            if time > t + tolerance_s:
+        seek = self._decoder is None or not ahead
+        for margin in _SEEK_MARGINS_S:
+            if seek:
+                self._seek(max(0.0, t + tolerance_s - margin))
+            first = True
+            for time, frame in self._decode():
+                if abs(time - t) <= tolerance_s:
+                    return _rgb(frame)
+                if time > t + tolerance_s:
+                    break
+                first = False
+            # With B-frames (HEVC, H.264) a seek can land on a keyframe whose leading frames
+            # come out after t: when the very first frame is already late, seek further back.
+            if not (seek and first) or margin == _SEEK_MARGINS_S[-1]:
                 break
         raise FrameTimestampError(
             f"no frame at t={t:.6f}s (tolerance {tolerance_s}s) in video {self.name}"

@@ -1,0 +1,100 @@
+"""Shared fixtures: a real S3-compatible server (moto in server mode) on loopback.
+
+The server is a separate process speaking HTTP, exactly what s3fs talks to in production;
+nothing in the client is mocked. One server per test session; each test that needs a clean
+slate asks it for a fresh bucket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A running S3-compatible server: where it is and how fsspec/s3fs reaches it."""
+
+    endpoint_url: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def make_bucket(self, prefix: str = "test") -> str:
+        """Create a new, empty bucket with a unique name and return the name."""
+        import s3fs
+
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
+        fs.mkdir(name)
+        return name
+
+    def url(self, bucket: str, *parts: str) -> str:
+        """An `s3://bucket/part/...` URL."""
+        return "/".join([f"s3://{bucket}", *parts])
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_until_up(endpoint: str, proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto server exited early with code {proc.returncode}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"moto server at {endpoint} did not come up within {timeout_s}s")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A moto S3 server process on a free loopback port, stopped at the end of the session."""
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        _wait_until_up(endpoint, proc)
+        yield S3Server(
+            endpoint_url=endpoint,
+            storage_options={
+                "key": "testing",
+                "secret": "testing",
+                "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+            },
+        )
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> str:
+    """A fresh, empty bucket on the session's S3 server."""
+    return s3_server.make_bucket()
