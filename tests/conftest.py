@@ -35,7 +35,9 @@ class S3Server:
 
         name = f"{prefix}-{uuid.uuid4().hex[:12]}"
         fs = s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
-        fs.mkdir(name)
+        # A plain CreateBucket: s3fs's mkdir adds a LocationConstraint that us-east-1 rejects.
+        fs.call_s3("create_bucket", Bucket=name)
+        fs.invalidate_cache()
         return name
 
     def url(self, bucket: str, *parts: str) -> str:
