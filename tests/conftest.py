@@ -56,9 +56,11 @@ def _wait_until_up(endpoint: str, proc: subprocess.Popen, timeout_s: float = 30.
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"moto server exited early with code {proc.returncode}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
-                return
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1),
+        ):
+            return
         time.sleep(0.1)
     raise RuntimeError(f"moto server at {endpoint} did not come up within {timeout_s}s")
 

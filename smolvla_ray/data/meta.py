@@ -114,9 +114,7 @@ def check_cameras(meta: DatasetMeta, required_keys: Iterable[str]) -> None:
         )
 
 
-def select_episodes(
-    meta: DatasetMeta, episodes: Sequence[int] | range | None = None
-) -> list[int]:
+def select_episodes(meta: DatasetMeta, episodes: Sequence[int] | range | None = None) -> list[int]:
     """Validate an episode selection (indices or a range; None = all), keeping its order."""
     if episodes is None:
         return list(range(len(meta.episodes)))

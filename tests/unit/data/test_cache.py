@@ -37,7 +37,7 @@ def test_lru_eviction_keeps_recent_entries(tmp_path: Path) -> None:
     url = f"memory://cache-test-{uuid.uuid4().hex}"
     fs = fsspec.filesystem("memory")
     for name in "abcd":
-        fs.pipe(f"{url[len('memory://'):]}/{name}.mp4", bytes([ord(name)]) * 1000)
+        fs.pipe(f"{url[len('memory://') :]}/{name}.mp4", bytes([ord(name)]) * 1000)
     storage = Storage(url)
     cache = FileCache(tmp_path / "cache", max_bytes=2500)
     a = cache.local_path(storage, "a.mp4")
@@ -54,9 +54,9 @@ def test_lru_eviction_keeps_recent_entries(tmp_path: Path) -> None:
 def test_changed_remote_file_is_a_new_entry(tmp_path: Path) -> None:
     url = f"memory://cache-test-{uuid.uuid4().hex}"
     fs = fsspec.filesystem("memory")
-    fs.pipe(f"{url[len('memory://'):]}/v.mp4", b"old")
+    fs.pipe(f"{url[len('memory://') :]}/v.mp4", b"old")
     cache = FileCache(tmp_path / "cache")
     first = cache.local_path(Storage(url), "v.mp4")
-    fs.pipe(f"{url[len('memory://'):]}/v.mp4", b"newer")
+    fs.pipe(f"{url[len('memory://') :]}/v.mp4", b"newer")
     second = cache.local_path(Storage(url), "v.mp4")
     assert first != second and second.read_bytes() == b"newer"

@@ -108,9 +108,7 @@ def test_both_layouts_read_the_same(demo_v30: Demo, demo_v21: Demo) -> None:
     assert a.tasks == b.tasks == TASKS
     assert a.camera_keys == b.camera_keys == ["observation.images.top", "observation.images.wrist"]
     assert [e.length for e in a.episodes] == [e.length for e in b.episodes] == demo_v30.lengths
-    assert [e.dataset_from_index for e in a.episodes] == [
-        e.dataset_from_index for e in b.episodes
-    ]
+    assert [e.dataset_from_index for e in a.episodes] == [e.dataset_from_index for e in b.episodes]
     fa, fb = load_frames(a), load_frames(b)
     for name in ("index", "episode_index", "frame_index", "timestamp", "state", "action"):
         np.testing.assert_array_equal(getattr(fa, name), getattr(fb, name))
