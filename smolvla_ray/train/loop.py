@@ -121,7 +121,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     batches = iter(loader)
     autocast_dtype = torch.bfloat16 if spec.resolved_precision() == "bf16" else None
     every = spec.checkpoint.every_steps
-    window_start, window_samples = time.perf_counter(), 0
+    window_start, window_samples, window = time.perf_counter(), 0, []
     run_start = time.perf_counter()
     start_step = step
     while step < spec.train.steps:
@@ -149,33 +149,39 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 )
             counters["skipped_steps"] += 1
         window_samples += result.num_samples * world
+        window.append((result, data_wait))
         comm_bytes = comm.take()
 
+        check = spec.train.check_replicas_every
+        if check and (step % check == 0 or step == spec.train.steps):
+            _check_replicas(ddp, policy, local_frozen)
         checkpoint_s = 0.0
         is_last = step == spec.train.steps
         do_checkpoint = is_last or (every is not None and step % every == 0)
-        do_log = do_checkpoint or step % spec.train.log_every == 0
-        if not do_log:
+        # Ray's report is a barrier across workers (about a second on a small machine), so
+        # it runs at log_every and checkpoint steps only.
+        if not (do_checkpoint or step % spec.train.log_every == 0):
             continue
-        check = spec.train.check_replicas_every
-        if check and (step % check == 0 or is_last):
-            _check_replicas(ddp, policy, local_frozen)
         elapsed = time.perf_counter() - window_start
+        def mean(values: list[float]) -> float:
+            return sum(values) / len(values)
+
+        # Means over the steps since the last report; grad norm and lr of this step.
         metrics = {
             "step": step,
             "epoch": loader.epoch,
-            "loss": result.loss,
+            "loss": mean([r.loss for r, _ in window]),
             "grad_norm": result.grad_norm,
             "lr": result.lr,
             "samples_per_s": window_samples / elapsed if elapsed > 0 else 0.0,
-            "data_wait_s": data_wait,
-            "forward_s": result.forward_s,
-            "backward_s": result.backward_s,
-            "optimizer_s": result.optimizer_s,
+            "step_s": elapsed / len(window),
+            "data_wait_s": mean([w for _, w in window]),
+            "forward_s": mean([r.forward_s for r, _ in window]),
+            "backward_s": mean([r.backward_s for r, _ in window]),
+            "optimizer_s": mean([r.optimizer_s for r, _ in window]),
             "comm_bytes": comm_bytes,
             "skipped_steps": counters["skipped_steps"],
             "frozen_fingerprint": start_fingerprint,
-            "trainable_digest": _replica_digest(ddp),
         }
         cursors = _gather(loader.cursor())
         rngs = _gather(torch.get_rng_state())
@@ -213,7 +219,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             checkpoint_upload_mode=writer.upload_mode,
             delete_local_checkpoint_after_upload=checkpoint is not None,
         )
-        window_start, window_samples = time.perf_counter(), 0
+        window_start, window_samples, window = time.perf_counter(), 0, []
 
 
 def _check_replicas(ddp, policy, local_frozen: dict[str, str]) -> None:

@@ -25,15 +25,14 @@ def test_two_workers_learn_in_sync(tmp_path: Path, demo_dataset: str) -> None:
     spec = spec_from_dict(
         tiny_spec_dict(
             demo_dataset, tmp_path, "learn",
-            train={"steps": 40, "log_every": 1, "check_replicas_every": 1},
+            train={"steps": 40, "log_every": 5, "check_replicas_every": 1},
         )
     )
     result = driver.run(spec)
     records = read_metrics(run_uri(str(tmp_path), "learn"))
-    assert [r["step"] for r in records] == list(range(1, 41))
-    first = sum(r["loss"] for r in records[:5]) / 5
-    last = sum(r["loss"] for r in records[-5:]) / 5
-    assert last < 0.85 * first, (first, last)
+    assert [r["step"] for r in records] == list(range(5, 41, 5))
+    first, last = records[0]["loss"], records[-1]["loss"]  # means over 5 steps each
+    assert last < 0.8 * first, (first, last)
     # check_replicas_every=1: after every step the loop compared the trainable digests of
     # both workers and the frozen tensors against their start (it raises on a mismatch).
     assert {r["frozen_fingerprint"] for r in records} == {records[0]["frozen_fingerprint"]}
@@ -59,10 +58,13 @@ def test_comm_bytes_equal_trainable_gradient_bytes(tmp_path: Path, demo_dataset:
 
 
 def test_two_workers_equal_one_worker_with_double_batch(tmp_path: Path, demo_dataset: str) -> None:
-    two = spec_from_dict(tiny_spec_dict(demo_dataset, tmp_path, "two", train={"steps": 4}))
+    # Adam's first steps divide by |grad| + eps, which turns float-summation-order noise in
+    # near-zero gradients into visible parameter noise; eps=1e-6 keeps that below 1e-6.
+    train = {"steps": 4, "optimizer": {"lr": 1e-3, "eps": 1e-6}}
+    two = spec_from_dict(tiny_spec_dict(demo_dataset, tmp_path, "two", train=train))
     one = spec_from_dict(
         tiny_spec_dict(
-            demo_dataset, tmp_path, "one", train={"steps": 4, "batch_size": 8},
+            demo_dataset, tmp_path, "one", train={**train, "batch_size": 8},
             scaling={"num_workers": 1},
         )
     )
