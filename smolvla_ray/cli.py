@@ -123,6 +123,52 @@ def run(
     )
 
 
+def _storage_options() -> dict:
+    """Storage options for commands without a spec: SMOLVLA_STORAGE_OPTIONS (JSON) and the
+    backends' own environment variables (AWS_*, GOOGLE_*, AZURE_*)."""
+    from smolvla_ray.spec import SpecError, env_storage_options
+
+    try:
+        return env_storage_options()
+    except (SpecError, ValueError) as err:
+        _fail(str(err))
+
+
+@app.command()
+def checkpoints(
+    uri: Annotated[str, typer.Argument(help="A run directory (storage URI + job name).")],
+    verify: Annotated[
+        bool, typer.Option(help="Hash every file (slower); sizes are always checked.")
+    ] = True,
+) -> None:
+    """List a run's checkpoints with step, size and whether they verify."""
+    from smolvla_ray.checkpoint.discovery import list_checkpoints
+
+    infos = list_checkpoints(uri, _storage_options(), hashes=verify)
+    if not infos:
+        _fail(f"no checkpoints under {uri}", code=1)
+    typer.echo(f"{'step':>9}  {'size':>12}  status      uri")
+    for info in infos:
+        status = "verified" if info.valid else f"INVALID: {info.problem}"
+        step = "?" if info.step is None else str(info.step)
+        typer.echo(f"{step:>9}  {info.num_bytes:>12,}  {status:<10}  {info.uri}")
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint URI (a checkpoint_* directory).")],
+    out: Annotated[str, typer.Argument(help="Directory or URL for the pretrained_model/.")],
+) -> None:
+    """Merge base weights and a checkpoint into a LeRobot pretrained_model/ directory."""
+    from smolvla_ray.checkpoint.export import export_checkpoint
+
+    try:
+        export_checkpoint(checkpoint, out, _storage_options())
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err), code=1)
+    typer.echo(f"exported {checkpoint} -> {out} (load with SmolVLAPolicy.from_pretrained)")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -19,6 +19,11 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from smolvla_ray.checkpoint.discovery import (
+    checkpoint_dir_name,
+    fetch_checkpoint,
+    latest_valid_checkpoint,
+)
 from smolvla_ray.checkpoint.format import load_optimizer_state, read_checkpoint
 from smolvla_ray.checkpoint.writer import CheckpointWriter
 from smolvla_ray.spec import JobSpec
@@ -60,10 +65,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     meta = open_dataset(spec, storage_options=storage_options)
     policy = build_policy(spec, meta, storage_options=storage_options).to(device)
     policy.train()
+    # Fingerprint the float32 base (export rebuilds it in float32 and compares).
+    start_fingerprint = check_frozen_fingerprint(policy)
     if spec.resolved_frozen_dtype() == "bf16" and policy.model.vlm_is_frozen():
         # Frozen weights in bf16 halve their memory; autocast keeps the math consistent.
         policy.model.vlm_with_expert.vlm.to(torch.bfloat16)
-    start_fingerprint = check_frozen_fingerprint(policy)
     local_frozen = frozen_fingerprint(policy)
 
     ddp, comm = wrap_ddp(policy, device=device)
@@ -85,13 +91,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
 
     step, cursor, counters = 0, None, {"skipped_steps": 0}
-    resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as directory:
-            loaded = read_checkpoint(Path(directory))
+    resume_uri = _resume_source(spec, storage_options) if rank == 0 else None
+    resume_uri = _broadcast(resume_uri)
+    if resume_uri is not None:
+        with tempfile.TemporaryDirectory(prefix="smolvla-resume-") as tmp:
+            local = fetch_checkpoint(resume_uri, Path(tmp), storage_options)
+            loaded = read_checkpoint(local)
         step, cursor, counters = _restore(loaded, ddp, optimizer, scheduler, rank, names)
+        counters["resumed_from_step"] = step
         if rank == 0:
-            print(f"[smolvla-ray] resumed from step {step}", flush=True)
+            print(f"[smolvla-ray] resuming at step {step} from {resume_uri}", flush=True)
 
     loader = build_loader(
         spec,
@@ -181,6 +190,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "optimizer_s": mean([r.optimizer_s for r, _ in window]),
             "comm_bytes": comm_bytes,
             "skipped_steps": counters["skipped_steps"],
+            "resumed_from_step": counters.get("resumed_from_step", 0),
             "frozen_fingerprint": start_fingerprint,
         }
         cursors = _gather(loader.cursor())
@@ -216,10 +226,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ray.train.report(
             metrics,
             checkpoint=checkpoint,
+            checkpoint_dir_name=checkpoint_dir_name(step) if do_checkpoint else None,
             checkpoint_upload_mode=writer.upload_mode,
             delete_local_checkpoint_after_upload=checkpoint is not None,
         )
         window_start, window_samples, window = time.perf_counter(), 0, []
+
+
+def _resume_source(spec: JobSpec, storage_options: dict[str, Any]) -> str | None:
+    """The newest verified checkpoint of this run, else `checkpoint.from_checkpoint`."""
+    info = latest_valid_checkpoint(run_uri(spec.checkpoint.storage, spec.name), storage_options)
+    if info is not None:
+        return info.uri
+    return spec.checkpoint.from_checkpoint
+
+
+def _broadcast(value: Any) -> Any:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _check_replicas(ddp, policy, local_frozen: dict[str, str]) -> None:

@@ -1,0 +1,140 @@
+"""Finding, verifying and fetching checkpoints in a run's storage (any fsspec URL).
+
+Retention is Ray Train's (`CheckpointConfig(num_to_keep)`); this module only reads. A
+checkpoint counts as valid only when its manifest exists and every file it lists has the
+listed size and sha256, so an upload cut short (whatever order the files landed in) or an
+altered file is never resumed from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from smolvla_ray.checkpoint.format import MANIFEST, verify_checkpoint
+
+log = logging.getLogger(__name__)
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """Directory name of the checkpoint at `step` (sortable)."""
+    return f"{CHECKPOINT_PREFIX}{step:09d}"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint directory in storage and what its manifest says of it."""
+
+    uri: str
+    step: int | None
+    num_bytes: int
+    problem: str | None  # None: verified
+
+    @property
+    def valid(self) -> bool:
+        return self.problem is None
+
+
+def _join(uri: str, name: str) -> str:
+    return f"{uri.rstrip('/')}/{name}"
+
+
+def _sha256_remote(fs, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def inspect_checkpoint(
+    uri: str, storage_options: Mapping[str, Any] | None = None, *, hashes: bool = True
+) -> CheckpointInfo:
+    """Check a checkpoint against its manifest where it is stored (sizes, and with
+    `hashes` also sha256, streaming each file once)."""
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    step_match = re.search(rf"{CHECKPOINT_PREFIX}(\d+)$", root.rstrip("/"))
+    step = int(step_match.group(1)) if step_match else None
+    try:
+        manifest = json.loads(fs.cat_file(_join(root, MANIFEST)))
+        files = manifest["files"]
+        step = int(manifest.get("step", step))
+    except FileNotFoundError:
+        return CheckpointInfo(uri, step, 0, "no manifest.json (unfinished checkpoint)")
+    except (ValueError, KeyError, TypeError) as err:
+        return CheckpointInfo(uri, step, 0, f"manifest.json is malformed: {err}")
+    sizes = {Path(p).name: int(d["size"]) for p, d in _listing(fs, root).items()}
+    total = sum(entry["size"] for entry in files.values())
+    for name, entry in files.items():
+        if name not in sizes:
+            return CheckpointInfo(uri, step, total, f"{name} is missing")
+        if sizes[name] != entry["size"]:
+            return CheckpointInfo(
+                uri, step, total, f"{name} has {sizes[name]} bytes, manifest says {entry['size']}"
+            )
+        if hashes and _sha256_remote(fs, _join(root, name)) != entry["sha256"]:
+            return CheckpointInfo(uri, step, total, f"{name} does not match its sha256")
+    return CheckpointInfo(uri, step, total, None)
+
+
+def _listing(fs, root: str) -> dict[str, dict]:
+    try:
+        return {e["name"]: e for e in fs.ls(root, detail=True) if e.get("type") == "file"}
+    except FileNotFoundError:
+        return {}
+
+
+def list_checkpoints(
+    run_uri: str, storage_options: Mapping[str, Any] | None = None, *, hashes: bool = True
+) -> list[CheckpointInfo]:
+    """Every checkpoint of a run, oldest first, each verified against its manifest."""
+    fs, root = fsspec.core.url_to_fs(run_uri, **(storage_options or {}))
+    try:
+        entries = fs.ls(root, detail=True)
+    except FileNotFoundError:
+        return []
+    protocol = run_uri.split("://", 1)[0] + "://" if "://" in run_uri else ""
+    infos = []
+    for entry in entries:
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if entry.get("type") == "directory" and name.startswith(CHECKPOINT_PREFIX):
+            uri = f"{protocol}{entry['name'].rstrip('/')}" if protocol else entry["name"]
+            infos.append(inspect_checkpoint(uri, storage_options, hashes=hashes))
+    return sorted(infos, key=lambda info: (info.step is None, info.step or 0, info.uri))
+
+
+def latest_valid_checkpoint(
+    run_uri: str, storage_options: Mapping[str, Any] | None = None
+) -> CheckpointInfo | None:
+    """The newest checkpoint that verifies; newer broken ones are skipped with a warning."""
+    for info in reversed(list_checkpoints(run_uri, storage_options)):
+        if info.valid:
+            return info
+        log.warning("skipping checkpoint %s: %s", info.uri, info.problem)
+        print(f"[smolvla-ray] warning: skipping checkpoint {info.uri}: {info.problem}", flush=True)
+    return None
+
+
+def fetch_checkpoint(
+    uri: str, destination: Path, storage_options: Mapping[str, Any] | None = None
+) -> Path:
+    """Copy a checkpoint to a local directory and verify it there."""
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if not fs.exists(_join(root, MANIFEST)):
+        raise FileNotFoundError(f"{uri} is not a checkpoint: it has no {MANIFEST}")
+    destination.mkdir(parents=True, exist_ok=True)
+    for path in _listing(fs, root):
+        fs.get(path, str(destination / Path(path).name))
+    problem = verify_checkpoint(destination)
+    if problem is not None:
+        raise ValueError(f"checkpoint {uri} is not valid: {problem}")
+    return destination

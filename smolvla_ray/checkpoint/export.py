@@ -1,0 +1,67 @@
+"""Export: base weights + a checkpoint's trained tensors -> a LeRobot `pretrained_model/`.
+
+The base is rebuilt from the identity the checkpoint recorded (a pretrained URI, or a preset
+with the run's seed) and must hash to the recorded frozen fingerprint, so an export never
+silently merges trained tensors into the wrong backbone.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smolvla_ray.checkpoint.discovery import fetch_checkpoint
+from smolvla_ray.checkpoint.format import read_checkpoint
+from smolvla_ray.policy.config import PolicyConfig
+from smolvla_ray.policy.modeling import SmolVLAPolicy
+from smolvla_ray.policy.pretrained import check_state_dict_keys, load_pretrained
+from smolvla_ray.policy.processor import PolicyProcessor
+from smolvla_ray.train.ddp import check_frozen_fingerprint
+
+
+def policy_from_checkpoint(
+    checkpoint_uri: str, storage_options: Mapping[str, Any] | None = None
+) -> SmolVLAPolicy:
+    """The trained policy a checkpoint describes (base + trained tensors + processor)."""
+    options = dict(storage_options or {})
+    with tempfile.TemporaryDirectory(prefix="smolvla-export-") as tmp:
+        local = fetch_checkpoint(checkpoint_uri, Path(tmp), options)
+        loaded = read_checkpoint(local)
+        state = loaded.state
+        config = PolicyConfig.model_validate(state.policy_config)
+        base_uri = state.base["uri"]
+        if base_uri.startswith("preset:"):
+            torch.manual_seed(int(state.spec["train"]["seed"]))
+            policy = SmolVLAPolicy(config)
+        else:
+            updates = config.model_dump()
+            policy = load_pretrained(base_uri, config_overrides=updates, **options)
+        fingerprint = check_frozen_fingerprint(policy)
+        if fingerprint != state.base["frozen_sha256"]:
+            raise ValueError(
+                f"the base weights at {base_uri} do not match the ones checkpoint "
+                f"{checkpoint_uri} was trained on (frozen fingerprint {fingerprint[:12]} vs "
+                f"{state.base['frozen_sha256'][:12]}); export needs the same base checkpoint"
+            )
+        trainable = policy.trainable_parameters()
+        check_state_dict_keys(
+            {k: v.detach() for k, v in trainable.items()}, loaded.trainable, source=checkpoint_uri
+        )
+        with torch.no_grad():
+            for name, param in trainable.items():
+                param.copy_(loaded.trainable[name])
+        policy.processor = PolicyProcessor.load(config, local)
+    return policy
+
+
+def export_checkpoint(
+    checkpoint_uri: str, out: str, storage_options: Mapping[str, Any] | None = None
+) -> SmolVLAPolicy:
+    """Write the checkpoint's policy as a LeRobot `pretrained_model/` at `out`."""
+    policy = policy_from_checkpoint(checkpoint_uri, storage_options)
+    policy.save_pretrained(out, **dict(storage_options or {}))
+    return policy

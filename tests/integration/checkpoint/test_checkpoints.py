@@ -1,0 +1,145 @@
+"""Checkpoints on local disk and a real S3 server: manifests, retention, exact resume,
+skipping broken checkpoints, export to a LeRobot pretrained_model/."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from smolvla_ray import driver
+from smolvla_ray.checkpoint.discovery import fetch_checkpoint, list_checkpoints
+from smolvla_ray.checkpoint.export import export_checkpoint, policy_from_checkpoint
+from smolvla_ray.policy import SmolVLAPolicy
+from smolvla_ray.spec import spec_from_dict
+from smolvla_ray.train.metrics import read_metrics, run_uri
+from tests.integration.conftest import tiny_spec_dict
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+# decay_steps <= steps: LeRobot's schedule is then the same for runs of 4 and 8 steps.
+TRAIN = {"log_every": 2, "scheduler": {"warmup_steps": 1, "decay_steps": 4}}
+
+
+def spec_for(dataset: str, storage: str, name: str, steps: int, **extra):
+    train = {**TRAIN, "steps": steps}
+    return spec_from_dict(tiny_spec_dict(dataset, storage, name, train=train, **extra))
+
+
+def trainable_of(checkpoint_uri: str, options: dict | None = None) -> dict[str, torch.Tensor]:
+    with tempfile.TemporaryDirectory() as tmp:
+        local = fetch_checkpoint(checkpoint_uri, Path(tmp), options)
+        return load_file(str(local / "trainable.safetensors"))
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_local_manifests_retention_and_exact_resume(tmp_path: Path, demo_dataset: str) -> None:
+    storage = str(tmp_path / "runs")
+    checkpoint = {"storage": storage, "every_steps": 2, "keep_last": 2}
+    driver.run(spec_for(demo_dataset, storage, "straight", 8, checkpoint=checkpoint))
+    infos = list_checkpoints(run_uri(storage, "straight"))
+    assert [i.step for i in infos] == [6, 8] and all(i.valid for i in infos)  # keep_last=2
+
+    # The same job stopped right after its step-4 checkpoint, then run again to step 8.
+    driver.run(spec_for(demo_dataset, storage, "resumed", 4, checkpoint=checkpoint))
+    result = driver.run(spec_for(demo_dataset, storage, "resumed", 8, checkpoint=checkpoint))
+    assert result.metrics["resumed_from_step"] == 4
+    resumed = list_checkpoints(run_uri(storage, "resumed"))
+    assert_same(trainable_of(resumed[-1].uri), trainable_of(infos[-1].uri))
+    # Optimizer moments, too, equal the uninterrupted run's.
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        left = load_file(str(fetch_checkpoint(resumed[-1].uri, Path(a)) / "optimizer.safetensors"))
+        right = load_file(str(fetch_checkpoint(infos[-1].uri, Path(b)) / "optimizer.safetensors"))
+    assert_same(left, right)
+    steps = [r["step"] for r in read_metrics(run_uri(storage, "resumed"))]
+    assert steps == [2, 4, 6, 8]
+
+
+def test_checkpoint_holds_no_frozen_tensor(tmp_path: Path, demo_dataset: str) -> None:
+    storage = str(tmp_path / "runs")
+    driver.run(spec_for(demo_dataset, storage, "small", 2, checkpoint={"storage": storage}))
+    (info,) = list_checkpoints(run_uri(storage, "small"))
+    policy = policy_from_checkpoint(info.uri)
+    trainable = set(policy.trainable_parameters())
+    frozen = {n for n, p in policy.named_parameters() if not p.requires_grad}
+    with tempfile.TemporaryDirectory() as tmp:
+        local = fetch_checkpoint(info.uri, Path(tmp))
+        assert set(load_file(str(local / "trainable.safetensors"))) == trainable
+        moments = load_file(str(local / "optimizer.safetensors"))
+        assert {k.split("/", 1)[1] for k in moments} == trainable
+        assert not frozen & {k.split("/", 1)[1] for k in moments}
+        manifest = json.loads((local / "manifest.json").read_text())
+        assert set(manifest["files"]) == {p.name for p in local.iterdir()} - {"manifest.json"}
+    # Trainable weights + two Adam moments + small metadata: nothing of the frozen backbone.
+    trainable_bytes = sum(p.numel() * 4 for p in policy.trainable_parameters().values())
+    assert 3 * trainable_bytes < info.num_bytes < 3 * trainable_bytes + 100_000
+
+
+def test_broken_newest_checkpoint_is_skipped(tmp_path: Path, demo_dataset: str, capfd) -> None:
+    storage = str(tmp_path / "runs")
+    checkpoint = {"storage": storage, "every_steps": 2, "keep_last": 3}
+    driver.run(spec_for(demo_dataset, storage, "broken", 4, checkpoint=checkpoint))
+    infos = list_checkpoints(run_uri(storage, "broken"))
+    assert [i.step for i in infos] == [2, 4]
+    newest = Path(infos[-1].uri) / "trainable.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-10])  # truncated
+    assert not list_checkpoints(run_uri(storage, "broken"))[-1].valid
+    result = driver.run(spec_for(demo_dataset, storage, "broken", 6, checkpoint=checkpoint))
+    assert result.metrics["resumed_from_step"] == 2
+
+    # Altered content with the same size, and a checkpoint without a manifest.
+    driver.run(spec_for(demo_dataset, storage, "altered", 4, checkpoint=checkpoint))
+    infos = list_checkpoints(run_uri(storage, "altered"))
+    target = Path(infos[-1].uri) / "trainable.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    (Path(infos[0].uri) / "manifest.json").unlink()
+    result = driver.run(spec_for(demo_dataset, storage, "altered", 6, checkpoint=checkpoint))
+    assert result.metrics["resumed_from_step"] == 0  # neither broken checkpoint was used
+
+
+def test_s3_checkpoints_resume_and_export(
+    tmp_path: Path, demo_dataset: str, s3_server, s3_bucket: str
+) -> None:
+    storage = s3_server.url(s3_bucket, "runs")
+    options = s3_server.storage_options
+    checkpoint = {"storage": storage, "every_steps": 2, "keep_last": 2}
+    extra = {"checkpoint": checkpoint, "storage_options": options}
+    driver.run(spec_for(demo_dataset, storage, "s3run", 2, **extra))
+    result = driver.run(spec_for(demo_dataset, storage, "s3run", 4, **extra))
+    assert result.metrics["resumed_from_step"] == 2
+    infos = list_checkpoints(run_uri(storage, "s3run"), options)
+    assert [i.step for i in infos] == [2, 4] and all(i.valid for i in infos)
+    fs, _ = fsspec.core.url_to_fs(infos[-1].uri, **options)
+    assert fs.exists(f"{infos[-1].uri}/manifest.json")
+
+    # Export to a LeRobot pretrained_model/ and load it back: same actions as trained.
+    out = tmp_path / "pretrained_model"
+    trained = export_checkpoint(infos[-1].uri, str(out), options)
+    loaded = SmolVLAPolicy.from_pretrained(str(out))
+    config = trained.config
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        key: torch.rand(2, *feature.shape, generator=g)
+        for key, feature in config.image_features.items()
+    }
+    batch["observation.state"] = torch.randn(2, config.state_dim, generator=g)
+    batch["task"] = ["pick the cube", "push the cube"]
+    noise = torch.randn(2, config.chunk_size, config.max_action_dim, generator=g)
+    ours = trained.predict_action_chunk(trained.processor.preprocess(batch), noise)
+    theirs = loaded.predict_action_chunk(loaded.processor.preprocess(batch), noise)
+    assert torch.equal(ours, theirs)
+    assert_same(
+        {n: p.detach() for n, p in loaded.trainable_parameters().items()},
+        trainable_of(infos[-1].uri, options),
+    )
