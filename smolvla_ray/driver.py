@@ -35,6 +35,33 @@ def storage_target(uri: str, storage_options: Mapping[str, Any]) -> StorageTarge
     return StorageTarget(path, PyFileSystem(FSSpecHandler(fs)))
 
 
+def _absolute(uri: str | None) -> str | None:
+    if uri is None or "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def resolve_local_paths(spec: JobSpec) -> JobSpec:
+    """Relative local paths made absolute against the driver's working directory: Ray
+    workers run elsewhere. A hub id such as `lerobot/smolvla_base` is left alone."""
+    pretrained = spec.policy.pretrained
+    if pretrained and os.path.exists(pretrained):
+        pretrained = _absolute(pretrained)
+    data = {"uri": _absolute(spec.data.uri), "cache_dir": _absolute(spec.data.cache_dir)}
+    return spec.model_copy(
+        update={
+            "policy": spec.policy.model_copy(update={"pretrained": pretrained}),
+            "data": spec.data.model_copy(update=data),
+            "checkpoint": spec.checkpoint.model_copy(
+                update={
+                    "storage": _absolute(spec.checkpoint.storage),
+                    "from_checkpoint": _absolute(spec.checkpoint.from_checkpoint),
+                }
+            ),
+        }
+    )
+
+
 def preflight(spec: JobSpec) -> None:
     """Fail before starting on what can be known now: dataset reachable with the cameras the
     policy needs, pretrained checkpoint readable, storage writable."""
@@ -103,6 +130,7 @@ def run(spec: JobSpec, *, address: str | None = None, check: bool = True):  # ->
     """Train `spec` and block until it ends; embedded local Ray unless `address` is given."""
     import ray
 
+    spec = resolve_local_paths(spec)
     if check:
         preflight(spec)
     if not ray.is_initialized():
