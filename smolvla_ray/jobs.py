@@ -22,6 +22,7 @@ No typer here: `smolvla_ray.cli` wraps these functions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -30,7 +31,7 @@ import secrets
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -151,11 +152,11 @@ def _client(address: str | None):  # -> ray.job_submission.JobSubmissionClient
             "8265 by default) and check that this machine can reach that host and port"
         ) from None
     except AuthenticationError as err:
-        status = str(err).split(":", 1)[0]  # 'Authentication required' or '... failed'
-        how = "was rejected" if token else "is missing"
+        # Ray says 'Authentication required' (401: no token sent) or '... failed' (403).
+        how = "got no token" if "required" in str(err).split(":", 1)[0] else "rejected the token"
         raise PermissionError(
-            f"the Ray cluster at {url!r} uses token auth and the token {how} ({status}); "
-            f"set ${TOKEN_ENV} to the cluster's token (on the head node: `ray get-auth-token`)"
+            f"the Ray cluster at {url!r} uses token auth and {how}; set ${TOKEN_ENV} to the "
+            "cluster's token (on the head node: `ray get-auth-token`)"
         ) from None
 
 
@@ -319,7 +320,7 @@ def wait_for(
         time.sleep(poll_s)
 
 
-def logs(job_id: str, address: str | None, *, follow: bool = False) -> Iterator[str]:
+def logs(job_id: str, address: str | None, *, follow: bool = False) -> Generator[str, None, None]:
     """The job's output, line by line (without newlines); ValueError for an unknown id.
 
     `follow` streams new output until the job ends (Ray's websocket tail, driven from a
@@ -327,17 +328,22 @@ def logs(job_id: str, address: str | None, *, follow: bool = False) -> Iterator[
     client = _client(address)
     _details(client, job_id, resolve_address(address))  # checked now, not on first next()
     if not follow:
-        return iter(client.get_job_logs(job_id).splitlines())
+        return _lines(iter([client.get_job_logs(job_id)]))
     return _lines(_sync_iter(lambda: client.tail_job_logs(job_id)))
 
 
-def _lines(chunks: Iterator[str]) -> Iterator[str]:
-    # Chunks from the tail end anywhere, not only at newlines.
+def _lines(chunks: Generator[str, None, None] | Iterator[str]) -> Generator[str, None, None]:
+    # Chunks end anywhere, not only at newlines. Closing this closes the stream under it.
     pending = ""
-    for chunk in chunks:
-        pending += chunk
-        *complete, pending = pending.split("\n")
-        yield from complete
+    try:
+        for chunk in chunks:
+            pending += chunk
+            *complete, pending = pending.split("\n")
+            yield from complete
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
     if pending:
         yield pending
 
@@ -345,8 +351,12 @@ def _lines(chunks: Iterator[str]) -> Iterator[str]:
 _DONE = object()
 
 
-def _sync_iter(make: Callable[[], AsyncIterator[str]]) -> Iterator[str]:
-    """Iterate an async iterator from sync code; closing the iterator cancels the stream."""
+def _sync_iter(make: Callable[[], AsyncIterator[str]]) -> Generator[str, None, None]:
+    """Iterate an async iterator from sync code; closing the iterator cancels the stream.
+
+    The loop runs in its own thread, so this works even where the caller's thread already
+    runs an event loop (Jupyter). On close the stream is cancelled and unwound while the
+    loop still runs, so the websocket and HTTP session close cleanly."""
     items: queue.Queue[Any] = queue.Queue()
     loop = asyncio.new_event_loop()
 
@@ -362,16 +372,22 @@ def _sync_iter(make: Callable[[], AsyncIterator[str]]) -> Iterator[str]:
     thread = threading.Thread(target=loop.run_forever, name="smolvla-ray-logs", daemon=True)
     thread.start()
     future = asyncio.run_coroutine_threadsafe(pump(), loop)
+    done = False
     try:
         while (item := items.get()) is not _DONE:
             if isinstance(item, Exception):
                 raise item
             yield item
+        done = True
     finally:
         future.cancel()
+        with contextlib.suppress(queue.Empty):
+            while not done:  # wait for pump's cleanup; items left unread are dropped
+                done = items.get(timeout=10) is _DONE
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         if not thread.is_alive():
+            loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
 
