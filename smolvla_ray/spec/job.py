@@ -27,6 +27,7 @@ from smolvla_ray.spec.sections import (
     CheckpointSpec,
     DataSpec,
     FailureSpec,
+    ObserveSpec,
     PolicySpec,
     ScalingSpec,
     TrainSpec,
@@ -111,6 +112,7 @@ class JobSpec(BaseModel):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     checkpoint: CheckpointSpec
     failure: FailureSpec = Field(default_factory=FailureSpec)
+    observe: ObserveSpec = Field(default_factory=ObserveSpec)
     storage_options: dict[str, StorageValue] = Field(default_factory=dict)
     """fsspec options for every URI in the spec (merged over $SMOLVLA_STORAGE_OPTIONS)."""
 

@@ -1,5 +1,5 @@
 """The sections of a job spec: policy, data, train (optimizer, scheduler), scaling,
-checkpoint and failure. Each is a pydantic model with `extra="forbid"`; every setting has
+checkpoint, failure and observe. Each is a pydantic model with `extra="forbid"`; every setting has
 exactly one home. Cross-section checks live on `JobSpec` (job.py).
 """
 
@@ -350,3 +350,31 @@ class FailureSpec(BaseModel):
     """A NaN/inf loss or gradient: skip that step, or stop the run."""
     resource_wait_s: float = Field(600, ge=0)
     """How long to wait for the cluster to grant the workers' resources."""
+
+
+_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*:[^/@]*@")
+
+
+class ObserveSpec(BaseModel):
+    """Where rank 0 sends metrics besides `metrics.jsonl` (docs/observability.md)."""
+
+    model_config = SECTION_CONFIG
+    tensorboard: bool = True
+    """Write TensorBoard event files to `<storage>/<name>/tensorboard/`."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking URI (http(s)://..., databricks, file:/path); None = no MLflow."""
+    mlflow_experiment: str = Field("smolvla-ray", min_length=1)
+    """MLflow experiment the run is logged in (created when missing)."""
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _tracking_uri(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty; give a URI like http://mlflow:5000 or null")
+        if value is not None and _USERINFO.match(value):
+            # The URI is logged (MLflow params, checkpoints): credentials must not be in it.
+            raise ValueError(
+                "holds a user:password; remove it and set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment"
+            )
+        return value
