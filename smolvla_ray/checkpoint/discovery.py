@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,8 +120,9 @@ def latest_valid_checkpoint(
     for info in reversed(list_checkpoints(run_uri, storage_options)):
         if info.valid:
             return info
-        log.warning("skipping checkpoint %s: %s", info.uri, info.problem)
-        print(f"[smolvla-ray] warning: skipping checkpoint {info.uri}: {info.problem}", flush=True)
+        message = f"warning: skipping checkpoint {info.uri}: {info.problem}"
+        log.warning(message)
+        sys.stderr.write(f"[smolvla-ray] {message}\n")
     return None
 
 

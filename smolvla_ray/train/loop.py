@@ -9,6 +9,7 @@ checkpoint steps rank 0 attaches a checkpoint of what training changed.
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +35,13 @@ from smolvla_ray.train.setup import build_loader, build_policy, open_dataset
 from smolvla_ray.train.step import train_step
 
 log = logging.getLogger(__name__)
+
+
+def say(message: str) -> None:
+    """One progress line to the worker's stdout, which Ray forwards to the driver. Not
+    `print`: Ray Train patches it into a logger *and* the stream, doubling every line."""
+    sys.stdout.write(f"[smolvla-ray] {message}\n")
+    sys.stdout.flush()
 
 
 def _replica_digest(ddp) -> str:
@@ -100,7 +108,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         step, cursor, counters = _restore(loaded, ddp, optimizer, scheduler, rank, names)
         counters["resumed_from_step"] = step
         if rank == 0:
-            print(f"[smolvla-ray] resuming at step {step} from {resume_uri}", flush=True)
+            say(f"resuming at step {step} from {resume_uri}")
 
     loader = build_loader(
         spec,
@@ -115,11 +123,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         counts = {"trainable": sum(p.numel() for p in ddp.module.params)}
         counts["total"] = sum(p.numel() for p in policy.parameters())
-        print(
-            f"[smolvla-ray] {world} worker(s) on {device.type}; parameters: {counts['total']:,} "
+        say(
+            f"{world} worker(s) on {device.type}; parameters: {counts['total']:,} "
             f"total, {counts['trainable']:,} trainable, "
-            f"{counts['total'] - counts['trainable']:,} frozen",
-            flush=True,
+            f"{counts['total'] - counts['trainable']:,} frozen"
         )
 
     metrics_log = (
@@ -217,11 +224,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             done = step - start_step
             eta = (time.perf_counter() - run_start) / max(done, 1) * (spec.train.steps - step)
-            print(
-                f"[smolvla-ray] step {step}/{spec.train.steps} loss {result.loss:.4f} "
+            say(
+                f"step {step}/{spec.train.steps} loss {metrics['loss']:.4f} "
                 f"lr {result.lr:.2e} {metrics['samples_per_s']:.1f} samples/s "
-                f"eta {eta:.0f}s" + (" (checkpoint)" if checkpoint is not None else ""),
-                flush=True,
+                f"eta {eta:.0f}s" + (" (checkpoint)" if checkpoint is not None else "")
             )
         ray.train.report(
             metrics,
