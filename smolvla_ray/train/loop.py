@@ -130,7 +130,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
 
     metrics_log = (
-        MetricsLog(run_uri(spec.checkpoint.storage, spec.name), storage_options)
+        MetricsLog(
+            run_uri(spec.checkpoint.storage, spec.name),
+            storage_options,
+            tensorboard=spec.observe.tensorboard,
+            mlflow_tracking_uri=spec.observe.mlflow_tracking_uri,
+            mlflow_experiment=spec.observe.mlflow_experiment,
+            run_name=spec.name,
+            params=spec.public_dict(),
+        )
         if rank == 0
         else None
     )
@@ -237,6 +245,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             delete_local_checkpoint_after_upload=checkpoint is not None,
         )
         window_start, window_samples, window = time.perf_counter(), 0, []
+    if metrics_log is not None:
+        metrics_log.close()
 
 
 def _resume_source(spec: JobSpec, storage_options: dict[str, Any]) -> str | None:

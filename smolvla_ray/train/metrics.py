@@ -1,18 +1,29 @@
-"""Rank 0's `metrics.jsonl` beside the checkpoints, at any fsspec URL.
+"""Rank 0's metrics: one logger interface (`MetricsLog`) with sinks behind it.
 
-Object stores cannot append, so the file is rewritten whole at each report; a run logs a
-few thousand small lines at most, which keeps that cheap.
+Every record goes to `metrics.jsonl` beside the checkpoints (any fsspec URL); optionally to
+TensorBoard event files in `<run>/tensorboard/` and to an MLflow run. Object stores cannot
+append, so the JSON lines are rewritten whole and the event file is re-uploaded at each
+report; a run logs a few thousand small records at most, which keeps that cheap.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import fsspec
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+MLFLOW_RUN_URI_TAG = "smolvla_ray.run_uri"
+MLFLOW_CHECKPOINT_TAG = "smolvla_ray.final_checkpoint"
+# MLflow servers before 2.x accept 500 characters per param value.
+_MLFLOW_PARAM_CHARS = 500
+_MLFLOW_BATCH = 100
 
 
 def run_uri(storage: str, name: str) -> str:
@@ -20,8 +31,34 @@ def run_uri(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}"
 
 
-class MetricsLog:
-    """Accumulates metric records and persists them as JSON lines."""
+def scalar_metrics(record: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric values of a record, `step` excluded (strings like fingerprints are not
+    metrics)."""
+    return {
+        key: float(value)
+        for key, value in record.items()
+        if key != "step" and isinstance(value, int | float) and not isinstance(value, bool)
+    }
+
+
+def tensorboard_tag(key: str) -> str:
+    """TensorBoard tag of a metric: timings and throughput under `perf/`, the rest `train/`."""
+    perf = key.endswith("_s") or key in ("samples_per_s", "comm_bytes")
+    return f"{'perf' if perf else 'train'}/{key}"
+
+
+class MetricSink(Protocol):
+    """A backend of `MetricsLog`."""
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        """Persist one record (it has a `step`)."""
+
+    def close(self, *, final_checkpoint: str | None) -> None:
+        """Flush and release; `final_checkpoint` is the URI of the run's last checkpoint."""
+
+
+class JsonlSink:
+    """`metrics.jsonl`: every record as one sorted-key JSON line, plus its wall time."""
 
     def __init__(self, uri: str, storage_options: Mapping[str, Any]) -> None:
         self.fs, root = fsspec.core.url_to_fs(uri, **storage_options)
@@ -30,13 +67,189 @@ class MetricsLog:
         if self.fs.exists(self.path):  # a resumed run continues its log
             self.lines = self.fs.cat_file(self.path).decode().splitlines()
 
-    def append(self, record: Mapping[str, Any]) -> None:
-        step = record.get("step")
+    def log(self, record: Mapping[str, Any]) -> None:
+        step = record["step"]
         # After a resume, drop records past the restored step: they will be logged again.
         self.lines = [ln for ln in self.lines if json.loads(ln).get("step", 0) < step]
-        self.lines.append(json.dumps(dict(record), sort_keys=True))
+        self.lines.append(json.dumps({"time": round(time.time(), 3), **record}, sort_keys=True))
         self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
         self.fs.pipe_file(self.path, ("\n".join(self.lines) + "\n").encode())
+
+    def close(self, *, final_checkpoint: str | None) -> None:
+        pass
+
+
+class TensorBoardSink:
+    """Event files written locally by tensorboardX and copied to `<run>/tensorboard/` after
+    every record, so TensorBoard can read them from any storage while the run goes on."""
+
+    def __init__(self, uri: str, storage_options: Mapping[str, Any]) -> None:
+        self.fs, root = fsspec.core.url_to_fs(uri, **storage_options)
+        self.remote_dir = f"{root.rstrip('/')}/{TENSORBOARD_DIR}"
+        self._local = tempfile.TemporaryDirectory(prefix="smolvla-tb-")
+        self._writer: Any = None
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+
+            # After a restart the previous process's file holds steps past the restored one;
+            # purge_step makes TensorBoard drop them in favour of this file's.
+            resumed = int(record.get("resumed_from_step") or 0)
+            self._writer = SummaryWriter(
+                self._local.name,
+                purge_step=resumed + 1 if resumed else None,
+                filename_suffix=f".{os.getpid()}",  # unique across restarts on one host
+            )
+        for key, value in scalar_metrics(record).items():
+            self._writer.add_scalar(tensorboard_tag(key), value, global_step=record["step"])
+        self._writer.flush()
+        self._upload()
+
+    def _upload(self) -> None:
+        self.fs.makedirs(self.remote_dir, exist_ok=True)
+        for name in sorted(os.listdir(self._local.name)):
+            self.fs.put_file(os.path.join(self._local.name, name), f"{self.remote_dir}/{name}")
+
+    def close(self, *, final_checkpoint: str | None) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._upload()
+            self._writer = None
+        self._local.cleanup()
+
+
+def flatten_params(value: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mapping -> {"a.b": "value"}: strings as they are, anything else as JSON."""
+    out: dict[str, str] = {}
+    for key, item in value.items():
+        name = f"{prefix}{key}"
+        if isinstance(item, Mapping) and item:
+            out.update(flatten_params(item, f"{name}."))
+        else:
+            text = item if isinstance(item, str) else json.dumps(item, sort_keys=True)
+            out[name] = text[:_MLFLOW_PARAM_CHARS]
+    return out
+
+
+class MlflowSink:
+    """One MLflow run per job: params = the spec without secrets, every metric per step,
+    the final checkpoint URI as a tag. A restarted worker group continues the same run."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str,
+        params: Mapping[str, Any],
+    ) -> None:
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError as err:
+            raise ImportError(
+                f"observe.mlflow_tracking_uri={tracking_uri!r} needs MLflow on the workers: "
+                "pip install 'mlflow-skinny>=2.10' (or set observe.mlflow_tracking_uri: null)"
+            ) from err
+        if tracking_uri.startswith("file:"):
+            # MLflow 3 refuses file stores unless told; a file: URI in the spec says so.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.run_id = self._running_run(experiment_id, run_name, uri)
+        if self.run_id is None:
+            run = self.client.create_run(
+                experiment_id, run_name=run_name, tags={MLFLOW_RUN_URI_TAG: uri}
+            )
+            self.run_id = run.info.run_id
+            self._log_params(flatten_params(params))
+
+    def _running_run(self, experiment_id: str, run_name: str, uri: str) -> str | None:
+        """The unfinished MLflow run of this job, left by a worker group that failed."""
+        runs = self.client.search_runs(
+            [experiment_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.mlflow.runName = '{run_name}'",
+            max_results=50,
+        )
+        for run in runs:
+            if run.data.tags.get(MLFLOW_RUN_URI_TAG) == uri:
+                return run.info.run_id
+        return None
+
+    def _log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in sorted(params.items())]
+        for start in range(0, len(items), _MLFLOW_BATCH):
+            self.client.log_batch(self.run_id, params=items[start : start + _MLFLOW_BATCH])
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(key, value, now, int(record["step"]))
+            for key, value in scalar_metrics(record).items()
+        ]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self, *, final_checkpoint: str | None) -> None:
+        if final_checkpoint is not None:
+            self.client.set_tag(self.run_id, MLFLOW_CHECKPOINT_TAG, final_checkpoint)
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+
+class MetricsLog:
+    """Rank 0's metrics logger: each `append` goes to `metrics.jsonl` and to TensorBoard
+    and MLflow when asked; `close()` at the end of training finishes them."""
+
+    def __init__(
+        self,
+        uri: str,
+        storage_options: Mapping[str, Any],
+        *,
+        tensorboard: bool = False,
+        mlflow_tracking_uri: str | None = None,
+        mlflow_experiment: str = "smolvla-ray",
+        run_name: str | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.uri = uri
+        self.sinks: list[MetricSink] = [JsonlSink(uri, storage_options)]
+        if tensorboard:
+            self.sinks.append(TensorBoardSink(uri, storage_options))
+        if mlflow_tracking_uri is not None:
+            name = run_name or uri.rstrip("/").rsplit("/", 1)[-1]
+            self.sinks.append(
+                MlflowSink(
+                    uri,
+                    tracking_uri=mlflow_tracking_uri,
+                    experiment=mlflow_experiment,
+                    run_name=name,
+                    params=params or {},
+                )
+            )
+        self.last_step: int | None = None
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Log one record (must have `step`) to every sink."""
+        for sink in self.sinks:
+            sink.log(record)
+        self.last_step = int(record["step"])
+
+    def close(self) -> None:
+        """Finish every sink. The loop checkpoints at its last step, so the final checkpoint
+        is the one of the last step logged."""
+        from smolvla_ray.checkpoint.discovery import checkpoint_dir_name
+
+        final = None
+        if self.last_step is not None:
+            final = f"{self.uri.rstrip('/')}/{checkpoint_dir_name(self.last_step)}"
+        for sink in self.sinks:
+            sink.close(final_checkpoint=final)
+        self.sinks = []
 
 
 def read_metrics(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[dict]:
