@@ -44,6 +44,15 @@ def say(message: str) -> None:
     sys.stdout.flush()
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this worker: CUDA allocations on GPU, the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def _replica_digest(ddp) -> str:
     """A cheap digest of the trainable parameters, to compare replicas."""
     import hashlib
@@ -147,6 +156,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     every = spec.checkpoint.every_steps
     window_start, window_samples, window = time.perf_counter(), 0, []
     run_start = time.perf_counter()
+    last_report_s = 0.0
     start_step = step
     while step < spec.train.steps:
         wait_start = time.perf_counter()
@@ -227,6 +237,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 )
             checkpoint_s = time.perf_counter() - start
         metrics["checkpoint_s"] = checkpoint_s
+        # The previous report's duration: with a checkpoint and sync upload it includes the
+        # upload; this is the time training was blocked beyond the local write.
+        metrics["report_s"] = last_report_s
+        metrics["peak_memory_mb"] = peak_memory_mb(device)
         if metrics_log is not None:
             metrics_log.append(metrics)
         if rank == 0:
@@ -237,6 +251,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 f"lr {result.lr:.2e} {metrics['samples_per_s']:.1f} samples/s "
                 f"eta {eta:.0f}s" + (" (checkpoint)" if checkpoint is not None else "")
             )
+        report_start = time.perf_counter()
         ray.train.report(
             metrics,
             checkpoint=checkpoint,
@@ -244,6 +259,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             checkpoint_upload_mode=writer.upload_mode,
             delete_local_checkpoint_after_upload=checkpoint is not None,
         )
+        last_report_s = time.perf_counter() - report_start
         window_start, window_samples, window = time.perf_counter(), 0, []
     if metrics_log is not None:
         metrics_log.close()
