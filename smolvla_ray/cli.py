@@ -96,8 +96,21 @@ def run(
         str | None,
         typer.Option(help="Ray cluster address (ray://..., auto); default: embedded local Ray."),
     ] = None,
+    progress: Annotated[
+        str | None,
+        typer.Option(
+            "--progress",
+            help="Live progress: bar, lines, json (one object per line) or quiet; "
+            "default: bar on a terminal, else lines.",
+        ),
+    ] = None,
 ) -> None:
     """Run a finetune and block until it ends (Ctrl-C stops it cleanly)."""
+    from smolvla_ray.observe.progress import PROGRESS_MODES, default_mode
+
+    if progress is not None and progress not in PROGRESS_MODES:
+        _fail(f"--progress {progress!r} is not one of {', '.join(PROGRESS_MODES)}")
+    mode = progress or default_mode()
     job = _load(spec, set_)
     from smolvla_ray import driver
 
@@ -106,7 +119,7 @@ def run(
     except (ValueError, OSError) as err:  # bad dataset, checkpoint or storage: input errors
         _fail(str(err))
     try:
-        result = driver.run(job, address=address, check=False)
+        result = driver.run(job, address=address, check=False, progress=mode)  # type: ignore[arg-type]
     except KeyboardInterrupt:
         typer.secho("interrupted: stopping the run", err=True, fg=typer.colors.YELLOW)
         import ray
@@ -116,6 +129,13 @@ def run(
     except Exception as err:  # the job failed; its error says why
         _fail(f"job {job.name!r} failed: {err}", code=1)
     metrics = result.metrics or {}
+    if mode == "json":  # scripts read stdout: the end is one more JSON object
+        import json
+
+        checkpoint = result.checkpoint.path if result.checkpoint else None
+        end = {"event": "finished", "job": job.name, "step": metrics.get("step")}
+        typer.echo(json.dumps({**end, "loss": metrics.get("loss"), "checkpoint": checkpoint}))
+        return
     typer.echo(
         f"job {job.name!r} finished at step {metrics.get('step')} with loss "
         f"{metrics.get('loss', float('nan')):.4f}; checkpoint: "
@@ -152,6 +172,23 @@ def checkpoints(
         status = "verified" if info.valid else f"INVALID: {info.problem}"
         step = "?" if info.step is None else str(info.step)
         typer.echo(f"{step:>9}  {info.num_bytes:>12,}  {status:<10}  {info.uri}")
+
+
+@app.command()
+def report(
+    uri: Annotated[str, typer.Argument(help="A run directory (storage URI + job name).")],
+    out: Annotated[
+        str, typer.Option("--out", help="Directory for report.png and report.md.")
+    ] = "report",
+) -> None:
+    """Render a run's loss, learning rate and throughput (PNG) and a markdown summary."""
+    from smolvla_ray.observe.report import write_report
+
+    try:
+        written = write_report(uri, out, _storage_options())
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err), code=1)
+    typer.echo(f"wrote {written.png} and {written.markdown}")
 
 
 @app.command()

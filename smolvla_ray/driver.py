@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 
 from smolvla_ray.spec import JobSpec
+
+if TYPE_CHECKING:
+    from smolvla_ray.observe.progress import Progress, ProgressMode
 
 
 @dataclass(frozen=True)
@@ -126,13 +129,43 @@ def build_trainer(spec: JobSpec):  # -> ray.train.torch.TorchTrainer
     )
 
 
-def run(spec: JobSpec, *, address: str | None = None, check: bool = True):  # -> ray Result
-    """Train `spec` and block until it ends; embedded local Ray unless `address` is given."""
+def run(
+    spec: JobSpec,
+    *,
+    address: str | None = None,
+    check: bool = True,
+    progress: ProgressMode | Progress | None = None,
+):  # -> ray Result
+    """Train `spec` and block until it ends; embedded local Ray unless `address` is given.
+
+    `progress` shows live progress (a mode: bar, lines, json, quiet; or a `Progress`) from
+    the run's metrics.jsonl, polled in a background thread; None shows none."""
     import ray
+
+    from smolvla_ray.observe.progress import MetricsWatcher, Progress
+    from smolvla_ray.train.metrics import run_uri
 
     spec = resolve_local_paths(spec)
     if check:
         preflight(spec)
+    if spec.observe.mlflow_tracking_uri and address is None:
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:  # local workers share this environment
+            raise ValueError(
+                f"observe.mlflow_tracking_uri={spec.observe.mlflow_tracking_uri!r} needs MLflow: "
+                "pip install 'mlflow-skinny>=2.10', or set observe.mlflow_tracking_uri: null"
+            )
+    display = progress
+    if isinstance(progress, str):
+        display = None if progress == "quiet" else Progress(progress, spec.train.steps)
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
-    return build_trainer(spec).fit()
+        # JSON mode is for scripts: keep workers' output off stdout (it stays in Ray's logs).
+        to_driver = not (isinstance(display, Progress) and display.mode == "json")
+        ray.init(address=address, include_dashboard=False, log_to_driver=to_driver)
+    trainer = build_trainer(spec)
+    if not isinstance(display, Progress):
+        return trainer.fit()
+    uri = run_uri(spec.checkpoint.storage, spec.name)
+    with MetricsWatcher(uri, spec.storage_options_plain(), display):
+        return trainer.fit()
