@@ -100,6 +100,11 @@ def resolve_address(address: str | None) -> str:
             "no Ray cluster address: pass --address http://HOST:8265 (the head node's "
             "dashboard) or set RAY_ADDRESS"
         )
+    if chosen in ("auto", "local"):
+        raise ValueError(
+            f"address {chosen!r} (from --address or RAY_ADDRESS) finds a local Ray, not a "
+            "dashboard; give the head node's dashboard URL, e.g. http://HOST:8265"
+        )
     if chosen.startswith("ray://"):
         raise ValueError(
             f"address {chosen!r} is a Ray Client address; the Jobs API is served by the "
@@ -145,9 +150,11 @@ def _client(address: str | None):  # -> ray.job_submission.JobSubmissionClient
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
         return JobSubmissionClient(url, headers=headers)
-    except ConnectionError as err:
+    except ConnectionError:
+        # RAY_ADDRESS on a cluster node often holds the GCS address (port 6379), not the API's.
+        gcs = " (6379 is Ray's GCS port, not the dashboard's)" if url.endswith(":6379") else ""
         raise ConnectionError(
-            f"cannot reach a Ray dashboard at {url!r} ({err}); start the cluster with "
+            f"cannot reach a Ray dashboard at {url!r}{gcs}; start the cluster with "
             "`ray start --head --dashboard-host 0.0.0.0` (the Jobs API listens on port "
             "8265 by default) and check that this machine can reach that host and port"
         ) from None
@@ -237,6 +244,17 @@ def _runtime_env(working_dir: str, user: Mapping[str, Any] | None, ship_package:
     return runtime_env
 
 
+def _secret_keys(options: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names (never values) of the secrets in storage_options, for the warning."""
+    names = []
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            names += _secret_keys(value, f"{prefix}{key}.")
+        elif hasattr(value, "get_secret_value"):
+            names.append(f"{prefix}{key}")
+    return sorted(names)
+
+
 def submit(
     spec_path: str,
     address: str | None,
@@ -258,7 +276,7 @@ def submit(
 
     spec = load_spec(spec_path, overrides)
     driver.preflight(spec)
-    dropped = sorted(k for k, v in spec.storage_options.items() if hasattr(v, "get_secret_value"))
+    dropped = _secret_keys(spec.storage_options)
     if dropped:
         logger.warning(
             "storage_options %s are secrets and are not uploaded; the job reads credentials "
