@@ -7,8 +7,9 @@ until the run ends. Everything that can be checked before starting is checked fi
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -117,7 +118,11 @@ def build_trainer(spec: JobSpec):  # -> ray.train.torch.TorchTrainer
         name=spec.name,
         storage_path=target.path,
         storage_filesystem=target.filesystem,
-        failure_config=FailureConfig(max_failures=spec.failure.max_failures),
+        # controller_failure_limit=0: a worker group that cannot be placed within
+        # failure.resource_wait_s (see `resource_wait`) fails the run instead of waiting again.
+        failure_config=FailureConfig(
+            max_failures=spec.failure.max_failures, controller_failure_limit=0
+        ),
         checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_last),
     )
     return TorchTrainer(
@@ -165,7 +170,67 @@ def run(
         ray.init(address=address, include_dashboard=False, log_to_driver=to_driver)
     trainer = build_trainer(spec)
     if not isinstance(display, Progress):
-        return trainer.fit()
+        with resource_wait(spec):
+            return trainer.fit()
     uri = run_uri(spec.checkpoint.storage, spec.name)
-    with MetricsWatcher(uri, spec.storage_options_plain(), display):
+    with MetricsWatcher(uri, spec.storage_options_plain(), display), resource_wait(spec):
         return trainer.fit()
+
+
+# Ray Train reads this in its controller, which gets it from the driver's environment.
+WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+class ResourceWaitTimeout(RuntimeError):
+    """The cluster did not grant the workers' resources within failure.resource_wait_s."""
+
+
+@contextlib.contextmanager
+def resource_wait(spec: JobSpec) -> Iterator[None]:
+    """Bound how long the run waits for its workers' resources, at start and after every
+    failure: Ray Train waits `RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S` for the worker group's
+    placement group (then retries forever by default); we set it to
+    `failure.resource_wait_s` for the run (with `controller_failure_limit=0`) and turn the
+    timeout into an error that says what was asked and what the cluster has."""
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    previous = os.environ.get(WORKER_GROUP_START_TIMEOUT_ENV)
+    os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(max(spec.failure.resource_wait_s, 1.0))
+    try:
+        yield
+    except ControllerError as err:
+        if not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
+            raise
+        raise ResourceWaitTimeout(_resource_message(spec)) from err
+    finally:
+        if previous is None:
+            os.environ.pop(WORKER_GROUP_START_TIMEOUT_ENV, None)
+        else:
+            os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = previous
+
+
+def _resource_message(spec: JobSpec) -> str:
+    import ray
+
+    scaling = spec.scaling
+    per_worker = scaling.resources_per_worker or (
+        {"CPU": 1, "GPU": 1} if scaling.use_gpu else {"CPU": 1}
+    )
+    try:
+        available, total = ray.available_resources(), ray.cluster_resources()
+    except Exception:  # the cluster itself may be gone
+        available, total = {}, {}
+
+    def show(resources: Mapping[str, float]) -> str:
+        keep = {k: v for k, v in sorted(resources.items()) if not k.startswith("node:")}
+        return ", ".join(f"{k}: {v:g}" for k, v in keep.items() if "memory" not in k) or "none"
+
+    return (
+        f"the cluster did not grant the workers' resources within failure.resource_wait_s="
+        f"{spec.failure.resource_wait_s:g}s: scaling asks {scaling.num_workers} worker(s) x "
+        f"{{{show(per_worker)}}} placed {scaling.placement_strategy}; the cluster has "
+        f"{{{show(total)}}} in total, {{{show(available)}}} free now. Add nodes (or wait for "
+        "lost ones to come back), lower scaling.num_workers or scaling.resources_per_worker, "
+        "or raise failure.resource_wait_s"
+    )

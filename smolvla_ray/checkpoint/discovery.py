@@ -21,6 +21,7 @@ from typing import Any
 import fsspec
 
 from smolvla_ray.checkpoint.format import MANIFEST, verify_checkpoint
+from smolvla_ray.checkpoint.retry import with_retries
 
 log = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -50,11 +51,14 @@ def _join(uri: str, name: str) -> str:
 
 
 def _sha256_remote(fs, path: str) -> str:
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    def digest_once() -> str:
+        digest = hashlib.sha256()
+        with fs.open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    return with_retries(digest_once, what=f"read of {path}")
 
 
 def inspect_checkpoint(
@@ -66,7 +70,8 @@ def inspect_checkpoint(
     step_match = re.search(rf"{CHECKPOINT_PREFIX}(\d+)$", root.rstrip("/"))
     step = int(step_match.group(1)) if step_match else None
     try:
-        manifest = json.loads(fs.cat_file(_join(root, MANIFEST)))
+        raw = with_retries(lambda: fs.cat_file(_join(root, MANIFEST)), what=f"read of {uri}")
+        manifest = json.loads(raw)
         files = manifest["files"]
         step = int(manifest.get("step", step))
     except FileNotFoundError:
@@ -89,7 +94,8 @@ def inspect_checkpoint(
 
 def _listing(fs, root: str) -> dict[str, dict]:
     try:
-        return {e["name"]: e for e in fs.ls(root, detail=True) if e.get("type") == "file"}
+        entries = with_retries(lambda: fs.ls(root, detail=True), what=f"listing of {root}")
+        return {e["name"]: e for e in entries if e.get("type") == "file"}
     except FileNotFoundError:
         return {}
 
@@ -100,7 +106,7 @@ def list_checkpoints(
     """Every checkpoint of a run, oldest first, each verified against its manifest."""
     fs, root = fsspec.core.url_to_fs(run_uri, **(storage_options or {}))
     try:
-        entries = fs.ls(root, detail=True)
+        entries = with_retries(lambda: fs.ls(root, detail=True), what=f"listing of {run_uri}")
     except FileNotFoundError:
         return []
     protocol = run_uri.split("://", 1)[0] + "://" if "://" in run_uri else ""
@@ -131,11 +137,12 @@ def fetch_checkpoint(
 ) -> Path:
     """Copy a checkpoint to a local directory and verify it there."""
     fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    if not fs.exists(_join(root, MANIFEST)):
+    if not with_retries(lambda: fs.exists(_join(root, MANIFEST)), what=f"read of {uri}"):
         raise FileNotFoundError(f"{uri} is not a checkpoint: it has no {MANIFEST}")
     destination.mkdir(parents=True, exist_ok=True)
     for path in _listing(fs, root):
-        fs.get(path, str(destination / Path(path).name))
+        local = str(destination / Path(path).name)
+        with_retries(lambda path=path, local=local: fs.get(path, local), what=f"download of {path}")
     problem = verify_checkpoint(destination)
     if problem is not None:
         raise ValueError(f"checkpoint {uri} is not valid: {problem}")

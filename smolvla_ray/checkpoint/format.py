@@ -92,6 +92,21 @@ def load_optimizer_state(
     optimizer.load_state_dict({"state": state, "param_groups": restored})
 
 
+def check_finite(tensors: Mapping[str, torch.Tensor], *, what: str) -> None:
+    """Raise RuntimeError naming the tensors of `tensors` that hold NaN or inf."""
+    bad = [
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        raise RuntimeError(
+            f"refusing to write a checkpoint with non-finite values: NaN/inf in {len(bad)} "
+            f"tensor(s) of the {what}, e.g. {bad[:3]}. Training diverged; lower "
+            "train.optimizer.lr or set failure.on_nonfinite: skip"
+        )
+
+
 def write_checkpoint(
     directory: Path,
     *,
@@ -101,7 +116,10 @@ def write_checkpoint(
     state: TrainingState,
 ) -> None:
     """Write the checkpoint's files, then the manifest of every file in `directory` (files
-    placed there before, such as processor files, are covered too)."""
+    placed there before, such as processor files, are covered too). Refuses non-finite
+    weights or optimizer state: resuming from them could never recover."""
+    check_finite(trainable, what=f"trainable parameters at step {state.step}")
+    check_finite(optimizer, what=f"optimizer state at step {state.step}")
     directory.mkdir(parents=True, exist_ok=True)
     save_file(
         {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in trainable.items()},

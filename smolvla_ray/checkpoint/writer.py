@@ -1,17 +1,27 @@
 """Rank 0's checkpoint writer: gathers what training changed into the checkpoint format and
-hands it to Ray Train, which uploads it to the run's storage (asynchronously by default)."""
+hands it to Ray Train, which uploads it to the run's storage (asynchronously by default)
+through `upload_checkpoint`: every file retried through transient storage faults, the
+manifest last, so a checkpoint in storage is never valid before all of it landed."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
 from ray.train import Checkpoint
 from ray.train.v2.api.report_config import CheckpointUploadMode
 
-from smolvla_ray.checkpoint.format import TrainingState, optimizer_tensors, write_checkpoint
+from smolvla_ray.checkpoint.format import (
+    MANIFEST,
+    TrainingState,
+    optimizer_tensors,
+    write_checkpoint,
+)
+from smolvla_ray.checkpoint.retry import with_retries
 from smolvla_ray.policy.modeling import SmolVLAPolicy
 from smolvla_ray.spec import JobSpec
 
@@ -71,3 +81,40 @@ class CheckpointWriter:
             state=state,
         )
         return Checkpoint.from_directory(str(directory))
+
+
+def upload_checkpoint(local: Path, fs, destination: str) -> None:
+    """Copy the checkpoint directory `local` to `destination` on the fsspec filesystem
+    `fs`, each file retried through transient faults; the manifest goes last, so readers
+    never see a complete-looking checkpoint that is not."""
+    files = sorted(p for p in local.iterdir() if p.is_file() and p.name != MANIFEST)
+    if not (local / MANIFEST).exists():
+        raise RuntimeError(f"checkpoint {local} has no {MANIFEST}; refusing to upload it")
+    with_retries(
+        lambda: fs.makedirs(destination, exist_ok=True), what=f"creating {destination}"
+    )
+    for path in [*files, local / MANIFEST]:
+        target = f"{destination.rstrip('/')}/{path.name}"
+        with_retries(
+            lambda path=path, target=target: fs.put_file(str(path), target),
+            what=f"upload of {target}",
+        )
+
+
+def checkpoint_upload_fn(
+    storage_uri: str, storage_options: Mapping[str, Any]
+) -> Callable[[Checkpoint, str], Checkpoint]:
+    """`ray.train.report(checkpoint_upload_fn=...)` for the run's storage: uploads with
+    `upload_checkpoint` to where Ray Train expects the checkpoint (its experiment path on its
+    storage filesystem), so Ray's retention and `Result.checkpoint` keep working."""
+    fs, _ = fsspec.core.url_to_fs(storage_uri, **storage_options)
+
+    def upload(checkpoint: Checkpoint, checkpoint_dir_name: str) -> Checkpoint:
+        import ray.train
+
+        storage = ray.train.get_context().get_storage()
+        destination = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
+        upload_checkpoint(Path(checkpoint.path), fs, destination)
+        return Checkpoint(destination, filesystem=storage.storage_filesystem)
+
+    return upload

@@ -19,6 +19,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.train.v2.api.report_config import CheckpointUploadMode
 
 from smolvla_ray.checkpoint.discovery import (
     checkpoint_dir_name,
@@ -26,15 +27,17 @@ from smolvla_ray.checkpoint.discovery import (
     latest_valid_checkpoint,
 )
 from smolvla_ray.checkpoint.format import load_optimizer_state, read_checkpoint
-from smolvla_ray.checkpoint.writer import CheckpointWriter
+from smolvla_ray.checkpoint.writer import CheckpointWriter, checkpoint_upload_fn
 from smolvla_ray.spec import JobSpec
 from smolvla_ray.train.ddp import check_frozen_fingerprint, frozen_fingerprint, wrap_ddp
+from smolvla_ray.train.interrupt import Interrupts
 from smolvla_ray.train.metrics import MetricsLog, run_uri
 from smolvla_ray.train.optim import build_optimizer, build_scheduler
 from smolvla_ray.train.setup import build_loader, build_policy, open_dataset
 from smolvla_ray.train.step import train_step
 
 log = logging.getLogger(__name__)
+SYNC_UPLOAD = CheckpointUploadMode.SYNC  # an interrupt checkpoint must land before exiting
 
 
 def say(message: str) -> None:
@@ -129,6 +132,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         storage_options=storage_options,
     )
     writer = CheckpointWriter(spec=spec, policy=policy, base_fingerprint=start_fingerprint)
+    upload_fn = checkpoint_upload_fn(spec.checkpoint.storage, storage_options)
+    interrupts = Interrupts(device=device)  # SIGTERM / Ray preemption notice -> checkpoint
     if rank == 0:
         counts = {"trainable": sum(p.numel() for p in ddp.module.params)}
         counts["total"] = sum(p.numel() for p in policy.parameters())
@@ -191,7 +196,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _check_replicas(ddp, policy, local_frozen)
         checkpoint_s = 0.0
         is_last = step == spec.train.steps
-        do_checkpoint = is_last or (every is not None and step % every == 0)
+        interrupt = interrupts.poll()  # agreed by all ranks
+        do_checkpoint = is_last or interrupt.checkpoint or (every and step % every == 0)
         # Ray's report is a barrier across workers (about a second on a small machine), so
         # it runs at log_every and checkpoint steps only.
         if not (do_checkpoint or step % spec.train.log_every == 0):
@@ -256,9 +262,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics,
             checkpoint=checkpoint,
             checkpoint_dir_name=checkpoint_dir_name(step) if do_checkpoint else None,
-            checkpoint_upload_mode=writer.upload_mode,
+            checkpoint_upload_mode=SYNC_UPLOAD if interrupt.exit else writer.upload_mode,
+            checkpoint_upload_fn=upload_fn,
             delete_local_checkpoint_after_upload=checkpoint is not None,
         )
+        if interrupt.exit and not is_last:
+            interrupts.exit_after_checkpoint(step=step, checkpoint_dir=checkpoint_dir_name(step))
         last_report_s = time.perf_counter() - report_start
         window_start, window_samples, window = time.perf_counter(), 0, []
     if metrics_log is not None:
