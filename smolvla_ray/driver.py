@@ -100,7 +100,7 @@ def _check_writable(uri: str, options: Mapping[str, Any]) -> None:
         ) from err
 
 
-def build_trainer(spec: JobSpec):  # -> ray.train.torch.TorchTrainer
+def build_trainer(spec: JobSpec, *, feature_cache: str | None = None):  # -> TorchTrainer
     """The TorchTrainer for `spec` (gloo on CPU, NCCL on GPU)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -127,7 +127,7 @@ def build_trainer(spec: JobSpec):  # -> ray.train.torch.TorchTrainer
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(spec),
+        train_loop_config=loop_config(spec, feature_cache=feature_cache),
         scaling_config=scaling,
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
@@ -168,7 +168,10 @@ def run(
         # JSON mode is for scripts: keep workers' output off stdout (it stays in Ray's logs).
         to_driver = not (isinstance(display, Progress) and display.mode == "json")
         ray.init(address=address, include_dashboard=False, log_to_driver=to_driver)
-    trainer = build_trainer(spec)
+    from smolvla_ray.cache.build import ensure_feature_cache
+
+    feature_cache = ensure_feature_cache(spec, spec.storage_options_plain())
+    trainer = build_trainer(spec, feature_cache=feature_cache)
     if not isinstance(display, Progress):
         with resource_wait(spec):
             return trainer.fit()

@@ -39,6 +39,7 @@ from smolvla_ray.policy.freezing import apply_requires_grad, trainable_parameter
 from smolvla_ray.policy.layers import PrefixCache, run_layers
 
 PrefixMode = Literal["auto", "joint", "no_grad"]
+FEATURES_SUFFIX = ".features"  # batch key suffix of cached vision features
 
 
 class VLAFlowMatching(nn.Module):
@@ -68,11 +69,14 @@ class VLAFlowMatching(nn.Module):
     def embed_images_and_language(
         self, images: list[Tensor], img_masks: list[Tensor], lang_tokens: Tensor, lang_masks: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Image tokens (x sqrt(hidden)) per camera, then language tokens (x sqrt(hidden))."""
+        """Image tokens (x sqrt(hidden)) per camera, then language tokens (x sqrt(hidden)).
+
+        An entry of `images` may already be the vision encoder + connector output
+        (B, tokens, hidden), from the feature cache; then the encoder is skipped."""
         towers = self.vlm_with_expert
         embs, pads = [], []
         for img, img_mask in zip(images, img_masks, strict=True):
-            img_emb = towers.embed_image(img)
+            img_emb = img if img.ndim == 3 else towers.embed_image(img)
             img_emb = img_emb * torch.tensor(
                 img_emb.shape[-1] ** 0.5, dtype=img_emb.dtype, device=img_emb.device
             )
@@ -325,7 +329,11 @@ class SmolVLAPolicy(nn.Module):
     def prepare_images(self, batch: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Each camera resized with padding and scaled to [-1, 1], plus its validity mask."""
         images, masks = [], []
-        missing = [key for key in self.config.image_features if key not in batch]
+        missing = [
+            key
+            for key in self.config.image_features
+            if key not in batch and f"{key}{FEATURES_SUFFIX}" not in batch
+        ]
         if len(missing) > self.config.empty_cameras:
             shape = self.config.image_features[missing[0]].shape
             raise ValueError(
@@ -333,6 +341,11 @@ class SmolVLAPolicy(nn.Module):
                 f"(B, {', '.join(map(str, shape))}) in [0, 1]); batch keys: {sorted(batch)}"
             )
         for key, feature in self.config.image_features.items():
+            cached = batch.get(f"{key}{FEATURES_SUFFIX}")
+            if cached is not None:  # precomputed vision features: nothing to resize
+                images.append(cached)
+                masks.append(self._image_mask(batch, key, cached))
+                continue
             if key not in batch:
                 continue
             img = batch[key]
@@ -346,17 +359,29 @@ class SmolVLAPolicy(nn.Module):
                 width, height = self.config.resize_imgs_with_padding
                 img = resize_with_pad(img, height, width, pad_value=0)
             images.append(img * 2.0 - 1.0)
-            pad_key = f"{key}_padding_mask"
-            mask = (
-                batch[pad_key].bool()
-                if pad_key in batch
-                else torch.ones(img.shape[0], dtype=torch.bool, device=img.device)
-            )
-            masks.append(mask)
+            masks.append(self._image_mask(batch, key, img))
         for _ in missing:  # covered by empty_cameras: -1 images, masked out
             images.append(torch.full_like(images[0], -1.0))
             masks.append(torch.zeros_like(masks[0]))
         return images, masks
+
+    @staticmethod
+    def _image_mask(batch: dict[str, Tensor], key: str, like: Tensor) -> Tensor:
+        pad_key = f"{key}_padding_mask"
+        if pad_key in batch:
+            return batch[pad_key].bool()
+        return torch.ones(like.shape[0], dtype=torch.bool, device=like.device)
+
+    @torch.no_grad()
+    def encode_images(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The frozen vision encoder + connector output per camera, keyed like the batch
+        keys the feature cache provides (`<camera key>.features`)."""
+        images, _ = self.prepare_images(batch)
+        towers = self.model.vlm_with_expert
+        return {
+            f"{key}{FEATURES_SUFFIX}": towers.embed_image(img)
+            for key, img in zip(self.config.image_features, images, strict=False)
+        }
 
     def prepare_state(self, batch: dict[str, Tensor]) -> Tensor:
         """The state, last observation step, zero-padded to max_state_dim."""

@@ -21,7 +21,6 @@ from torch import Tensor
 from smolvla_ray.policy.backbone import load_tokenizer, resolve_vlm_source
 from smolvla_ray.policy.config import (
     ACTION,
-    OBS_IMAGES,
     OBS_LANGUAGE_ATTENTION_MASK,
     OBS_LANGUAGE_TOKENS,
     PolicyConfig,
@@ -103,7 +102,8 @@ class PolicyProcessor:
         for key, value in batch.items():
             if not isinstance(value, Tensor):
                 continue
-            if (key.startswith(f"{OBS_IMAGES}.") and value.ndim == 3) or (
+            # A single observation gains a batch dim (cached features are already batched).
+            if (key in self.config.image_features and value.ndim == 3) or (
                 key == "observation.state" and value.ndim == 1
             ):
                 batch[key] = value.unsqueeze(0)

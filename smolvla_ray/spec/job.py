@@ -152,6 +152,13 @@ class JobSpec(BaseModel):
                 f"(precision={train.precision!r}, use_gpu={scaling.use_gpu}); "
                 "set frozen_dtype auto or fp32"
             )
+        if self.data.feature_cache == "on":
+            reason = self.feature_cache_blocker()
+            if reason is not None:
+                raise ValueError(
+                    f"data.feature_cache='on' but {reason}, so cached vision features would "
+                    "not equal what training sees; set data.feature_cache to auto or off"
+                )
         gpus = (scaling.resources_per_worker or {}).get("GPU")
         if gpus is not None and (gpus > 0) != scaling.use_gpu:
             raise ValueError(
@@ -159,6 +166,16 @@ class JobSpec(BaseModel):
                 f"{scaling.use_gpu}; make them agree (GPU > 0 exactly when use_gpu)"
             )
         return self
+
+    def feature_cache_blocker(self) -> str | None:
+        """Why vision features are not constant per frame (None when they are, as far as
+        the spec tells; a pretrained checkpoint's own overrides are checked on the workers)."""
+        if self.data.augment.enable:
+            return "data.augment.enable is true (random augmentation changes every image)"
+        policy = self.policy
+        if policy.freeze_vision_encoder is False and policy.train_expert_only is False:
+            return "the vision encoder trains (freeze_vision_encoder and train_expert_only false)"
+        return None
 
     def resolved_precision(self) -> Literal["fp32", "bf16"]:
         """The autocast dtype the run uses: 'auto' becomes bf16 on GPU, fp32 on CPU."""

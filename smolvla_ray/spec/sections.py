@@ -171,6 +171,36 @@ class EpisodeRange(BaseModel):
         return self
 
 
+class AugmentSpec(BaseModel):
+    """Random image augmentation as LeRobot's `image_transforms` (off by default): up to
+    `max_num_transforms` of the enabled transforms per image, each with a parameter drawn
+    uniformly from its range; drawn per sample from (seed, step, frame), so resume is exact."""
+
+    model_config = SECTION_CONFIG
+    enable: bool = False
+    max_num_transforms: int = Field(3, ge=1)
+    random_order: bool = False
+    brightness: tuple[float, float] | None = (0.8, 1.2)
+    contrast: tuple[float, float] | None = (0.8, 1.2)
+    saturation: tuple[float, float] | None = (0.5, 1.5)
+    hue: tuple[float, float] | None = (-0.05, 0.05)
+    sharpness: tuple[float, float] | None = (0.5, 1.5)
+    affine_degrees: tuple[float, float] | None = (-5.0, 5.0)
+    affine_translate: tuple[float, float] = (0.05, 0.05)
+    """Maximum translation as a fraction of width and height (with affine_degrees)."""
+
+    @model_validator(mode="after")
+    def _some_transform(self) -> AugmentSpec:
+        ranges = [self.brightness, self.contrast, self.saturation, self.hue, self.sharpness,
+                  self.affine_degrees]
+        if self.enable and all(r is None for r in ranges):
+            raise ValueError("augment.enable is true but every transform is null; enable one")
+        for r in ranges:
+            if r is not None and r[0] > r[1]:
+                raise ValueError(f"augmentation range {list(r)} is reversed; write [low, high]")
+        return self
+
+
 class DataSpec(BaseModel):
     """The LeRobot dataset (v3.0 or v2.1) to train on and how workers read it."""
 
@@ -187,6 +217,13 @@ class DataSpec(BaseModel):
     """Node-local video cache; None = $SMOLVLA_RAY_CACHE, else ~/.cache/smolvla_ray."""
     cache_max_bytes: ByteSize = Field(ByteSize(20 * 1024**3), ge=1)
     """Cache size bound in bytes, or a string like 20GiB / 500MB."""
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    feature_cache: Literal["auto", "on", "off"] = "auto"
+    """Precompute the frozen vision encoder's output once and train from it: auto = when
+    the features are constant (vision encoder frozen, no augmentation), on = required
+    (error otherwise), off = decode video and run the encoder every step."""
+    feature_cache_dtype: Literal["float32", "bfloat16"] = "float32"
+    """float32 keeps losses equal to training from video; bfloat16 halves the cache."""
 
     @field_validator("uri")
     @classmethod

@@ -130,6 +130,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         world_size=world,
         cursor=cursor,
         storage_options=storage_options,
+        feature_cache=loop_config.get("feature_cache"),
     )
     writer = CheckpointWriter(spec=spec, policy=policy, base_fingerprint=start_fingerprint)
     upload_fn = checkpoint_upload_fn(spec.checkpoint.storage, storage_options)
@@ -321,11 +322,12 @@ def _restore(loaded, ddp, optimizer, scheduler, rank: int, names: list[str]):
     return state.step, cursor, dict(state.counters) or {"skipped_steps": 0}
 
 
-def loop_config(spec: JobSpec) -> dict[str, Any]:
+def loop_config(spec: JobSpec, *, feature_cache: str | None = None) -> dict[str, Any]:
     """The train_loop_config for `spec`: the spec without secrets (Ray records this config
     in its run state) and a reference to the storage options in Ray's object store, which
     workers read from memory."""
     return {
         "spec": spec.public_dict(),
         "storage_options_ref": ray.put(spec.storage_options_plain()),
+        "feature_cache": feature_cache,
     }

@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
+from smolvla_ray.cache.store import CachedFeatures, CacheStore
 from smolvla_ray.data import layout
 from smolvla_ray.data.loader import ShardedLoader
 from smolvla_ray.data.meta import DatasetMeta, check_cameras, load_meta
 from smolvla_ray.data.samples import FrameDataset
-from smolvla_ray.data.storage import FileCache
+from smolvla_ray.data.storage import DEFAULT_CACHE_DIR, FileCache
 from smolvla_ray.policy.config import OBS_IMAGES, PolicyConfig
 from smolvla_ray.policy.modeling import SmolVLAPolicy
 from smolvla_ray.policy.pretrained import load_pretrained
@@ -88,19 +90,26 @@ def build_loader(
     world_size: int,
     cursor: dict[str, Any] | None,
     storage_options: Mapping[str, Any],
+    feature_cache: str | None = None,
 ) -> ShardedLoader:
-    """This worker's share of each epoch, preprocessed by the policy's processor."""
-    cache = FileCache()
-    if spec.data.cache_dir:
-        cache = FileCache(directory=Path(spec.data.cache_dir), max_bytes=spec.data.cache_max_bytes)
-    dataset = FrameDataset(
+    """This worker's share of each epoch, preprocessed by the policy's processor. With a
+    feature cache the samples carry cached vision features and no video is decoded."""
+    cache_dir = Path(spec.data.cache_dir) if spec.data.cache_dir else DEFAULT_CACHE_DIR
+    cache = FileCache(directory=cache_dir / "files", max_bytes=spec.data.cache_max_bytes)
+    camera_keys = list(policy.config.image_features)
+    dataset: Dataset = FrameDataset(
         meta,
         episodes=episode_selection(spec),
-        cameras=[k.removeprefix(f"{OBS_IMAGES}.") for k in policy.config.image_features],
+        cameras=[] if feature_cache else [k.removeprefix(f"{OBS_IMAGES}.") for k in camera_keys],
         chunk_size=policy.config.chunk_size,
         storage_options=storage_options,
         cache=cache,
     )
+    if feature_cache:
+        episodes = sorted({int(e) for e in dataset.frames.episode_index})
+        local = cache_dir / "features" / feature_cache.rstrip("/").rsplit("/", 1)[-1]
+        CacheStore(feature_cache, storage_options).fetch(episodes, local)
+        dataset = CachedFeatures(dataset, local, camera_keys)
     processor = policy.processor
     return ShardedLoader(
         dataset,

@@ -1,0 +1,1 @@
+"""The frozen-feature cache: vision features computed once, trained from many times."""
