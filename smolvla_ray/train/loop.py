@@ -178,6 +178,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             grad_clip_norm=spec.train.optimizer.grad_clip_norm,
             device=device,
             autocast_dtype=autocast_dtype,
+            augment=spec.data.augment,
         )
         step += 1
         if not result.finite:

@@ -26,7 +26,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from smolvla_ray.data.augment import augment_batch
 from smolvla_ray.policy.config import ACTION
+from smolvla_ray.spec.sections import AugmentSpec
 
 
 def _sample_seed(seed: int, step: int, index: int) -> int:
@@ -90,6 +92,7 @@ def train_step(
     grad_clip_norm: float,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
+    augment: AugmentSpec | None = None,
 ) -> StepResult:
     """Forward/backward over `micro_batches` (gradients synced on the last), clip, update.
 
@@ -108,6 +111,9 @@ def train_step(
     forward_s = backward_s = 0.0
     loss_sum = 0.0
     for position, raw in enumerate(micro_batches):
+        if augment is not None and augment.enable:
+            cameras = list(config.image_features)
+            raw = augment_batch(raw, cameras, augment, seed=seed, step=step)
         batch = to_device(raw, device)
         noise, flow_time = flow_noise_and_time(
             raw["index"].tolist(),

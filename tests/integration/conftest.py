@@ -41,7 +41,8 @@ def tiny_spec_dict(dataset: str, storage: Path, name: str, **sections: Any) -> d
     spec: dict[str, Any] = {
         "name": name,
         "policy": {"preset": "tiny"},
-        "data": {"uri": dataset, "num_loader_workers": 0},
+        # The video path; tests/integration/cache covers training from the feature cache.
+        "data": {"uri": dataset, "num_loader_workers": 0, "feature_cache": "off"},
         "train": {
             "steps": 6,
             "batch_size": 4,

@@ -76,3 +76,22 @@ def test_no_grad_prefix_builds_no_graph_through_the_vlm() -> None:
 
     assert saved_vlm_prefix_activations("joint") > 0
     assert saved_vlm_prefix_activations("no_grad") == 0
+
+
+def test_cached_vision_features_give_equal_loss_and_gradients() -> None:
+    """Training from the frozen encoder's precomputed output equals training from images."""
+    torch.manual_seed(0)
+    policy = SmolVLAPolicy(tiny_config())
+    policy.train()
+    batch = make_batch(policy.config, batch_size=3, seed=4)
+    noise = torch.randn(3, policy.config.chunk_size, policy.config.max_action_dim)
+    time = torch.tensor([0.2, 0.5, 0.8])
+    loss, grads = loss_and_grads(policy, batch, noise, time, "auto")
+    features = policy.encode_images(batch)
+    policy.train()
+    cached = {k: v for k, v in batch.items() if not k.startswith("observation.images.")}
+    cached.update(features)
+    cached_loss, cached_grads = loss_and_grads(policy, cached, noise, time, "auto")
+    torch.testing.assert_close(cached_loss, loss, rtol=1e-6, atol=1e-7)
+    for name, grad in grads.items():
+        torch.testing.assert_close(cached_grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)

@@ -1,0 +1,124 @@
+"""Random image augmentation, as LeRobot's `image_transforms` (torchvision v2 transforms
+ColorJitter brightness/contrast/saturation/hue, RandomAdjustSharpness, RandomAffine), in
+plain torch so no torchvision is needed.
+
+Per image, up to `max_num_transforms` of the enabled transforms are drawn (without
+replacement, equal weights, in list order unless `random_order`), each with a parameter
+drawn uniformly from its range. The randomness comes from a generator keyed by
+(seed, step, dataset index, camera), so a resumed run augments exactly as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from smolvla_ray.spec.sections import AugmentSpec
+
+
+def _generator(seed: int, step: int, index: int, camera: str) -> torch.Generator:
+    digest = hashlib.blake2b(f"aug:{seed}:{step}:{index}:{camera}".encode(), digest_size=8)
+    return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+
+
+def _gray(img: Tensor) -> Tensor:
+    r, g, b = img[0], img[1], img[2]
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(0)
+
+
+def _blend(a: Tensor, b: Tensor, ratio: float) -> Tensor:
+    return (ratio * a + (1.0 - ratio) * b).clamp(0.0, 1.0)
+
+
+def _hue(img: Tensor, shift: float) -> Tensor:
+    """Rotate the hue by `shift` turns (a rotation about the gray axis in RGB space)."""
+    angle = shift * 2 * math.pi
+    cos, sin = math.cos(angle), math.sin(angle)
+    k = 1.0 / 3.0
+    sq = math.sqrt(k)
+    matrix = torch.tensor(
+        [
+            [cos + (1 - cos) * k, k * (1 - cos) - sq * sin, k * (1 - cos) + sq * sin],
+            [k * (1 - cos) + sq * sin, cos + k * (1 - cos), k * (1 - cos) - sq * sin],
+            [k * (1 - cos) - sq * sin, k * (1 - cos) + sq * sin, cos + k * (1 - cos)],
+        ],
+        dtype=img.dtype,
+    )
+    return torch.einsum("ij,jhw->ihw", matrix, img).clamp(0.0, 1.0)
+
+
+def _sharpness(img: Tensor, factor: float) -> Tensor:
+    kernel = torch.tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=img.dtype) / 13.0
+    blurred = F.conv2d(img.unsqueeze(1), kernel.view(1, 1, 3, 3), padding=1).squeeze(1)
+    blurred[:, [0, -1], :] = img[:, [0, -1], :]  # torchvision keeps the border pixels
+    blurred[:, :, [0, -1]] = img[:, :, [0, -1]]
+    return _blend(img, blurred, factor)
+
+
+def _affine(img: Tensor, degrees: float, tx: float, ty: float) -> Tensor:
+    angle = math.radians(degrees)
+    theta = torch.tensor(
+        [[math.cos(angle), -math.sin(angle), 2 * tx], [math.sin(angle), math.cos(angle), 2 * ty]],
+        dtype=img.dtype,
+    )
+    grid = F.affine_grid(theta.unsqueeze(0), [1, *img.shape], align_corners=False)
+    return F.grid_sample(img.unsqueeze(0), grid, align_corners=False).squeeze(0)
+
+
+def augment_image(img: Tensor, spec: AugmentSpec, g: torch.Generator) -> Tensor:
+    """One (3, H, W) image in [0, 1], augmented."""
+
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=g))
+
+    enabled = [
+        name
+        for name in ("brightness", "contrast", "saturation", "hue", "sharpness", "affine_degrees")
+        if getattr(spec, name) is not None
+    ]
+    count = min(spec.max_num_transforms, len(enabled))
+    picked = torch.multinomial(torch.ones(len(enabled)), count, generator=g).tolist()
+    order = picked if spec.random_order else sorted(picked)
+    for choice in order:
+        name = enabled[choice]
+        low, high = getattr(spec, name)
+        value = uniform(low, high)
+        if name == "brightness":
+            img = (img * value).clamp(0.0, 1.0)
+        elif name == "contrast":
+            img = _blend(img, _gray(img).mean().expand_as(img), value)
+        elif name == "saturation":
+            img = _blend(img, _gray(img).expand_as(img), value)
+        elif name == "hue":
+            img = _hue(img, value)
+        elif name == "sharpness":
+            img = _sharpness(img, value)
+        else:
+            max_dx, max_dy = spec.affine_translate
+            dx, dy = uniform(-max_dx, max_dx), uniform(-max_dy, max_dy)
+            img = _affine(img, value, dx, dy)
+    return img
+
+
+def augment_batch(
+    batch: dict, camera_keys: Sequence[str], spec: AugmentSpec, *, seed: int, step: int
+) -> dict:
+    """A copy of `batch` with every camera image augmented, keyed per sample."""
+    out = dict(batch)
+    indices = batch["index"].tolist()
+    for key in camera_keys:
+        if key not in batch:
+            continue
+        images = batch[key]
+        out[key] = torch.stack(
+            [
+                augment_image(images[i], spec, _generator(seed, step, index, key))
+                for i, index in enumerate(indices)
+            ]
+        )
+    return out

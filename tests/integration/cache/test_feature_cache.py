@@ -1,0 +1,116 @@
+"""The frozen-feature cache on the loopback S3 server: training from it equals training from
+video; the key follows weights, preprocessing and data; builds resume; misuse fails clearly."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from smolvla_ray import driver
+from smolvla_ray.cache.build import ensure_feature_cache
+from smolvla_ray.cache.store import CacheStore, cache_key, key_inputs
+from smolvla_ray.checkpoint.discovery import fetch_checkpoint, list_checkpoints
+from smolvla_ray.spec import SpecError, spec_from_dict
+from smolvla_ray.train.metrics import read_metrics, run_uri
+from smolvla_ray.train.setup import build_policy, open_dataset
+from tests.integration.conftest import tiny_spec_dict
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def spec_for(dataset, storage, name, mode, options, **extra):
+    data = {"uri": dataset, "num_loader_workers": 0, "feature_cache": mode, **extra.pop("data", {})}
+    train = {"steps": 3, "log_every": 1, **extra.pop("train", {})}
+    return spec_from_dict(
+        tiny_spec_dict(
+            dataset, storage, name, data=data, storage_options=options, train=train, **extra
+        )
+    )
+
+
+def final_trainable(storage: str, name: str, options: dict) -> dict[str, torch.Tensor]:
+    info = list_checkpoints(run_uri(storage, name), options)[-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_file(
+            str(fetch_checkpoint(info.uri, Path(tmp), options) / "trainable.safetensors")
+        )
+
+
+def test_training_from_cache_equals_training_from_video(
+    demo_dataset: str, s3_server, s3_bucket: str
+) -> None:
+    storage, options = s3_server.url(s3_bucket, "runs"), s3_server.storage_options
+    driver.run(spec_for(demo_dataset, storage, "cached", "on", options))
+    driver.run(spec_for(demo_dataset, storage, "video", "off", options))
+    fs, root = fsspec.core.url_to_fs(f"{storage}/feature-cache", **options)
+    (cache_dir,) = fs.ls(root)
+    assert len([p for p in fs.ls(cache_dir) if p.endswith(".safetensors")]) == 4
+    cached = read_metrics(run_uri(storage, "cached"), options)
+    video = read_metrics(run_uri(storage, "video"), options)
+    assert [r["loss"] for r in cached] == pytest.approx([r["loss"] for r in video], rel=1e-6)
+    a, b = final_trainable(storage, "cached", options), final_trainable(storage, "video", options)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_key_follows_weights_preprocessing_and_data(demo_dataset: str, tmp_path: Path) -> None:
+    from smolvla_ray.data.synthetic import write_demo_dataset
+
+    def key(**changes) -> str:
+        dataset = changes.pop("dataset", demo_dataset)
+        spec = spec_for(dataset, str(tmp_path), "k", "auto", {}, **changes)
+        meta = open_dataset(spec, storage_options={})
+        policy = build_policy(spec, meta, storage_options={})
+        return cache_key(key_inputs(policy, meta, spec.data.feature_cache_dtype))
+
+    base = key()
+    assert key() == base  # deterministic
+    assert key(train={"steps": 3, "seed": 7}) != base  # other random-init weights
+    assert (
+        key(policy={"preset": "tiny", "overrides": {"resize_imgs_with_padding": [32, 32]}}) != base
+    )
+    assert key(data={"feature_cache_dtype": "bfloat16"}) != base
+    other = write_demo_dataset(str(tmp_path / "other"), num_episodes=4, episode_length=40, seed=1)
+    assert key(dataset=other) != base
+
+
+def test_interrupted_build_resumes_with_its_shards(
+    demo_dataset: str, tmp_path: Path, capfd
+) -> None:
+    spec = spec_for(demo_dataset, str(tmp_path / "runs"), "resume", "on", {})
+    root = ensure_feature_cache(spec, {})
+    store = CacheStore(root, {})
+    assert store.shards() == {0, 1, 2, 3}
+    kept = Path(root) / "episode_000000.safetensors"
+    mtime = kept.stat().st_mtime_ns
+    (Path(root) / "episode_000002.safetensors").unlink()  # as if the build died there
+    capfd.readouterr()
+    assert ensure_feature_cache(spec, {}) == root
+    assert "1 of 4 episodes to encode" in capfd.readouterr().err
+    assert store.shards() == {0, 1, 2, 3} and kept.stat().st_mtime_ns == mtime
+    capfd.readouterr()
+    ensure_feature_cache(spec, {})
+    assert "using feature cache" in capfd.readouterr().err
+
+
+def test_on_refuses_non_constant_features(demo_dataset: str, tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="augment.enable is true"):
+        spec_for(demo_dataset, str(tmp_path), "x", "on", {}, data={"augment": {"enable": True}})
+    with pytest.raises(SpecError, match="the vision encoder trains"):
+        spec_for(
+            demo_dataset,
+            str(tmp_path),
+            "x",
+            "on",
+            {},
+            policy={"preset": "tiny", "freeze_vision_encoder": False, "train_expert_only": False},
+        )
+    auto = spec_for(
+        demo_dataset, str(tmp_path), "x", "auto", {}, data={"augment": {"enable": True}}
+    )
+    assert ensure_feature_cache(auto, {}) is None
