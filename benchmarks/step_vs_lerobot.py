@@ -27,6 +27,7 @@ import torch
 from smolvla_ray.data.samples import FrameDataset, collate_samples
 from smolvla_ray.data.synthetic import write_demo_dataset
 from smolvla_ray.policy import PolicyConfig, SmolVLAPolicy
+from smolvla_ray.policy.config import TINY_VLM_DIR
 from smolvla_ray.policy.processor import PolicyProcessor
 
 
@@ -54,7 +55,10 @@ def run(preset: str, dataset_root: str, batch_size: int, repeats: int) -> dict:
     torch.manual_seed(0)
     policy = SmolVLAPolicy(config)
     policy.train()
-    processor = PolicyProcessor(config, dataset.meta.stats)
+    # Offline, the base preset has no SmolVLM2 tokenizer; the tiny one's ids stand in (the
+    # step cost does not depend on which ids the task string becomes).
+    tokenizer_config = config.model_copy(update={"vlm_model_name": str(TINY_VLM_DIR)})
+    processor = PolicyProcessor(tokenizer_config, dataset.meta.stats)
     rows = list(range(batch_size))
 
     def from_video() -> dict:
