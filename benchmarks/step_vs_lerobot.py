@@ -81,6 +81,10 @@ def run(preset: str, dataset_root: str, batch_size: int, repeats: int) -> dict:
     no_grad, loss_b = timed_steps(policy, from_video, "no_grad", repeats, noise, t)
     cached, loss_c = timed_steps(policy, from_cache, "no_grad", repeats, noise, t)
     per_frame = next(iter(features.values()))[0]
+    # A bfloat16 cache: the same step from features rounded to bf16 and back.
+    policy.zero_grad(set_to_none=True)
+    rounded = {**text_only, **{k: v.to(torch.bfloat16).float() for k, v in features.items()}}
+    loss_bf16 = policy(rounded, noise=noise, time=t)[0].item()
     return {
         "batch_size": batch_size,
         "cameras": len(cameras),
@@ -95,6 +99,7 @@ def run(preset: str, dataset_root: str, batch_size: int, repeats: int) -> dict:
             "feature_cache": lerobot / cached,
         },
         "losses_equal": max(loss_a, loss_b, loss_c) - min(loss_a, loss_b, loss_c) < 1e-4,
+        "bf16_cache_loss_relative_deviation": abs(loss_bf16 - loss_c) / abs(loss_c),
         "cache_bytes_per_frame_per_camera": {
             "float32": per_frame.numel() * 4,
             "bfloat16": per_frame.numel() * 2,
