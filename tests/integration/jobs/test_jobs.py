@@ -199,7 +199,6 @@ def demo_overrides(dataset: str, storage: str, *extra: str) -> list[str]:
         "scaling.num_workers=1",
         "train.steps=4",
         "train.log_every=2",
-        "failure.resource_wait_s=120",  # a job that cannot get its worker fails, not hangs
         *extra,
     ]
 
@@ -227,6 +226,16 @@ def test_submit_runs_to_success_and_is_listed(
     assert (storage / "tiny-demo").is_dir()  # absolute path: the job wrote where we checked
     listed = {j.job_id: j for j in jobs.list_jobs(cluster.address)}
     assert listed[job_id].status == "SUCCEEDED" and listed[job_id].name == "tiny-demo"
+    from ray.job_submission import JobSubmissionClient
+
+    details = JobSubmissionClient(cluster.address).get_job_info(job_id)
+    assert details.entrypoint == jobs.ENTRYPOINT
+    assert details.metadata == {
+        "submitted_by": "smolvla-ray",
+        "name": "tiny-demo",
+        "spec_sha256": final.spec_sha256,
+    }
+    assert [uri.startswith("gcs://") for uri in details.runtime_env["py_modules"]] == [True]
 
 
 def test_stop_ends_a_running_job_as_stopped(
@@ -240,7 +249,7 @@ def test_stop_ends_a_running_job_as_stopped(
         seen.append(line)
         if "[smolvla-ray] step" in line:
             break
-    stream.close()  # type: ignore[attr-defined]
+    stream.close()  # cancels the websocket tail
     assert any("/10000" in line for line in seen), seen[-40:]
 
     assert jobs.stop(job_id, cluster.address) is True
@@ -363,3 +372,13 @@ def test_address_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
         jobs.resolve_address(None)
     with pytest.raises(ValueError, match="finds a local Ray, not a dashboard"):
         jobs.resolve_address("auto")
+
+
+def test_runtime_env_ships_the_package_and_keeps_the_working_dir(tmp_path: Path) -> None:
+    package = str(Path(jobs.__file__).parent)
+    shipped = jobs._runtime_env(str(tmp_path), {"env_vars": {"A": "1"}}, ship_package=True)
+    assert shipped["working_dir"] == str(tmp_path) and shipped["py_modules"] == [package]
+    assert shipped["env_vars"] == {"A": "1"}
+    assert "py_modules" not in jobs._runtime_env(str(tmp_path), None, ship_package=False)
+    with pytest.raises(ValueError, match="runtime_env.working_dir='/elsewhere'.*py_modules"):
+        jobs._runtime_env(str(tmp_path), {"working_dir": "/elsewhere"}, ship_package=True)
