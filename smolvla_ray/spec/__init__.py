@@ -16,10 +16,12 @@ from smolvla_ray.spec.job import (
 )
 from smolvla_ray.spec.loading import apply_overrides, json_schema, load_spec, spec_from_dict
 from smolvla_ray.spec.sections import (
+    AugmentSpec,
     CheckpointSpec,
     DataSpec,
     EpisodeRange,
     FailureSpec,
+    ObserveSpec,
     OptimizerSpec,
     PolicySpec,
     ScalingSpec,
@@ -31,11 +33,13 @@ __all__ = [
     "ENV_STORAGE_OPTIONS",
     "MASK",
     "PUBLIC_STORAGE_KEYS",
+    "AugmentSpec",
     "CheckpointSpec",
     "DataSpec",
     "EpisodeRange",
     "FailureSpec",
     "JobSpec",
+    "ObserveSpec",
     "OptimizerSpec",
     "PolicySpec",
     "ScalingSpec",
