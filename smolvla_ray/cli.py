@@ -221,9 +221,14 @@ def _jobs_call(call, *args, **kwargs):
 
     try:
         return call(*args, **kwargs)
-    except (SpecError, FileNotFoundError) as err:
+    except KeyboardInterrupt:
+        typer.secho("interrupted; a submitted job keeps running on the cluster", err=True)
+        raise typer.Exit(130) from None
+    except ConnectionError as err:  # the cluster: unreachable (before the input checks)
+        _fail(str(err), code=1)
+    except (SpecError, FileNotFoundError, ValueError, PermissionError) as err:  # input
         _fail(str(err))
-    except (ConnectionError, PermissionError, ValueError, OSError, RuntimeError) as err:
+    except (OSError, RuntimeError) as err:  # the job failed or the cluster misbehaved
         _fail(str(err), code=1)
 
 
@@ -283,8 +288,10 @@ def logs(
                 typer.echo(line.rstrip("\n"))
             elif record is not None:
                 display.update(record)
-    except (ConnectionError, ValueError) as err:
+    except (ConnectionError, ValueError, RuntimeError) as err:
         _fail(str(err), code=1)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
     finally:
         if display is not None:
             display.close()
