@@ -297,7 +297,13 @@ class SchedulerSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SchedulerSpec:
-        unused = sorted(self.model_fields_set - {"type"})
+        # Only values that differ from the defaults are a mistake: a spec dumped in full
+        # (public_dict, re-validated on the workers) sets every field to its default.
+        unused = sorted(
+            name
+            for name in self.model_fields_set - {"type"}
+            if getattr(self, name) != type(self).model_fields[name].default
+        )
         if self.type == "constant" and unused:
             raise ValueError(
                 f"{', '.join(unused)} has no effect with type 'constant'; "

@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 import fsspec
 
+from smolvla_ray.checkpoint.retry import with_retries
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_RUN_URI_TAG = "smolvla_ray.run_uri"
@@ -72,8 +74,13 @@ class JsonlSink:
         # After a resume, drop records past the restored step: they will be logged again.
         self.lines = [ln for ln in self.lines if json.loads(ln).get("step", 0) < step]
         self.lines.append(json.dumps({"time": round(time.time(), 3), **record}, sort_keys=True))
-        self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.pipe_file(self.path, ("\n".join(self.lines) + "\n").encode())
+        payload = ("\n".join(self.lines) + "\n").encode()
+
+        def write() -> None:
+            self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.pipe_file(self.path, payload)
+
+        with_retries(write, what=f"write of {self.path}")  # storage hiccups do not kill runs
 
     def close(self, *, final_checkpoint: str | None) -> None:
         pass
@@ -107,9 +114,13 @@ class TensorBoardSink:
         self._upload()
 
     def _upload(self) -> None:
-        self.fs.makedirs(self.remote_dir, exist_ok=True)
-        for name in sorted(os.listdir(self._local.name)):
-            self.fs.put_file(os.path.join(self._local.name, name), f"{self.remote_dir}/{name}")
+        def upload() -> None:
+            self.fs.makedirs(self.remote_dir, exist_ok=True)
+            for name in sorted(os.listdir(self._local.name)):
+                local = os.path.join(self._local.name, name)
+                self.fs.put_file(local, f"{self.remote_dir}/{name}")
+
+        with_retries(upload, what=f"upload of TensorBoard events to {self.remote_dir}")
 
     def close(self, *, final_checkpoint: str | None) -> None:
         if self._writer is not None:

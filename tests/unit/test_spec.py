@@ -523,3 +523,18 @@ def test_union_errors_collapse_to_one_line():
     assert "data.episodes[1]: Input should be a valid integer" in error_of(
         minimal(), ("data.episodes=[0, a]",)
     )
+
+
+def test_constant_scheduler_spec_survives_its_public_dump():
+    """Workers re-validate `public_dict()`, which writes every scheduler field."""
+    from smolvla_ray.spec import spec_from_dict
+
+    data = {
+        "name": "constant-lr",
+        "policy": {"preset": "tiny"},
+        "data": {"uri": "/tmp/somewhere"},
+        "train": {"steps": 5, "batch_size": 1, "scheduler": {"type": "constant"}},
+        "checkpoint": {"storage": "/tmp/runs"},
+    }
+    spec = spec_from_dict(data)
+    assert spec_from_dict(spec.public_dict()).train.scheduler.type == "constant"
