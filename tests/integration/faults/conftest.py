@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -32,62 +31,10 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.processes import free_port, kill_pids, marked_pids, read_proc
+
 REPO = Path(__file__).resolve().parents[3]
 RAY = Path(sys.executable).parent / "ray"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _read_proc(pid: int, name: str) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/{name}").read_bytes()
-    except OSError:
-        return b""
-
-
-def _process_table() -> dict[int, int]:
-    """pid -> parent pid of every process."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = _read_proc(int(entry), "stat")
-            if stat:
-                parents[int(entry)] = int(stat.rsplit(b")", 1)[1].split()[1])
-    return parents
-
-
-def marked_pids(marker: str) -> set[int]:
-    """Processes carrying `marker` in their environment, and all their descendants (Ray
-    workers rename themselves, but their parents carry the marker)."""
-    parents = _process_table()
-    children: dict[int, list[int]] = {}
-    for pid, ppid in parents.items():
-        children.setdefault(ppid, []).append(pid)
-    roots = {p for p in parents if marker.encode() in _read_proc(p, "environ").split(b"\0")}
-    found: set[int] = set()
-    stack = list(roots)
-    while stack:
-        pid = stack.pop()
-        if pid not in found:
-            found.add(pid)
-            stack.extend(children.get(pid, []))
-    found.discard(os.getpid())
-    return found
-
-
-def kill_pids(pids: set[int], *, grace_s: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL whatever is left after `grace_s`."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-            time.sleep(0.2)
 
 
 @dataclass
@@ -102,21 +49,21 @@ class Node:
 
     def raylet_pid(self) -> int | None:
         for pid in self.pids():
-            if b"raylet" in _read_proc(pid, "cmdline").split(b"\0")[0]:
+            if b"raylet" in read_proc(pid, "cmdline").split(b"\0")[0]:
                 return pid
         return None
 
     def node_id(self) -> str:
         """The node's Ray id, from its raylet's command line."""
         raylet = self.raylet_pid()
-        for arg in _read_proc(raylet, "cmdline").split(b"\0") if raylet else []:
+        for arg in read_proc(raylet, "cmdline").split(b"\0") if raylet else []:
             if arg.startswith(b"--node_id="):
                 return arg.split(b"=", 1)[1].decode()
         raise RuntimeError(f"no raylet found for node {self.resource}")
 
     def train_worker_pids(self) -> set[int]:
         """Ray Train worker processes on this node (`ray::RayTrainWorker...`)."""
-        return {p for p in self.pids() if b"RayTrainWorker" in _read_proc(p, "cmdline")}
+        return {p for p in self.pids() if b"RayTrainWorker" in read_proc(p, "cmdline")}
 
     def stop(self) -> None:
         kill_pids(self.pids())

@@ -12,8 +12,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,7 @@ import yaml
 from smolvla_ray import jobs
 from smolvla_ray.spec import SpecError
 from tests.conftest import S3Server
+from tests.processes import free_port, kill_pids, marked_pids
 
 REPO = Path(__file__).resolve().parents[3]
 TINY_DEMO = str(REPO / "configs" / "tiny-demo.yaml")
@@ -54,56 +53,13 @@ class Cluster:
         return {d.submission_id or d.job_id for d in JobSubmissionClient(self.address).list_jobs()}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _read_proc(pid: int, name: str) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/{name}").read_bytes()
-    except OSError:
-        return b""
-
-
 def _cluster_pids(marker: str, temp_dir: Path) -> set[int]:
-    """The cluster's processes: those carrying the marker or naming the temp dir, and all
-    their descendants (workers and agents rename themselves, which hides their environ)."""
-    children: dict[int, list[int]] = {}
-    roots = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        stat = _read_proc(pid, "stat")
-        if not stat:
-            continue
-        ppid = int(stat.rsplit(b")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(pid)
-        environ = _read_proc(pid, "environ").split(b"\0")
-        if marker.encode() in environ or str(temp_dir).encode() in _read_proc(pid, "cmdline"):
-            roots.add(pid)
-    found: set[int] = set()
-    stack = list(roots)
-    while stack:
-        pid = stack.pop()
-        if pid not in found:
-            found.add(pid)
-            stack.extend(children.get(pid, []))
-    found.discard(os.getpid())
-    return found
+    return marked_pids(marker, cmdline_fragment=str(temp_dir))
 
 
 def _kill_cluster(marker: str, temp_dir: Path) -> None:
-    for sig, grace_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        pids = _cluster_pids(marker, temp_dir)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace_s
-        while _cluster_pids(marker, temp_dir) and time.monotonic() < deadline:
-            time.sleep(0.2)
+    kill_pids(_cluster_pids(marker, temp_dir))
+    kill_pids(_cluster_pids(marker, temp_dir))  # anything a dying parent started meanwhile
     left = _cluster_pids(marker, temp_dir)
     if left:
         raise RuntimeError(f"Ray cluster processes {sorted(left)} survived SIGKILL")
@@ -129,7 +85,7 @@ def running_cluster(env_extra: Mapping[str, str], *, token: str | None = None) -
     # Short path: Ray's unix sockets live under the temp dir (108-byte limit).
     temp_dir = Path(tempfile.mkdtemp(prefix="srj-", dir="/tmp"))
     marker = f"SMOLVLA_RAY_TEST_CLUSTER={uuid.uuid4().hex}"
-    dashboard_port = _free_port()
+    dashboard_port = free_port()
     env = {
         k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
     }
@@ -139,10 +95,10 @@ def running_cluster(env_extra: Mapping[str, str], *, token: str | None = None) -
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     command = [
         str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1",
-        "--port", str(_free_port()), "--dashboard-port", str(dashboard_port),
+        "--port", str(free_port()), "--dashboard-port", str(dashboard_port),
         "--dashboard-host", "127.0.0.1", "--include-dashboard=true",
-        "--ray-client-server-port", str(_free_port()),
-        "--dashboard-agent-listen-port", str(_free_port()),
+        "--ray-client-server-port", str(free_port()),
+        "--dashboard-agent-listen-port", str(free_port()),
         "--num-cpus", "4", "--object-store-memory", str(300 * 1024**2),
         "--temp-dir", str(temp_dir), "--disable-usage-stats",
     ]  # fmt: skip
@@ -277,12 +233,12 @@ def test_bad_input_fails_before_anything_is_submitted(
         jobs.submit(TINY_DEMO, cluster.address, overrides=overrides)
     # Validation comes before contacting the cluster: an unreachable address changes nothing.
     with pytest.raises(error):
-        jobs.submit(TINY_DEMO, f"http://127.0.0.1:{_free_port()}", overrides=overrides)
+        jobs.submit(TINY_DEMO, f"http://127.0.0.1:{free_port()}", overrides=overrides)
     assert cluster.all_job_ids() == before
 
 
 def test_unreachable_address_and_unknown_job_name_the_fix(cluster: Cluster) -> None:
-    address = f"http://127.0.0.1:{_free_port()}"
+    address = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ConnectionError, match=f"{address}.*ray start --head.*8265"):
         jobs.list_jobs(address)
     for call in (jobs.status, jobs.info, jobs.stop, jobs.logs):
