@@ -31,12 +31,12 @@ PHASES = ["step_s", "data_wait_s", "forward_s", "backward_s", "optimizer_s"]
 
 
 def run_once(preset: str, workers: int, steps: int, batch: int, dataset: str, root: Path,
-             gpu: bool) -> dict:
+             gpu: bool, feature_cache: str) -> dict:
     name = f"{preset}-{workers}w"
     spec = spec_from_dict({
         "name": name,
         "policy": {"preset": preset},
-        "data": {"uri": dataset, "num_loader_workers": 1},
+        "data": {"uri": dataset, "num_loader_workers": 1, "feature_cache": feature_cache},
         "train": {"steps": steps, "batch_size": batch, "log_every": 1},
         "scaling": {"num_workers": workers, "use_gpu": gpu},
         "checkpoint": {"storage": str(root), "every_steps": None},
@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--presets", default="tiny,base")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--feature-cache", default="off", choices=["auto", "on", "off"],
+                        help="off (default) times the video path; the cache has its own benchmark")
     args = parser.parse_args()
     batches = {"tiny": 8, "base": 2}
     ray.init(num_cpus=4 if not args.gpu else None, include_dashboard=False, log_to_driver=False)
@@ -64,8 +66,9 @@ def main() -> None:
         dataset = write_demo_dataset(str(root / "dataset"), num_episodes=4, episode_length=60)
         for preset in args.presets.split(","):
             steps = args.steps if preset == "tiny" else max(4, args.steps // 3)
-            one = run_once(preset, 1, steps, batches[preset], dataset, root, args.gpu)
-            two = run_once(preset, 2, steps, batches[preset], dataset, root, args.gpu)
+            common = (steps, batches[preset], dataset, root, args.gpu, args.feature_cache)
+            one = run_once(preset, 1, *common)
+            two = run_once(preset, 2, *common)
             results[preset] = {
                 "batch_per_worker": batches[preset],
                 "one_worker": one,
