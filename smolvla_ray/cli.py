@@ -76,6 +76,16 @@ def validate(
     """Check a job spec (schema and cross-field rules) without starting anything."""
     job = _load(spec, set_)
     typer.echo(f"{spec}: valid job spec {job.name!r}")
+    from smolvla_ray.features import FeatureMismatch, resolve_local
+
+    try:
+        resolution, skipped = resolve_local(job)
+    except (FeatureMismatch, ValueError, OSError) as err:
+        _fail(str(err))
+    if resolution is not None:
+        typer.echo(f"features (dataset -> policy):\n{resolution.table()}")
+    else:
+        typer.echo(f"features not checked: {skipped} (run and submit check them)")
 
 
 @app.command()
@@ -115,9 +125,11 @@ def run(
     from smolvla_ray import driver
 
     try:
-        driver.preflight(job)
+        resolution = driver.preflight(job)
     except (ValueError, OSError) as err:  # bad dataset, checkpoint or storage: input errors
         _fail(str(err))
+    if mode != "json":
+        typer.echo(f"features (dataset -> policy):\n{resolution.table()}", err=True)
     try:
         result = driver.run(job, address=address, check=False, progress=mode)  # type: ignore[arg-type]
     except KeyboardInterrupt:

@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import fsspec
 
+from smolvla_ray import hub
 from smolvla_ray.spec import JobSpec
 
 if TYPE_CHECKING:
+    from smolvla_ray.features import FeatureResolution
     from smolvla_ray.observe.progress import Progress, ProgressMode
 
 
@@ -51,7 +53,8 @@ def resolve_local_paths(spec: JobSpec) -> JobSpec:
     pretrained = spec.policy.pretrained
     if pretrained and os.path.exists(pretrained):
         pretrained = _absolute(pretrained)
-    data = {"uri": _absolute(spec.data.uri), "cache_dir": _absolute(spec.data.cache_dir)}
+    uri = spec.data.uri if hub.is_hub_id(spec.data.uri) else _absolute(spec.data.uri)
+    data = {"uri": uri, "cache_dir": _absolute(spec.data.cache_dir)}
     return spec.model_copy(
         update={
             "policy": spec.policy.model_copy(update={"pretrained": pretrained}),
@@ -66,24 +69,24 @@ def resolve_local_paths(spec: JobSpec) -> JobSpec:
     )
 
 
-def preflight(spec: JobSpec) -> None:
-    """Fail before starting on what can be known now: dataset reachable with the cameras the
-    policy needs, pretrained checkpoint readable, storage writable."""
-    from smolvla_ray.data.meta import check_cameras, load_meta
+def preflight(spec: JobSpec) -> FeatureResolution:
+    """Fail before starting on what can be known now: the dataset reachable, the pretrained
+    policy's config.json readable, the dataset's features resolvable against the policy's
+    (cameras, rename map, widths), storage writable. Returns the feature resolution."""
+    from smolvla_ray.data.meta import load_meta
+    from smolvla_ray.features import read_pretrained_config, resolve_spec
 
+    hub.check_ids(spec)  # hub ids and revisions exist (offline: are in the cache)
     options = spec.storage_options_plain()
-    meta = load_meta(spec.data.uri, storage_options=options)
-    if spec.data.cameras:
-        check_cameras(meta, spec.data.cameras)
-    pretrained = spec.policy.pretrained
-    if pretrained and ("://" in pretrained or os.path.exists(pretrained)):  # else a hub id
-        fs, root = fsspec.core.url_to_fs(pretrained, **options)
-        if not fs.exists(f"{root.rstrip('/')}/config.json"):
-            raise FileNotFoundError(
-                f"policy.pretrained={pretrained!r} has no config.json: point it at a LeRobot "
-                "pretrained_model/ directory"
-            )
+    meta = load_meta(hub.dataset_url(spec.data.uri, spec.data.revision), storage_options=options)
+    text = None
+    if spec.policy.pretrained:
+        text = read_pretrained_config(
+            spec.policy.pretrained, options, revision=getattr(spec.policy, "revision", None)
+        )
+    _, resolution = resolve_spec(spec, text, meta.features)
     _check_writable(spec.checkpoint.storage, options)
+    return resolution
 
 
 def _check_writable(uri: str, options: Mapping[str, Any]) -> None:
@@ -153,6 +156,7 @@ def run(
     spec = resolve_local_paths(spec)
     if check:
         preflight(spec)
+    spec = hub.pin(spec)  # workers, restarts and exports see the same commits
     if spec.observe.mlflow_tracking_uri and address is None:
         import importlib.util
 

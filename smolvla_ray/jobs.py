@@ -218,7 +218,7 @@ def upload_spec(spec: JobSpec, *, base: str | os.PathLike[str] = ".") -> dict[st
             return value  # a hub id such as lerobot/smolvla_base
         return candidate
 
-    data["data"]["uri"] = absolute(data["data"]["uri"])
+    data["data"]["uri"] = absolute(data["data"]["uri"], only_if_exists=True)  # or a hub id
     data["data"]["cache_dir"] = absolute(data["data"].get("cache_dir"))
     data["checkpoint"]["storage"] = absolute(data["checkpoint"]["storage"])
     data["checkpoint"]["from_checkpoint"] = absolute(data["checkpoint"].get("from_checkpoint"))

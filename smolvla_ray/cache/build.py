@@ -47,17 +47,18 @@ def encode_episodes(
     policy = build_policy(spec, meta, storage_options=storage_options).to(device).eval()
     dtype = getattr(torch, spec.data.feature_cache_dtype)
     store = CacheStore(root, storage_options)
-    cameras = [k.removeprefix("observation.images.") for k in policy.config.image_features]
+    # Shards hold the cameras under the policy's keys, each encoded from its renamed source.
+    sources = policy.feature_resolution.sources
     start, frames = time.perf_counter(), 0
     for episode in episodes:
-        dataset = FrameDataset(meta, episodes=[episode], cameras=cameras, chunk_size=1,
-                               storage_options=storage_options)
+        dataset = FrameDataset(meta, episodes=[episode], cameras=list(sources.values()),
+                               chunk_size=1, storage_options=storage_options)
         outputs: dict[str, list[torch.Tensor]] = {}
         for first in range(0, len(dataset), ENCODE_BATCH):
             rows = range(first, min(first + ENCODE_BATCH, len(dataset)))
             samples = [dataset[i] for i in rows]
-            batch = {k: torch.stack([s[k] for s in samples]).to(device)
-                     for k in policy.config.image_features}
+            batch = {key: torch.stack([s[source] for s in samples]).to(device)
+                     for key, source in sources.items()}
             for key, value in policy.encode_images(batch).items():
                 outputs.setdefault(key.removesuffix(".features"), []).append(value.to("cpu"))
         store.write_shard(episode, {k: torch.cat(v).to(dtype) for k, v in outputs.items()})

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from smolvla_ray.data.meta import DatasetMeta
 from smolvla_ray.policy.modeling import FEATURES_SUFFIX, SmolVLAPolicy
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: cameras keyed by policy key with their dataset source
 COMPLETE = "complete.json"
 KEY_FILE = "key.json"
 
@@ -66,7 +66,15 @@ def key_inputs(policy: SmolVLAPolicy, meta: DatasetMeta, dtype: str) -> dict[str
         "dtype": dtype,
         "vision_weights": hashlib.sha256(json.dumps(vision, sort_keys=True).encode()).hexdigest(),
         "resize_imgs_with_padding": policy.config.resize_imgs_with_padding,
-        "cameras": {k: list(f.shape) for k, f in policy.config.image_features.items()},
+        # Policy camera -> the dataset camera it is encoded from: swapping two cameras in
+        # data.rename_map is another cache, never the other camera's features.
+        "cameras": {
+            key: {"source": policy.feature_resolution.sources.get(key), "shape": list(f.shape)}
+            for key, f in policy.config.image_features.items()
+        },
+        "rename_map": dict(sorted(policy.feature_resolution.rename_map.items())),
+        # The precision the encoder ran in (float32 today); the storage dtype is `dtype`.
+        "encode_precision": "float32",
         "dataset": {
             "url": storage.url,
             "info": hashlib.sha256(json.dumps(meta.info, sort_keys=True).encode()).hexdigest(),

@@ -35,15 +35,23 @@ def policy_from_checkpoint(
         config = PolicyConfig.model_validate(state.policy_config)
         base_uri = state.base["uri"]
         if base_uri.startswith("preset:"):
+            # The same seed, and with load_vlm_weights the same VLM source (the config
+            # records vlm_model_name), rebuild the very base the run started from.
             torch.manual_seed(int(state.spec["train"]["seed"]))
             policy = SmolVLAPolicy(config)
         else:
             updates = config.model_dump()
-            policy = load_pretrained(base_uri, config_overrides=updates, **options)
+            # The hub commit the run pinned (older checkpoints: the default branch).
+            revision = state.base.get("commit") or state.base.get("revision")
+            policy = load_pretrained(
+                base_uri, config_overrides=updates, revision=revision, **options
+            )
         fingerprint = check_frozen_fingerprint(policy)
         if fingerprint != state.base["frozen_sha256"]:
+            vlm_weights = state.base.get("vlm_weights")  # absent in older checkpoints
+            from_vlm = f" (VLM weights from {vlm_weights})" if vlm_weights else ""
             raise ValueError(
-                f"the base weights at {base_uri} do not match the ones checkpoint "
+                f"the base weights at {base_uri}{from_vlm} do not match the ones checkpoint "
                 f"{checkpoint_uri} was trained on (frozen fingerprint {fingerprint[:12]} vs "
                 f"{state.base['frozen_sha256'][:12]}); export needs the same base checkpoint"
             )

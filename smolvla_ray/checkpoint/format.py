@@ -48,6 +48,9 @@ class TrainingState:
     policy_config: dict[str, Any]
     base: dict[str, Any]
     counters: dict[str, Any] = field(default_factory=dict)
+    features: dict[str, Any] | None = None
+    """The feature resolution trained with (`FeatureResolution.to_json`): dataset camera ->
+    policy camera, widths, the rename map."""
 
 
 def sha256_file(path: Path) -> str:

@@ -15,6 +15,7 @@ import torch
 from ray.train import Checkpoint
 from ray.train.v2.api.report_config import CheckpointUploadMode
 
+from smolvla_ray.checkpoint.base import base_revision
 from smolvla_ray.checkpoint.format import (
     MANIFEST,
     TrainingState,
@@ -35,6 +36,13 @@ class CheckpointWriter:
         self.base = {
             "uri": spec.policy.pretrained or f"preset:{spec.policy.preset}",
             "frozen_sha256": base_fingerprint,
+            **base_revision(spec),  # the hub revision and its commit (None off the Hub)
+            # Where a preset's VLM weights came from (None: random init, or inside `uri`).
+            "vlm_weights": (
+                policy.config.vlm_model_name
+                if spec.policy.preset is not None and policy.config.load_vlm_weights
+                else None
+            ),
         }
         mode = spec.checkpoint.upload_mode
         self.upload_mode = (
@@ -69,6 +77,11 @@ class CheckpointWriter:
             policy_config=json.loads(self.policy.config.to_lerobot_json()),
             base=self.base,
             counters=dict(counters),
+            features=(
+                self.policy.feature_resolution.to_json()
+                if self.policy.feature_resolution is not None
+                else None
+            ),
         )
         directory.mkdir(parents=True, exist_ok=True)
         if self.policy.processor is not None:  # the dataset's stats, for export

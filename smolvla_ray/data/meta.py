@@ -110,7 +110,8 @@ def check_cameras(meta: DatasetMeta, required_keys: Iterable[str]) -> None:
     if missing:
         raise ValueError(
             f"dataset {meta.storage.url} lacks camera(s) {missing}; it has {meta.camera_keys}. "
-            "Choose cameras the dataset has, or map them with the policy's camera settings"
+            "Choose cameras the dataset has (data.cameras), or map the dataset's cameras to a "
+            "pretrained policy's with data.rename_map"
         )
 
 

@@ -54,8 +54,14 @@ def make_demo_episode(
     height: int = 96,
     width: int = 128,
     seed: int = 0,
+    state_dim: int = STATE_DIM,
+    action_dim: int | None = None,
 ) -> DemoEpisode:
-    """Generate one episode: a smooth push from a random start to the task's goal."""
+    """Generate one episode: a smooth push from a random start to the task's goal.
+
+    The state is (x, y, vx, vy, gripper, progress) then, beyond 6 dims, sin/cos harmonics
+    of the progress (another robot's width); the action is the next state's first
+    `action_dim` (default `state_dim`) values, zero-extended if wider."""
     rng = np.random.default_rng([seed, episode_index])
     task_id = episode_index % len(TASKS)
     start = rng.uniform(0.3, 0.7, size=2)
@@ -68,8 +74,13 @@ def make_demo_episode(
     xy += rng.normal(0.0, 0.004, size=xy.shape)
     velocity = np.vstack([np.diff(xy, axis=0), np.zeros((1, 2))]) * 10.0
     gripper = (phase > 0.1).astype(np.float64)
-    state = np.column_stack([xy, velocity, gripper, phase]).astype(np.float32)
-    action = np.vstack([state[1:], state[-1:]]).astype(np.float32)
+    extra = [np.sin(np.pi * (k + 1) * phase) for k in range(max(0, state_dim - STATE_DIM))]
+    state = np.column_stack([xy, velocity, gripper, phase, *extra])[:, :state_dim]
+    state = state.astype(np.float32)
+    width_a = state_dim if action_dim is None else action_dim
+    action = np.zeros((length, width_a), dtype=np.float32)
+    following = np.vstack([state[1:], state[-1:]])
+    action[:, : min(width_a, state_dim)] = following[:, : min(width_a, state_dim)]
     frames = {
         camera_key(cam): _render(xy, task_id, view=k, height=height, width=width)
         for k, cam in enumerate(cameras)
@@ -136,6 +147,8 @@ def write_demo_dataset(
     height: int = 96,
     width: int = 128,
     seed: int = 0,
+    state_dim: int = STATE_DIM,
+    action_dim: int | None = None,
     storage_options: dict | None = None,
 ) -> str:
     """Write a learnable synthetic LeRobot dataset with real mp4 videos and computed stats.
@@ -158,7 +171,8 @@ def write_demo_dataset(
     episodes = (
         _to_episode_data(
             make_demo_episode(
-                i, length=lengths[i], cameras=cameras, height=height, width=width, seed=seed
+                i, length=lengths[i], cameras=cameras, height=height, width=width, seed=seed,
+                state_dim=state_dim, action_dim=action_dim,
             )
         )
         for i in range(num_episodes)
@@ -169,7 +183,9 @@ def write_demo_dataset(
         format=format,
         fps=fps,
         codec=codec,
-        state_names=list(STATE_NAMES),
+        state_names=[*STATE_NAMES, *(f"harmonic_{k}" for k in range(state_dim - STATE_DIM))][
+            :state_dim
+        ],
         robot_type="synthetic_pusher",
         storage_options=storage_options,
     )

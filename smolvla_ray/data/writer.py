@@ -437,9 +437,14 @@ def _features(
     ep: EpisodeData, fps: int, codec: Codec, state_names: list[str] | None, *, v30: bool
 ) -> dict[str, dict]:
     names = state_names or [f"dim_{i}" for i in range(ep.state.shape[1])]
+    action_names = (names + [f"dim_{i}" for i in range(len(names), ep.action.shape[1])])[
+        : ep.action.shape[1]
+    ]
     features: dict[str, dict] = {
         layout.STATE_KEY: {"dtype": "float32", "shape": [ep.state.shape[1]], "names": names},
-        layout.ACTION_KEY: {"dtype": "float32", "shape": [ep.action.shape[1]], "names": names},
+        layout.ACTION_KEY: {
+            "dtype": "float32", "shape": [ep.action.shape[1]], "names": action_names
+        },
     }
     for key, frames in ep.frames.items():
         height, width = frames.shape[1:3]

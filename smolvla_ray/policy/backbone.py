@@ -11,6 +11,7 @@ import copy
 from functools import cache
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, SmolVLMConfig, SmolVLMForConditionalGeneration
 
@@ -83,6 +84,66 @@ def load_vlm_config(vlm_model_name: str) -> SmolVLMConfig:
     return config
 
 
+def vlm_weights_dir(vlm_model_name: str) -> Path:
+    """A local directory with the VLM's `config.json` and safetensors weights: the directory
+    `vlm_model_name` names, or a hub id's snapshot in the Hugging Face cache (fetched once;
+    with `HF_HUB_OFFLINE=1` only an already cached snapshot is used)."""
+    source = resolve_vlm_source(vlm_model_name)
+    directory = Path(source).expanduser()
+    if not directory.is_dir():
+        parts = source.split("/")
+        if len(parts) != 2 or not all(parts) or source.startswith((".", "/", "~")):
+            raise FileNotFoundError(
+                f"vlm_model_name={vlm_model_name!r} (load_vlm_weights=true) is neither a local "
+                "directory nor a hub id like 'HuggingFaceTB/SmolVLM2-500M-Video-Instruct'"
+            )
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+        try:
+            directory = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors"]))
+        except (HfHubHTTPError, HFValidationError, OSError) as err:  # OSError: not cached
+            raise FileNotFoundError(
+                f"vlm_model_name={vlm_model_name!r} (load_vlm_weights=true): could not fetch the "
+                f"VLM weights from the hub ({type(err).__name__}: {err}); without network, "
+                "download them once into the Hugging Face cache or name a local directory"
+            ) from err
+    if not any(directory.glob("*.safetensors")):
+        raise FileNotFoundError(
+            f"vlm_model_name={vlm_model_name!r} (load_vlm_weights=true): {directory} holds no "
+            "*.safetensors weights; save the VLM there with save_pretrained, or set "
+            "load_vlm_weights: false to build it from its config with random weights"
+        )
+    return directory
+
+
+def load_pretrained_vlm(vlm_model_name: str) -> SmolVLMForConditionalGeneration:
+    """SmolVLM with its pretrained weights, read as LeRobot 0.6.1 reads them
+    (`from_pretrained(..., torch_dtype="bfloat16")`): every weight is rounded to bfloat16
+    and `config.dtype` becomes bfloat16. A tensor the weights lack is an error (transformers
+    would leave it random)."""
+    directory = vlm_weights_dir(vlm_model_name)
+    vlm_config = AutoConfig.from_pretrained(directory)
+    if not isinstance(vlm_config, SmolVLMConfig):
+        raise ValueError(
+            f"vlm_model_name={vlm_model_name!r} is a {type(vlm_config).__name__}, not SmolVLM"
+        )
+    vlm, info = SmolVLMForConditionalGeneration.from_pretrained(
+        directory, config=vlm_config, dtype=torch.bfloat16, output_loading_info=True
+    )
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ValueError(
+            f"the VLM weights in {directory} lack {len(missing)} tensor(s), e.g. {missing[:5]}; "
+            f"vlm_model_name={vlm_model_name!r} must hold a complete SmolVLM checkpoint"
+        )
+    head, embed = vlm.lm_head, vlm.model.text_model.embed_tokens
+    if head.weight is embed.weight:  # tied: same values, own tensor (our state dict is untied)
+        head.weight = nn.Parameter(embed.weight.detach().clone())
+    vlm.config.tie_word_embeddings = vlm.config.text_config.tie_word_embeddings = False
+    return vlm.train()  # from_pretrained returns eval mode; a config-built VLM is in train
+
+
 @cache
 def load_tokenizer(vlm_model_name: str):  # -> PreTrainedTokenizerBase
     """The VLM's tokenizer (cached per process: workers build it once)."""
@@ -106,13 +167,20 @@ def expert_intermediate_size(hidden: int, ffn_multiplier: int = 4, multiple_of: 
 
 
 class SmolVLMWithExpert(nn.Module):
-    """The truncated SmolVLM (`vlm`) beside the smaller Llama action expert (`lm_expert`)."""
+    """The truncated SmolVLM (`vlm`) beside the smaller Llama action expert (`lm_expert`).
 
-    def __init__(self, config: PolicyConfig) -> None:
+    `config.load_vlm_weights` starts the VLM from its pretrained weights (`vlm_model_name`);
+    `fetch_vlm_weights=False` skips that, for callers that load every tensor next."""
+
+    def __init__(self, config: PolicyConfig, *, fetch_vlm_weights: bool = True) -> None:
         super().__init__()
-        vlm_config = load_vlm_config(config.vlm_model_name)
-        vlm_config.text_config.tie_word_embeddings = False
-        self.vlm = SmolVLMForConditionalGeneration(vlm_config)
+        if config.load_vlm_weights and fetch_vlm_weights:
+            self.vlm = load_pretrained_vlm(config.vlm_model_name)
+            vlm_config = self.vlm.config
+        else:
+            vlm_config = load_vlm_config(config.vlm_model_name)
+            vlm_config.text_config.tie_word_embeddings = False
+            self.vlm = SmolVLMForConditionalGeneration(vlm_config)
         text = self.vlm.model.text_model
         if config.num_vlm_layers > 0:
             text.layers = text.layers[: config.num_vlm_layers]
@@ -153,6 +221,12 @@ class SmolVLMWithExpert(nn.Module):
         self.num_attention_heads = vlm_config.text_config.num_attention_heads
         self.num_key_value_heads = vlm_config.text_config.num_key_value_heads
         self.head_dim = vlm_config.text_config.head_dim
+        # With loaded VLM weights LeRobot keeps the VLM in bfloat16 and the expert is born
+        # bfloat16 too (from_config follows the copied text config's dtype), all but the
+        # cross-attention k/v projections; it then trains in those dtypes. We keep the very
+        # same values but hold every tensor in float32, as in the random-init path: one dtype
+        # for checkpoints, exports and the frozen fingerprint; `train.precision` picks bf16.
+        self.to(torch.float32)
 
     def train(self, mode: bool = True) -> SmolVLMWithExpert:
         """Train mode everywhere, then the frozen towers back to eval (LeRobot's override)."""

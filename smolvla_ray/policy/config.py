@@ -126,6 +126,13 @@ class PolicyConfig(BaseModel):
                 f"n_action_steps={self.n_action_steps} exceeds chunk_size={self.chunk_size}; "
                 "the chunk size bounds the actions executed per model call"
             )
+        # Refused rather than ignored: each would change the model or how it is trained.
+        if self.adapt_to_pi_aloha:
+            raise ValueError(
+                "adapt_to_pi_aloha=True (Aloha joint/gripper conversion) is not implemented"
+            )
+        if self.use_peft:
+            raise ValueError("use_peft=True (a PEFT adapter checkpoint) is not supported yet")
         if self.use_delta_joint_actions_aloha:
             raise ValueError("use_delta_joint_actions_aloha is not supported (nor by LeRobot)")
         if self.add_image_special_tokens:

@@ -45,10 +45,10 @@ FEATURES_SUFFIX = ".features"  # batch key suffix of cached vision features
 class VLAFlowMatching(nn.Module):
     """The network: VLM + expert towers and the state/action/time projections."""
 
-    def __init__(self, config: PolicyConfig) -> None:
+    def __init__(self, config: PolicyConfig, *, fetch_vlm_weights: bool = True) -> None:
         super().__init__()
         self.config = config
-        self.vlm_with_expert = SmolVLMWithExpert(config)
+        self.vlm_with_expert = SmolVLMWithExpert(config, fetch_vlm_weights=fetch_vlm_weights)
         vlm_hidden = self.vlm_with_expert.text_config.hidden_size
         expert_hidden = self.vlm_with_expert.expert_hidden_size
         self.state_proj = nn.Linear(config.max_state_dim, vlm_hidden)
@@ -287,18 +287,28 @@ class SmolVLAPolicy(nn.Module):
     """SmolVLA with LeRobot's interface: `forward`, `predict_action_chunk`, `select_action`.
 
     `prefix_mode` picks how training runs the prefix: "auto" (the no-grad prefix whenever the
-    VLM is frozen), "joint" (LeRobot's way) or "no_grad".
+    VLM is frozen), "joint" (LeRobot's way) or "no_grad". With `config.load_vlm_weights` the
+    VLM starts from `config.vlm_model_name`'s weights; `fetch_vlm_weights=False` skips that
+    when every tensor is loaded next (a `pretrained_model/`).
     """
 
     name = "smolvla"
 
-    def __init__(self, config: PolicyConfig, *, prefix_mode: PrefixMode = "auto") -> None:
+    def __init__(
+        self,
+        config: PolicyConfig,
+        *,
+        prefix_mode: PrefixMode = "auto",
+        fetch_vlm_weights: bool = True,
+    ) -> None:
         super().__init__()
         config.validate_features()
         self.config = config
         self.prefix_mode: PrefixMode = prefix_mode
-        self.model = VLAFlowMatching(config)
+        self.model = VLAFlowMatching(config, fetch_vlm_weights=fetch_vlm_weights)
         self.processor = None  # a PolicyProcessor, set by from_pretrained or the caller
+        self._empty_features: Tensor | None = None  # see _empty_camera_features
+        self.feature_resolution = None  # a FeatureResolution, set by the training setup
         self.reset()
 
     def reset(self) -> None:
@@ -361,9 +371,31 @@ class SmolVLAPolicy(nn.Module):
             images.append(img * 2.0 - 1.0)
             masks.append(self._image_mask(batch, key, img))
         for _ in missing:  # covered by empty_cameras: -1 images, masked out
-            images.append(torch.full_like(images[0], -1.0))
+            cached_mode = any(f"{k}{FEATURES_SUFFIX}" in batch for k in self.config.image_features)
+            images.append(
+                self._empty_camera_features(images[0])
+                if cached_mode
+                else torch.full_like(images[0], -1.0)
+            )
             masks.append(torch.zeros_like(masks[0]))
         return images, masks
+
+    @torch.no_grad()
+    def _empty_camera_features(self, like: Tensor) -> Tensor:
+        """What the frozen encoder makes of an empty camera's all -1 image, shaped like the
+        cached features `like`; computed once (the encoder is frozen whenever the feature
+        cache is used)."""
+        if self._empty_features is None:
+            if self.config.resize_imgs_with_padding is not None:
+                width, height = self.config.resize_imgs_with_padding
+            else:
+                _, height, width = next(iter(self.config.image_features.values())).shape
+            towers = self.model.vlm_with_expert
+            device = next(towers.vision_model.parameters()).device
+            image = torch.full((1, 3, height, width), -1.0, device=device)
+            self._empty_features = towers.embed_image(image)
+        features = self._empty_features.to(like.device, like.dtype)
+        return features.expand(like.shape[0], *features.shape[1:])
 
     @staticmethod
     def _image_mask(batch: dict[str, Tensor], key: str, like: Tensor) -> Tensor:
@@ -378,9 +410,10 @@ class SmolVLAPolicy(nn.Module):
         keys the feature cache provides (`<camera key>.features`)."""
         images, _ = self.prepare_images(batch)
         towers = self.model.vlm_with_expert
+        present = [key for key in self.config.image_features if key in batch]  # empties last
         return {
             f"{key}{FEATURES_SUFFIX}": towers.embed_image(img)
-            for key, img in zip(self.config.image_features, images, strict=False)
+            for key, img in zip(present, images, strict=False)
         }
 
     def prepare_state(self, batch: dict[str, Tensor]) -> Tensor:

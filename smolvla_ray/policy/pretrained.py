@@ -31,26 +31,25 @@ def _is_url(source: str) -> bool:
 
 
 def _looks_like_hub_id(source: str) -> bool:
-    parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+    from smolvla_ray.hub import is_hub_id
+
+    return is_hub_id(source)
 
 
-def fetch_pretrained(source: str, cache_dir: str | Path, **storage_options) -> Path:
+def fetch_pretrained(
+    source: str, cache_dir: str | Path, *, revision: str | None = None, **storage_options
+) -> Path:
     """A local directory holding `source`'s files: the path itself, a copy of a remote
-    fsspec directory, or (only with network) a hub snapshot."""
+    fsspec directory into `cache_dir`, or a hub id's snapshot at `revision` in the Hugging
+    Face cache (fetched once per node; see `smolvla_ray.hub`)."""
     if not _is_url(source):
         local = Path(source).expanduser()
         if local.is_dir():
             return local
         if _looks_like_hub_id(source):
-            from huggingface_hub import snapshot_download
+            from smolvla_ray import hub
 
-            try:
-                return Path(snapshot_download(source, cache_dir=str(cache_dir)))
-            except Exception as err:  # the hub client raises many types; the message says all
-                raise FileNotFoundError(
-                    f"{source!r} is neither a local directory nor a reachable hub repo: {err}"
-                ) from err
+            return hub.model_snapshot(source, revision=revision)
         raise FileNotFoundError(f"pretrained policy directory {source!r} does not exist")
     fs, root = fsspec.core.url_to_fs(source, **storage_options)
     if not fs.exists(f"{root}/{CONFIG_NAME}"):
@@ -91,11 +90,13 @@ def load_pretrained(
     *,
     prefix_mode: PrefixMode = "auto",
     config_overrides: dict | None = None,
+    revision: str | None = None,
     **storage_options,
 ) -> SmolVLAPolicy:
-    """Build a policy from a LeRobot `pretrained_model/` (path, fsspec URL or hub id)."""
+    """Build a policy from a LeRobot `pretrained_model/` (path, fsspec URL or hub id at
+    `revision`, a branch, tag or commit; None = main)."""
     with tempfile.TemporaryDirectory(prefix="smolvla-pretrained-") as tmp:
-        directory = fetch_pretrained(source, tmp, **storage_options)
+        directory = fetch_pretrained(source, tmp, revision=revision, **storage_options)
         config_path = directory / CONFIG_NAME
         if not config_path.exists():
             raise FileNotFoundError(f"{source}: no {CONFIG_NAME}")
@@ -106,7 +107,9 @@ def load_pretrained(
         if not weights_path.exists():
             raise FileNotFoundError(f"{source}: no {WEIGHTS_NAME}")
         state = load_file(str(weights_path))
-        policy = SmolVLAPolicy(config, prefix_mode=prefix_mode)
+        # The checkpoint holds every VLM tensor, so `load_vlm_weights` (true in smolvla_base's
+        # config.json) fetches nothing here; LeRobot fetches them and then overwrites them.
+        policy = SmolVLAPolicy(config, prefix_mode=prefix_mode, fetch_vlm_weights=False)
         check_state_dict_keys(policy.state_dict(), state, source=f"{source}/{WEIGHTS_NAME}")
         policy.load_state_dict(state, strict=True)
         if (directory / PRE_STATE).exists():

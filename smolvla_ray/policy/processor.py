@@ -38,10 +38,19 @@ Stats = dict[str, dict[str, Tensor]]
 class PolicyProcessor:
     """Normalization statistics plus the tokenizer, for one policy config."""
 
-    def __init__(self, config: PolicyConfig, stats: Mapping[str, Mapping[str, Any]]) -> None:
+    def __init__(
+        self,
+        config: PolicyConfig,
+        stats: Mapping[str, Mapping[str, Any]],
+        rename_map: Mapping[str, str] | None = None,
+    ) -> None:
+        """`stats` are keyed as the dataset names its features; `rename_map` (dataset key ->
+        policy key, LeRobot's `rename_observations_processor`) renames raw observations
+        first, and the statistics with them, as LeRobot's training script does."""
         self.config = config
+        self.rename_map = dict(rename_map or {})
         self.stats: Stats = {
-            key: {
+            self.rename_map.get(key, key): {
                 name: torch.as_tensor(value, dtype=torch.float32) for name, value in entry.items()
             }
             for key, entry in stats.items()
@@ -98,7 +107,7 @@ class PolicyProcessor:
 
     def preprocess(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         """A raw batch (or one observation) -> the batch `SmolVLAPolicy.forward` takes."""
-        batch = dict(raw)
+        batch = {self.rename_map.get(key, key): value for key, value in raw.items()}
         for key, value in batch.items():
             if not isinstance(value, Tensor):
                 continue
@@ -158,7 +167,10 @@ class PolicyProcessor:
         pre = {
             "name": "policy_preprocessor",
             "steps": [
-                {"registry_name": "rename_observations_processor", "config": {"rename_map": {}}},
+                {
+                    "registry_name": "rename_observations_processor",
+                    "config": {"rename_map": self.rename_map},
+                },
                 {"registry_name": "to_batch_processor", "config": {}},
                 {"registry_name": "smolvla_new_line_processor", "config": {}},
                 {"registry_name": "tokenizer_processor", "config": tokenizer},
@@ -197,4 +209,16 @@ class PolicyProcessor:
         for flat_key, value in load_file(str(path)).items():
             key, _, name = flat_key.rpartition(".")
             stats.setdefault(key, {})[name] = value
-        return cls(config, stats)
+        processor = cls(config, stats)  # saved statistics are keyed by policy keys already
+        processor.rename_map = _saved_rename_map(Path(directory) / PRE_JSON)
+        return processor
+
+
+def _saved_rename_map(path: Path) -> dict[str, str]:
+    """The rename map of a saved preprocessor's `rename_observations_processor` step."""
+    if not path.exists():
+        return {}
+    for step in json.loads(path.read_text()).get("steps", []):
+        if step.get("registry_name") == "rename_observations_processor":
+            return dict(step.get("config", {}).get("rename_map") or {})
+    return {}

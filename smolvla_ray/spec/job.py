@@ -159,6 +159,12 @@ class JobSpec(BaseModel):
                     f"data.feature_cache='on' but {reason}, so cached vision features would "
                     "not equal what training sees; set data.feature_cache to auto or off"
                 )
+        if self.data.rename_map and self.policy.pretrained is None:
+            raise ValueError(
+                "data.rename_map renames dataset cameras to a pretrained policy's, but "
+                f"policy.preset={self.policy.preset!r} takes the dataset's cameras as they "
+                "are named; remove data.rename_map (or pick cameras with data.cameras)"
+            )
         gpus = (scaling.resources_per_worker or {}).get("GPU")
         if gpus is not None and (gpus > 0) != scaling.use_gpu:
             raise ValueError(

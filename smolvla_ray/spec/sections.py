@@ -46,6 +46,16 @@ _OWN_HOME = {
     "type": "nothing (it is always 'smolvla')",
 }
 
+# PolicyConfig fields whose value would change the model or training but that smolvla-ray
+# does not implement: refused, never silently ignored. (value, why and what to do)
+_NOT_IMPLEMENTED: dict[str, tuple[Any, str]] = {
+    "adapt_to_pi_aloha": (True, "the Aloha joint/gripper space conversion is not implemented; "
+                          "convert the dataset's state and action instead"),
+    "compile_model": (True, "torch.compile of the policy is not implemented; remove it"),
+    "use_peft": (True, "PEFT adapters are not implemented yet; finetune with the freezing "
+                 "overrides (policy.train_expert_only and friends)"),
+}  # fmt: skip
+
 
 def _check_uri(value: str | None, *, writable: bool = False) -> str | None:
     """Reject an empty string or an unknown fsspec protocol (e.g. a typo like `s4://`)."""
@@ -74,8 +84,12 @@ class PolicySpec(BaseModel):
     model_config = SECTION_CONFIG
     pretrained: str | None = None
     """A LeRobot `pretrained_model/` directory, any fsspec URL to one, or a hub id."""
+    revision: str | None = None
+    """Hub branch, tag or commit of a hub id in `pretrained` (None = main); the run pins
+    it to a commit, recorded in every checkpoint."""
     preset: Literal["tiny", "base"] | None = None
-    """Build from a preset instead (random init): tiny (CPU-fast) or base (450M)."""
+    """Build from a preset instead (random init): tiny (CPU-fast) or base (450M);
+    overrides {load_vlm_weights: true} starts the VLM from vlm_model_name's weights."""
     freeze_vision_encoder: bool | None = None
     """Freeze the SigLIP vision encoder (None: keep the checkpoint's/preset's value)."""
     train_expert_only: bool | None = None
@@ -108,6 +122,8 @@ class PolicySpec(BaseModel):
                 raise ValueError(f"{key!r} is not a policy override; set {home} instead")
             if key in _OWN_HOME:
                 raise ValueError(f"{key!r} is not a policy override; set {_OWN_HOME[key]}")
+            if key in _NOT_IMPLEMENTED and item == _NOT_IMPLEMENTED[key][0]:
+                raise ValueError(f"{key}={item!r} is not supported: {_NOT_IMPLEMENTED[key][1]}")
             if key not in fields:
                 close = difflib.get_close_matches(key, list(fields), n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -141,6 +157,11 @@ class PolicySpec(BaseModel):
             raise ValueError(
                 f"n_action_steps={self.n_action_steps} exceeds chunk_size="
                 f"{self.chunk_size}; lower n_action_steps or raise chunk_size"
+            )
+        if self.pretrained is not None and self.overrides.get("load_vlm_weights"):
+            raise ValueError(
+                "overrides.load_vlm_weights=true does nothing with pretrained: the checkpoint "
+                "holds the VLM weights; remove it, or use preset: base to start from the VLM"
             )
         if self.prefix_mode == "no_grad" and self.train_expert_only is False:
             raise ValueError(
@@ -206,11 +227,18 @@ class DataSpec(BaseModel):
 
     model_config = SECTION_CONFIG
     uri: str
-    """Dataset root: a local path or any fsspec URL (s3://bucket/datasets/name)."""
+    """Dataset root: a local path, any fsspec URL (s3://bucket/datasets/name), or a hub id
+    (lerobot/pusht, short for hf://datasets/lerobot/pusht)."""
+    revision: str | None = None
+    """Hub branch, tag or commit of a hub dataset id in `uri` (None = main)."""
     episodes: list[int] | EpisodeRange | None = None
     """Episode indices [0, 3, 7] or a range {start: 0, stop: 40}; None = all episodes."""
     cameras: list[str] | None = None
     """Camera names (['top', 'wrist'] for observation.images.top/...); None = all."""
+    rename_map: dict[str, str] = Field(default_factory=dict)
+    """Dataset camera key -> policy camera key, as LeRobot's `rename_map`, for a pretrained
+    policy whose cameras have other names, e.g. {observation.images.top:
+    observation.images.camera1}. Applied after `cameras` picks the dataset's cameras."""
     num_loader_workers: int = Field(2, ge=0)
     """Background decode processes per Ray worker (0 = decode in the training process)."""
     cache_dir: str | None = None
@@ -241,6 +269,24 @@ class DataSpec(BaseModel):
             if len(set(value)) != len(value):
                 dupes = sorted({i for i in value if value.count(i) > 1})
                 raise ValueError(f"episodes lists {dupes} more than once; list each once")
+        return value
+
+    @field_validator("rename_map")
+    @classmethod
+    def _rename_map(cls, value: dict[str, str]) -> dict[str, str]:
+        for source, target in value.items():
+            for key in (source, target):
+                if not key.startswith("observation."):
+                    raise ValueError(
+                        f"{source!r}: {target!r}: give full observation keys on both sides, "
+                        "e.g. {observation.images.top: observation.images.camera1} (only "
+                        "observations are renamed)"
+                    )
+        targets = list(value.values())
+        doubled = sorted({t for t in targets if targets.count(t) > 1})
+        if doubled:
+            sources = sorted(k for k, v in value.items() if v in doubled)
+            raise ValueError(f"{sources} all map to {doubled}; map each policy key from one key")
         return value
 
     @field_validator("cameras")

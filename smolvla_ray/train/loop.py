@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from ray.train.v2.api.report_config import CheckpointUploadMode
 
+from smolvla_ray.checkpoint.base import base_identity, check_resume_base
 from smolvla_ray.checkpoint.discovery import (
     checkpoint_dir_name,
     fetch_checkpoint,
@@ -117,6 +118,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="smolvla-resume-") as tmp:
             local = fetch_checkpoint(resume_uri, Path(tmp), storage_options)
             loaded = read_checkpoint(local)
+        # Trained tensors are only meaningful on the backbone they were trained on.
+        current = base_identity(spec, start_fingerprint)
+        check_resume_base(loaded.state.base, current, checkpoint_uri=resume_uri)
         step, cursor, counters = _restore(loaded, ddp, optimizer, scheduler, rank, names)
         counters["resumed_from_step"] = step
         if rank == 0:

@@ -11,62 +11,55 @@ import torch
 from torch.utils.data import Dataset
 
 from smolvla_ray.cache.store import CachedFeatures, CacheStore
-from smolvla_ray.data import layout
 from smolvla_ray.data.loader import ShardedLoader
-from smolvla_ray.data.meta import DatasetMeta, check_cameras, load_meta
+from smolvla_ray.data.meta import DatasetMeta, load_meta
 from smolvla_ray.data.samples import FrameDataset
 from smolvla_ray.data.storage import DEFAULT_CACHE_DIR, FileCache
-from smolvla_ray.policy.config import OBS_IMAGES, PolicyConfig
+from smolvla_ray.features import FeatureResolution, read_pretrained_config, resolve_spec
+from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.policy.modeling import SmolVLAPolicy
 from smolvla_ray.policy.pretrained import load_pretrained
 from smolvla_ray.policy.processor import PolicyProcessor
 from smolvla_ray.spec import JobSpec
 
 
-def dataset_cameras(meta: DatasetMeta, names: list[str] | None) -> dict[str, tuple[int, int, int]]:
-    """Camera name -> (C, H, W) from `info.json`, for the chosen cameras (default: all)."""
-    keys = [layout.camera_key(n) for n in names] if names else list(meta.camera_keys)
-    if names:
-        check_cameras(meta, names)
-    cameras = {}
-    for key in keys:
-        height, width, channels = meta.features[key]["shape"]
-        cameras[key.removeprefix(f"{OBS_IMAGES}.")] = (int(channels), int(height), int(width))
-    return cameras
+def resolve_dataset_features(
+    spec: JobSpec, meta: DatasetMeta, *, storage_options: Mapping[str, Any]
+) -> tuple[PolicyConfig, FeatureResolution]:
+    """The policy config to build and how the dataset's features feed it (the same answer
+    the driver's preflight gave, from the same two JSON files)."""
+    text = None
+    if spec.policy.pretrained:
+        text = read_pretrained_config(
+            spec.policy.pretrained, storage_options, revision=_revision(spec)
+        )
+    return resolve_spec(spec, text, meta.features)
+
+
+def _revision(spec: JobSpec) -> str | None:
+    return getattr(spec.policy, "revision", None)
 
 
 def build_policy(
     spec: JobSpec, meta: DatasetMeta, *, storage_options: Mapping[str, Any]
 ) -> SmolVLAPolicy:
-    """The policy with the spec's overrides, checked against the dataset it will train on."""
-    updates = spec.policy.config_updates()
+    """The policy with the spec's overrides and the dataset's resolved features, with a
+    processor that renames the dataset's keys and normalizes with its statistics."""
+    config, resolution = resolve_dataset_features(spec, meta, storage_options=storage_options)
     if spec.policy.pretrained:
         policy = load_pretrained(
             spec.policy.pretrained,
             prefix_mode=spec.policy.prefix_mode,
-            config_overrides=updates,
+            config_overrides=config.model_dump(),
+            revision=spec.policy.revision,
             **storage_options,
         )
-        check_cameras(meta, list(policy.config.image_features))
     else:
-        config = PolicyConfig.preset(spec.policy.preset, **updates).with_features(
-            state_dim=meta.feature_dim(layout.STATE_KEY),
-            action_dim=meta.feature_dim(layout.ACTION_KEY),
-            cameras=dataset_cameras(meta, spec.data.cameras),
-        )
         # Every worker seeds the same way, so random-init backbones agree (and are checked).
         torch.manual_seed(spec.train.seed)
         policy = SmolVLAPolicy(config, prefix_mode=spec.policy.prefix_mode)
-    for key, dim in [
-        (layout.STATE_KEY, policy.config.state_dim),
-        (layout.ACTION_KEY, policy.config.action_dim),
-    ]:
-        if meta.feature_dim(key) != dim:
-            raise ValueError(
-                f"the dataset's {key} has {meta.feature_dim(key)} dims but the policy expects "
-                f"{dim}; finetune from a checkpoint trained on this robot or use a preset"
-            )
-    policy.processor = PolicyProcessor(policy.config, meta.stats)
+    policy.processor = PolicyProcessor(policy.config, meta.stats, resolution.rename_map)
+    policy.feature_resolution = resolution
     return policy
 
 
@@ -78,7 +71,12 @@ def episode_selection(spec: JobSpec) -> list[int] | range | None:
 
 
 def open_dataset(spec: JobSpec, *, storage_options: Mapping[str, Any]) -> DatasetMeta:
-    return load_meta(spec.data.uri, storage_options=storage_options)
+    """The dataset's metadata; a hub id is read from this node's Hugging Face cache when it
+    holds the snapshot, else from the Hub at the pinned revision."""
+    from smolvla_ray import hub
+
+    url = hub.dataset_url(spec.data.uri, spec.data.revision)
+    return load_meta(url, storage_options=storage_options)
 
 
 def build_loader(
@@ -96,11 +94,11 @@ def build_loader(
     feature cache the samples carry cached vision features and no video is decoded."""
     cache_dir = Path(spec.data.cache_dir) if spec.data.cache_dir else DEFAULT_CACHE_DIR
     cache = FileCache(directory=cache_dir / "files", max_bytes=spec.data.cache_max_bytes)
-    camera_keys = list(policy.config.image_features)
+    sources = policy.feature_resolution.sources  # policy camera key -> dataset camera key
     dataset: Dataset = FrameDataset(
         meta,
         episodes=episode_selection(spec),
-        cameras=[] if feature_cache else [k.removeprefix(f"{OBS_IMAGES}.") for k in camera_keys],
+        cameras=[] if feature_cache else list(sources.values()),
         chunk_size=policy.config.chunk_size,
         storage_options=storage_options,
         cache=cache,
@@ -109,7 +107,7 @@ def build_loader(
         episodes = sorted({int(e) for e in dataset.frames.episode_index})
         local = cache_dir / "features" / feature_cache.rstrip("/").rsplit("/", 1)[-1]
         CacheStore(feature_cache, storage_options).fetch(episodes, local)
-        dataset = CachedFeatures(dataset, local, camera_keys)
+        dataset = CachedFeatures(dataset, local, list(sources))  # stored by policy key
     processor = policy.processor
     return ShardedLoader(
         dataset,

@@ -42,15 +42,20 @@ def test_two_workers_learn_in_sync(tmp_path: Path, demo_dataset: str) -> None:
 
 def test_comm_bytes_equal_trainable_gradient_bytes(tmp_path: Path, demo_dataset: str) -> None:
     from smolvla_ray.data.meta import load_meta
+    from smolvla_ray.features import dataset_cameras
     from smolvla_ray.policy import PolicyConfig, SmolVLAPolicy
-    from smolvla_ray.train.setup import dataset_cameras
 
     spec = spec_from_dict(tiny_spec_dict(demo_dataset, tmp_path, "comm", train={"steps": 3}))
     driver.run(spec)
     records = read_metrics(run_uri(str(tmp_path), "comm"))
     meta = load_meta(demo_dataset)
     config = PolicyConfig.preset("tiny").with_features(
-        state_dim=6, action_dim=6, cameras=dataset_cameras(meta, None)
+        state_dim=6,
+        action_dim=6,
+        cameras={
+            k.removeprefix("observation.images."): v
+            for k, v in dataset_cameras(meta.features).items()
+        },
     )
     trainable = SmolVLAPolicy(config).trainable_parameters()
     expected = sum(p.numel() * 4 for p in trainable.values())

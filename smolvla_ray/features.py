@@ -1,0 +1,407 @@
+"""Which dataset feature feeds which policy input, decided before anything starts.
+
+A pretrained SmolVLA names its cameras (`lerobot/smolvla_base`: `camera1`, `camera2`,
+`camera3`); a dataset names its own (`top`, `wrist`). LeRobot 0.6.1 joins them with a
+`rename_map` (dataset key -> policy key, applied to observations by the preprocessor's
+first step) and is lenient about the rest: a policy camera with no source is dropped or, up
+to `empty_cameras`, fed as an all -1 image with its mask off; the state and action are
+zero-padded to `max_state_dim` / `max_action_dim` whatever width the checkpoint declared.
+
+This module does the same resolution from two JSON documents only, the policy's
+`config.json` and the dataset's `info.json`, so `validate`, `run` and `submit` can refuse a
+mismatch before torch, a model or Ray is touched, and every worker, the feature-cache build
+and `export` derive the very same answer. Where LeRobot is silent we are explicit: each
+camera's fate is a row of a table that is printed at start and recorded in checkpoints.
+
+Only cameras are renamed: `observation.state` and `action` are matched by name, because
+SmolVLA has exactly one state and one action input (a map that renames them is refused).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from smolvla_ray.policy.config import ACTION, OBS_IMAGES, OBS_STATE, PolicyConfig, PolicyFeature
+
+if TYPE_CHECKING:
+    from smolvla_ray.spec import JobSpec
+
+IMAGE_PREFIX = f"{OBS_IMAGES}."
+# LeRobot's SmolVLAConfig.validate_features adds these input features, one per empty camera.
+EMPTY_CAMERA = f"{IMAGE_PREFIX}empty_camera_{{index}}"
+EMPTY_CAMERA_SHAPE = (3, 480, 640)
+CAMERA_DTYPES = ("video",)
+
+CameraStatus = Literal["used", "empty", "left out"]
+
+
+class FeatureMismatch(ValueError):
+    """The dataset cannot feed the policy as configured; the message names the keys on both
+    sides and the fix."""
+
+
+@dataclass(frozen=True)
+class CameraRow:
+    """One camera's fate: which dataset key feeds which policy key, or neither."""
+
+    dataset_key: str | None
+    """None: a policy camera the dataset does not provide."""
+    policy_key: str | None
+    """None: a dataset camera the policy does not take."""
+    shape: tuple[int, int, int]
+    """(C, H, W): the dataset's shape when it has the camera, else the policy's."""
+    status: CameraStatus
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class FeatureResolution:
+    """The resolved features of one (policy, dataset) pair."""
+
+    cameras: tuple[CameraRow, ...]
+    state_dim: int
+    action_dim: int
+    max_state_dim: int
+    max_action_dim: int
+    rename_map: dict[str, str] = field(default_factory=dict)
+    """The map as the user gave it (dataset key -> policy key); the preprocessor applies it."""
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Policy camera key -> dataset camera key, for the cameras that are used."""
+        return {r.policy_key: r.dataset_key for r in self.cameras if r.status == "used"}  # type: ignore[misc]
+
+    @property
+    def image_features(self) -> dict[str, tuple[int, int, int]]:
+        """The cameras the policy is trained with, in the policy's order: used and empty."""
+        return {
+            r.policy_key: r.shape
+            for r in self.cameras
+            if r.policy_key is not None and r.status in ("used", "empty")
+        }
+
+    def apply(self, config: PolicyConfig) -> PolicyConfig:
+        """`config` with these features: the cameras actually trained, the dataset's widths."""
+        inputs = {
+            key: PolicyFeature(type="VISUAL", shape=shape)
+            for key, shape in self.image_features.items()
+        }
+        inputs[OBS_STATE] = PolicyFeature(type="STATE", shape=(self.state_dim,))
+        outputs = {ACTION: PolicyFeature(type="ACTION", shape=(self.action_dim,))}
+        return config.model_copy(update={"input_features": inputs, "output_features": outputs})
+
+    def table(self) -> str:
+        """A fixed-width table of every camera and the state/action widths."""
+        rows = [("dataset key", "policy key", "shape", "status")]
+        for r in self.cameras:
+            status = r.status + (f" ({r.reason})" if r.reason else "")
+            rows.append(
+                (r.dataset_key or "-", r.policy_key or "-", "x".join(map(str, r.shape)), status)
+            )
+        rows.append((OBS_STATE, OBS_STATE, str(self.state_dim),
+                     f"used (zero-padded to {self.max_state_dim})"))  # fmt: skip
+        rows.append((ACTION, ACTION, str(self.action_dim),
+                     f"used (zero-padded to {self.max_action_dim})"))  # fmt: skip
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        return "\n".join(
+            f"{row[0]:<{widths[0]}}  ->  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}"
+            .rstrip()
+            for row in rows
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> FeatureResolution:
+        cameras = tuple(
+            CameraRow(**{**row, "shape": tuple(row["shape"])}) for row in data["cameras"]
+        )
+        return cls(**{**data, "cameras": cameras, "rename_map": dict(data["rename_map"])})
+
+
+def _flow_mapping(mapping: Mapping[str, str]) -> str:
+    """A YAML flow mapping (JSON is YAML) quoted for a shell: keys hold dots."""
+    return "'" + json.dumps(dict(mapping)) + "'"
+
+
+def dataset_cameras(features: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[int, int, int]]:
+    """Camera key -> (C, H, W) from `info.json` features (stored as H, W, C)."""
+    cameras = {}
+    for key, ft in features.items():
+        if ft.get("dtype") in CAMERA_DTYPES:
+            height, width, channels = (int(v) for v in ft["shape"])
+            cameras[key] = (channels, height, width)
+    return cameras
+
+
+def resolve_features(
+    config: PolicyConfig,
+    dataset_features: Mapping[str, Mapping[str, Any]],
+    *,
+    rename_map: Mapping[str, str] | None = None,
+    cameras: Sequence[str] | None = None,
+    policy_source: str = "the policy",
+    dataset_source: str = "the dataset",
+) -> FeatureResolution:
+    """Resolve the dataset's features against `config`'s; raise `FeatureMismatch` naming
+    every problem and the fix.
+
+    `cameras` (short names or full keys, as `data.cameras`) picks dataset cameras before
+    renaming; unpicked ones are left out on purpose. When `config` declares no camera (a
+    preset), the policy takes the picked cameras as they are named after renaming.
+    """
+    rename = dict(rename_map or {})
+    available = dataset_cameras(dataset_features)
+    problems: list[str] = []
+
+    if cameras is not None:
+        picked_keys = [c if c.startswith(IMAGE_PREFIX) else IMAGE_PREFIX + c for c in cameras]
+        absent = [k for k in picked_keys if k not in available]
+        if absent:
+            problems.append(
+                f"data.cameras names {absent}, which {dataset_source} lacks; it has "
+                f"{sorted(available)}"
+            )
+        picked = {k: available[k] for k in picked_keys if k in available}
+    else:
+        picked = dict(available)
+
+    problems += _check_rename_map(rename, available, picked, dataset_source)
+    renamed = {rename.get(k, k): k for k in picked}  # policy key -> dataset key
+    targets = [rename.get(k, k) for k in picked]
+    for target in {t for t in targets if targets.count(t) > 1}:
+        sources = sorted(k for k in picked if rename.get(k, k) == target)
+        problems.append(
+            f"{sources} would all feed {target!r}; a policy camera takes one dataset camera"
+        )
+
+    declared = dict(config.image_features)
+    for index in range(config.empty_cameras):  # as LeRobot's validate_features
+        declared.setdefault(
+            EMPTY_CAMERA.format(index=index), PolicyFeature(type="VISUAL", shape=EMPTY_CAMERA_SHAPE)
+        )
+    if any(not k.startswith("observation.images.empty_camera_") for k in declared):
+        policy_keys = list(declared)
+    else:  # no camera declared (a preset): the renamed dataset cameras, then empty slots
+        policy_keys = list(renamed) + list(declared)
+
+    unknown_targets = sorted(
+        v for k, v in rename.items() if k in picked and v.startswith(IMAGE_PREFIX)
+        and v not in policy_keys
+    )
+    if unknown_targets:
+        problems.append(
+            f"data.rename_map maps to {unknown_targets}, which {policy_source} does not take; "
+            f"its cameras are {[k for k in policy_keys if k in declared]}"
+        )
+
+    rows: list[CameraRow] = []
+    unsourced = [k for k in policy_keys if k not in renamed]
+    empties = set(unsourced[: config.empty_cameras])
+    for key in policy_keys:
+        if key in renamed:
+            rows.append(CameraRow(renamed[key], key, picked[renamed[key]], "used"))
+        elif key in empties:
+            rows.append(CameraRow(None, key, tuple(declared[key].shape), "empty",
+                                  "no source: an all -1 image, masked out"))  # fmt: skip
+        else:
+            rows.append(CameraRow(None, key, tuple(declared[key].shape), "left out",
+                                  "no source, beyond empty_cameras"))  # fmt: skip
+    unused = [k for k in picked if rename.get(k, k) not in policy_keys]
+    for key in unused:
+        rows.append(CameraRow(key, None, picked[key], "left out", "the policy does not take it"))
+    for key in available:
+        if key not in picked:
+            rows.append(CameraRow(key, None, available[key], "left out", "not in data.cameras"))
+
+    used = [r for r in rows if r.status == "used"]
+    missing_sources = [k for k in unsourced if k not in empties]
+    if not problems and (not used or (unused and missing_sources)):
+        suggestion = _suggest(rename, unused, [k for k in unsourced if not _is_empty_slot(k)])
+        what = (
+            "no dataset camera feeds the policy"
+            if not used
+            else f"dataset camera(s) {unused} feed nothing while policy camera(s) "
+            f"{missing_sources} have no source (LeRobot refuses this too)"
+        )
+        fix = (
+            f"map them: --set data.rename_map={_flow_mapping(suggestion)}"
+            if suggestion
+            else "map a dataset camera to a policy camera with data.rename_map"
+        )
+        problems.append(
+            f"{what}: {dataset_source} has cameras {sorted(available)}, {policy_source} takes "
+            f"{[k for k in policy_keys if not _is_empty_slot(k)]}. Fix: {fix}"
+        )
+
+    state_dim = _width(dataset_features, OBS_STATE, config.max_state_dim, "max_state_dim",
+                       dataset_source, policy_source, problems)  # fmt: skip
+    action_dim = _width(dataset_features, ACTION, config.max_action_dim, "max_action_dim",
+                        dataset_source, policy_source, problems)  # fmt: skip
+    if problems:
+        raise FeatureMismatch("; ".join(problems))
+    return FeatureResolution(
+        cameras=tuple(rows),
+        state_dim=state_dim,
+        action_dim=action_dim,
+        max_state_dim=config.max_state_dim,
+        max_action_dim=config.max_action_dim,
+        rename_map=rename,
+    )
+
+
+def _is_empty_slot(key: str) -> bool:
+    return key.startswith(f"{IMAGE_PREFIX}empty_camera_")
+
+
+def _check_rename_map(
+    rename: Mapping[str, str],
+    available: Mapping[str, Any],
+    picked: Mapping[str, Any],
+    dataset_source: str,
+) -> list[str]:
+    problems = []
+    for source, target in rename.items():
+        if not source.startswith(IMAGE_PREFIX) or not target.startswith(IMAGE_PREFIX):
+            problems.append(
+                f"data.rename_map entry {source!r}: {target!r} is not camera to camera; only "
+                f"cameras ({IMAGE_PREFIX}*) are renamed, {OBS_STATE} and {ACTION} are matched "
+                "by name"
+            )
+        elif source not in available:
+            problems.append(
+                f"data.rename_map renames {source!r}, which {dataset_source} lacks; its cameras "
+                f"are {sorted(available)}"
+            )
+        elif source not in picked:
+            problems.append(
+                f"data.rename_map renames {source!r}, which data.cameras leaves out; add it to "
+                "data.cameras or drop the entry"
+            )
+    return problems
+
+
+def _suggest(
+    rename: Mapping[str, str], unused: Sequence[str], unsourced: Sequence[str]
+) -> dict[str, str]:
+    """The whole rename map to try: the user's entries plus unused dataset cameras paired in
+    order with policy cameras that have no source."""
+    suggestion = {k: v for k, v in rename.items() if k not in unused}
+    suggestion.update(zip(unused, unsourced, strict=False))
+    return suggestion
+
+
+def _width(
+    features: Mapping[str, Mapping[str, Any]],
+    key: str,
+    limit: int,
+    limit_name: str,
+    dataset_source: str,
+    policy_source: str,
+    problems: list[str],
+) -> int:
+    feature = features.get(key)
+    if feature is None:
+        problems.append(f"{dataset_source} has no {key!r} feature; SmolVLA needs one")
+        return 0
+    shape = feature.get("shape") or [0]
+    if len(shape) != 1:
+        problems.append(f"{dataset_source}'s {key!r} has shape {list(shape)}; expected [width]")
+        return 0
+    width = int(shape[0])
+    if width > limit:
+        problems.append(
+            f"{dataset_source}'s {key!r} has {width} dims, more than {policy_source}'s "
+            f"{limit_name}={limit}: its projection is {limit} wide, so this robot needs a "
+            f"policy built with {limit_name} >= {width}"
+        )
+    return width
+
+
+# -- a job spec's features ------------------------------------------------------------------
+
+
+def base_config(spec: JobSpec, pretrained_config_json: str | None) -> PolicyConfig:
+    """The policy's config before feature resolution: the pretrained `config.json` or the
+    preset, with the spec's policy updates on top."""
+    updates = spec.policy.config_updates()
+    if spec.policy.preset is not None:
+        return PolicyConfig.preset(spec.policy.preset, **updates)
+    source = f"{spec.policy.pretrained}/config.json"
+    if pretrained_config_json is None:
+        raise FileNotFoundError(f"{source} could not be read")
+    config = PolicyConfig.from_lerobot_json(pretrained_config_json, source=source)
+    return PolicyConfig.model_validate({**config.model_dump(), **updates}) if updates else config
+
+
+def resolve_spec(
+    spec: JobSpec,
+    pretrained_config_json: str | None,
+    dataset_features: Mapping[str, Mapping[str, Any]],
+) -> tuple[PolicyConfig, FeatureResolution]:
+    """(the policy config to build, its feature resolution) for `spec` on its dataset."""
+    base = base_config(spec, pretrained_config_json)
+    resolution = resolve_features(
+        base,
+        dataset_features,
+        rename_map=spec.data.rename_map,
+        cameras=spec.data.cameras,
+        policy_source=f"policy {spec.policy.pretrained or 'preset ' + str(spec.policy.preset)}",
+        dataset_source=f"dataset {spec.data.uri}",
+    )
+    return resolution.apply(base), resolution
+
+
+def read_pretrained_config(
+    source: str, storage_options: Mapping[str, Any], *, revision: str | None = None
+) -> str:
+    """The text of a pretrained policy's `config.json` alone (no weights): from a local
+    directory, any fsspec URL, or a hub id (through the local Hugging Face cache first)."""
+    if "://" not in source and Path(source).expanduser().is_dir():
+        path = Path(source).expanduser() / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"policy.pretrained={source!r} has no config.json: point it at a LeRobot "
+                "pretrained_model/ directory"
+            )
+        return path.read_text()
+    if "://" in source:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(source, **dict(storage_options))
+        path = f"{root.rstrip('/')}/config.json"
+        if not fs.exists(path):
+            raise FileNotFoundError(
+                f"policy.pretrained={source!r} has no config.json: point it at a LeRobot "
+                "pretrained_model/ directory"
+            )
+        return fs.cat_file(path).decode()
+    from smolvla_ray import hub
+
+    return (hub.model_file(source, "config.json", revision=revision)).read_text()
+
+
+def resolve_local(spec: JobSpec) -> tuple[FeatureResolution | None, str]:
+    """The spec's feature resolution when both JSON files are on this machine (what
+    `validate` can check instantly: no network, no torch), else (None, why it was skipped)."""
+    uri = spec.data.uri.removeprefix("file://")
+    info = Path(uri).expanduser() / "meta" / "info.json"
+    if "://" in uri or not info.is_file():
+        return None, f"the dataset's meta/info.json is not a local file ({spec.data.uri})"
+    text = None
+    pretrained = spec.policy.pretrained
+    if pretrained is not None:
+        local = Path(pretrained.removeprefix("file://")).expanduser()
+        if "://" in pretrained.removeprefix("file://") or not local.is_dir():
+            return None, f"policy.pretrained is not a local directory ({pretrained})"
+        text = read_pretrained_config(str(local), {})
+    try:
+        features = json.loads(info.read_text())["features"]
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"{info} is not a LeRobot info.json: {err}") from err
+    return resolve_spec(spec, text, features)[1], ""
