@@ -33,8 +33,11 @@ def start_moto() -> tuple[subprocess.Popen, dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
@@ -42,8 +45,11 @@ def start_moto() -> tuple[subprocess.Popen, dict]:
             break
         except OSError:
             time.sleep(0.1)
-    options = {"key": "testing", "secret": "testing",
-               "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    options = {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+    }
     fs = fsspec.filesystem("s3", **options)
     fs.call_s3("create_bucket", Bucket="bench")
     return proc, options
@@ -61,12 +67,26 @@ def checkpoint_cost(preset: str, options: dict) -> dict:
     optimizer.step()
     names = list(named)
     moments, groups = optimizer_tensors(optimizer, names)
-    state = TrainingState(step=1, epoch=0, cursors=[{}], param_names=names, param_groups=groups,
-                          scheduler={}, spec={}, policy_config={}, base={})
+    state = TrainingState(
+        step=1,
+        epoch=0,
+        cursors=[{}],
+        param_names=names,
+        param_groups=groups,
+        scheduler={},
+        spec={},
+        policy_config={},
+        base={},
+    )
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        write_checkpoint(Path(tmp), trainable=named, optimizer=moments,
-                         rng_states=[torch.get_rng_state()], state=state)
+        write_checkpoint(
+            Path(tmp),
+            trainable=named,
+            optimizer=moments,
+            rng_states=[torch.get_rng_state()],
+            state=state,
+        )
         write_s = time.perf_counter() - start
         size = sum(p.stat().st_size for p in Path(tmp).iterdir())
         fs = fsspec.filesystem("s3", **options)
@@ -90,16 +110,22 @@ def blocked_share(mode: str, options: dict, dataset: str, root: Path) -> dict:
     from smolvla_ray.train.metrics import read_metrics, run_uri
 
     storage = f"s3://bench/runs-{mode}"
-    spec = spec_from_dict({
-        "name": f"ckpt-{mode}",
-        "policy": {"preset": "tiny"},
-        "data": {"uri": dataset, "num_loader_workers": 0},
-        "train": {"steps": 12, "batch_size": 4, "log_every": 1},
-        "scaling": {"num_workers": 2},
-        "checkpoint": {"storage": storage, "every_steps": 2, "keep_last": 2,
-                       "upload_mode": mode},
-        "storage_options": options,
-    })
+    spec = spec_from_dict(
+        {
+            "name": f"ckpt-{mode}",
+            "policy": {"preset": "tiny"},
+            "data": {"uri": dataset, "num_loader_workers": 0},
+            "train": {"steps": 12, "batch_size": 4, "log_every": 1},
+            "scaling": {"num_workers": 2},
+            "checkpoint": {
+                "storage": storage,
+                "every_steps": 2,
+                "keep_last": 2,
+                "upload_mode": mode,
+            },
+            "storage_options": options,
+        }
+    )
     start = time.perf_counter()
     driver.run(spec)
     wall = time.perf_counter() - start
@@ -113,8 +139,12 @@ def blocked_share(mode: str, options: dict, dataset: str, root: Path) -> dict:
         max(0.0, s - barrier) for s in after_ckpt
     )
     train_time = sum(r["step_s"] for r in records)
-    return {"blocked_s": blocked, "train_s": train_time, "wall_s": wall,
-            "blocked_share": blocked / (train_time + blocked)}
+    return {
+        "blocked_s": blocked,
+        "train_s": train_time,
+        "wall_s": wall,
+        "blocked_share": blocked / (train_time + blocked),
+    }
 
 
 def main() -> None:
@@ -134,8 +164,16 @@ def main() -> None:
             blocking = {m: blocked_share(m, options, dataset, Path(tmp)) for m in ("async", "sync")}
     finally:
         proc.terminate()
-    print(json.dumps({"benchmark": "checkpoint_io", "checkpoint": sizes,
-                      "tiny_training_blocked_on_checkpoints": blocking}, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "checkpoint_io",
+                "checkpoint": sizes,
+                "tiny_training_blocked_on_checkpoints": blocking,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -86,14 +86,19 @@ def main() -> None:
         preset: run(preset, *shapes[preset], repeats=args.repeats)
         for preset in args.presets.split(",")
     }
-    print(json.dumps({
-        "benchmark": "prefix_step",
-        "device": "cpu",
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "results": results,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "prefix_step",
+                "device": "cpu",
+                "threads": args.threads,
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

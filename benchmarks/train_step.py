@@ -30,17 +30,27 @@ from smolvla_ray.train.metrics import read_metrics, run_uri
 PHASES = ["step_s", "data_wait_s", "forward_s", "backward_s", "optimizer_s"]
 
 
-def run_once(preset: str, workers: int, steps: int, batch: int, dataset: str, root: Path,
-             gpu: bool, feature_cache: str) -> dict:
+def run_once(
+    preset: str,
+    workers: int,
+    steps: int,
+    batch: int,
+    dataset: str,
+    root: Path,
+    gpu: bool,
+    feature_cache: str,
+) -> dict:
     name = f"{preset}-{workers}w"
-    spec = spec_from_dict({
-        "name": name,
-        "policy": {"preset": preset},
-        "data": {"uri": dataset, "num_loader_workers": 1, "feature_cache": feature_cache},
-        "train": {"steps": steps, "batch_size": batch, "log_every": 1},
-        "scaling": {"num_workers": workers, "use_gpu": gpu},
-        "checkpoint": {"storage": str(root), "every_steps": None},
-    })
+    spec = spec_from_dict(
+        {
+            "name": name,
+            "policy": {"preset": preset},
+            "data": {"uri": dataset, "num_loader_workers": 1, "feature_cache": feature_cache},
+            "train": {"steps": steps, "batch_size": batch, "log_every": 1},
+            "scaling": {"num_workers": workers, "use_gpu": gpu},
+            "checkpoint": {"storage": str(root), "every_steps": None},
+        }
+    )
     driver.run(spec)
     records = read_metrics(run_uri(str(root), name))[2:]  # the first steps warm up
     out = {k: statistics.mean(r[k] for r in records) for k in PHASES}
@@ -55,8 +65,12 @@ def main() -> None:
     parser.add_argument("--presets", default="tiny,base")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--gpu", action="store_true")
-    parser.add_argument("--feature-cache", default="off", choices=["auto", "on", "off"],
-                        help="off (default) times the video path; the cache has its own benchmark")
+    parser.add_argument(
+        "--feature-cache",
+        default="off",
+        choices=["auto", "on", "off"],
+        help="off (default) times the video path; the cache has its own benchmark",
+    )
     args = parser.parse_args()
     batches = {"tiny": 8, "base": 2}
     ray.init(num_cpus=4 if not args.gpu else None, include_dashboard=False, log_to_driver=False)
@@ -75,8 +89,12 @@ def main() -> None:
                 "two_workers": two,
                 "scaling_efficiency": two["samples_per_s"] / (2 * one["samples_per_s"]),
             }
-    print(json.dumps({"benchmark": "train_step", "device": "gpu" if args.gpu else "cpu",
-                      "results": results}, indent=2))
+    print(
+        json.dumps(
+            {"benchmark": "train_step", "device": "gpu" if args.gpu else "cpu", "results": results},
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

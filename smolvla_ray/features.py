@@ -108,8 +108,7 @@ class FeatureResolution:
                      f"used (zero-padded to {self.max_action_dim})"))  # fmt: skip
         widths = [max(len(row[i]) for row in rows) for i in range(3)]
         return "\n".join(
-            f"{row[0]:<{widths[0]}}  ->  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}"
-            .rstrip()
+            f"{row[0]:<{widths[0]}}  ->  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}".rstrip()
             for row in rows
         )
 
@@ -191,8 +190,9 @@ def resolve_features(
         policy_keys = list(renamed) + list(declared)
 
     unknown_targets = sorted(
-        v for k, v in rename.items() if k in picked and v.startswith(IMAGE_PREFIX)
-        and v not in policy_keys
+        v
+        for k, v in rename.items()
+        if k in picked and v.startswith(IMAGE_PREFIX) and v not in policy_keys
     )
     if unknown_targets:
         problems.append(

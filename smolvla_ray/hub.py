@@ -195,8 +195,11 @@ def resolve_commit(repo_id: str, repo_type: RepoType, revision: str | None) -> s
         cached = None if is_commit else _cached_ref(repo_id, repo_type, rev)
         if cached is None:
             raise
-        log.warning("the Hub is unreachable; %s resolves to cached commit %s",
-                    _describe(repo_id, repo_type, rev), cached)
+        log.warning(
+            "the Hub is unreachable; %s resolves to cached commit %s",
+            _describe(repo_id, repo_type, rev),
+            cached,
+        )
         return cached
     if not is_commit:
         _write_ref(repo_id, repo_type, rev, commit)
@@ -234,7 +237,10 @@ def _cached_snapshot(
     try:
         folder = Path(
             snapshot_download(
-                repo_id, repo_type=repo_type, revision=commit, cache_dir=hub_cache_dir(),
+                repo_id,
+                repo_type=repo_type,
+                revision=commit,
+                cache_dir=hub_cache_dir(),
                 local_files_only=True,
             )
         )
@@ -260,7 +266,9 @@ def model_snapshot(repo_id: str, *, revision: str | None = None) -> Path:
         if found is not None:  # another process of this node fetched it meanwhile
             return found
         path = _hub_call(
-            repo_id, "model", revision or DEFAULT_REVISION,
+            repo_id,
+            "model",
+            revision or DEFAULT_REVISION,
             lambda: snapshot_download(
                 repo_id, revision=commit, cache_dir=hub_cache_dir(), endpoint=_endpoint()
             ),
@@ -297,7 +305,9 @@ def model_file(repo_id: str, filename: str, *, revision: str | None = None) -> P
         if found is not None:
             return found
         path = _hub_call(
-            repo_id, "model", revision or DEFAULT_REVISION,
+            repo_id,
+            "model",
+            revision or DEFAULT_REVISION,
             lambda: hf_hub_download(
                 repo_id, filename, revision=commit, cache_dir=cache, endpoint=_endpoint()
             ),
@@ -365,8 +375,12 @@ def pin(spec: JobSpec) -> JobSpec:
     if is_hub_id(spec.policy.pretrained):
         commit = resolve_commit(str(spec.policy.pretrained), "model", spec.policy.revision)
         if commit != spec.policy.revision:
-            log.info("policy.pretrained=%s at %s is commit %s", spec.policy.pretrained,
-                     spec.policy.revision or DEFAULT_REVISION, commit)
+            log.info(
+                "policy.pretrained=%s at %s is commit %s",
+                spec.policy.pretrained,
+                spec.policy.revision or DEFAULT_REVISION,
+                commit,
+            )
             updates["policy"] = spec.policy.model_copy(update={"revision": commit})
     repo = dataset_repo(spec.data.uri)
     if repo is not None and repo[1] is None:  # a revision inside an hf:// URL stays there

@@ -101,8 +101,13 @@ class FakeHub:
         self._server: ThreadingHTTPServer | None = None
 
     def add(
-        self, repo_id: str, files: Mapping[str, bytes], *, commit: str,
-        repo_type: str = "model", refs: tuple[str, ...] = ("main",),
+        self,
+        repo_id: str,
+        files: Mapping[str, bytes],
+        *,
+        commit: str,
+        repo_type: str = "model",
+        refs: tuple[str, ...] = ("main",),
     ) -> None:
         repo = self.repos.setdefault((repo_type, repo_id), Repo())
         repo.commits[commit] = dict(files)
@@ -144,8 +149,14 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args: object) -> None:  # keep test output quiet
             pass
 
-        def _send(self, status: int, body: bytes = b"", headers: Mapping[str, str] = {},
-                  *, head: bool = False) -> None:
+        def _send(
+            self,
+            status: int,
+            body: bytes = b"",
+            headers: Mapping[str, str] = {},
+            *,
+            head: bool = False,
+        ) -> None:
             self.send_response(status)
             for key, value in {"Content-Length": str(len(body)), **headers}.items():
                 self.send_header(key, value)
@@ -154,8 +165,12 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(body)
 
         def _error(self, code: str, *, head: bool = False) -> None:
-            self._send(404, json.dumps({"error": code}).encode(),
-                       {"X-Error-Code": code, "Content-Type": "application/json"}, head=head)
+            self._send(
+                404,
+                json.dumps({"error": code}).encode(),
+                {"X-Error-Code": code, "Content-Type": "application/json"},
+                head=head,
+            )
 
         def do_HEAD(self) -> None:
             self._serve(head=True)
@@ -173,15 +188,20 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                     return self._error(error, head=head)
                 files = hub.repos[(repo_type, repo_id)].commits[commit]
                 if what == "revision":
-                    body = {"id": repo_id, "sha": commit, "private": False,
-                            "siblings": [{"rfilename": p} for p in sorted(files)]}
+                    body = {
+                        "id": repo_id,
+                        "sha": commit,
+                        "private": False,
+                        "siblings": [{"rfilename": p} for p in sorted(files)],
+                    }
                 else:
                     body = [
                         {"type": "file", "oid": blob_id(p, c), "size": len(c), "path": p}
                         for p, c in sorted(files.items())
                     ]
-                return self._send(200, json.dumps(body).encode(),
-                                  {"Content-Type": "application/json"}, head=head)
+                return self._send(
+                    200, json.dumps(body).encode(), {"Content-Type": "application/json"}, head=head
+                )
             if match := _RESOLVE.match(path):
                 kind, repo_id, revision, file = match.groups()
                 repo_type = "dataset" if kind else "model"
@@ -192,8 +212,11 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 if file not in files:
                     return self._error("EntryNotFound", head=head)
                 content = files[file]
-                headers = {"X-Repo-Commit": commit, "ETag": f'"{blob_id(file, content)}"',
-                           "Content-Type": "application/octet-stream"}
+                headers = {
+                    "X-Repo-Commit": commit,
+                    "ETag": f'"{blob_id(file, content)}"',
+                    "Content-Type": "application/octet-stream",
+                }
                 if not head:
                     hub.downloads[(repo_id, commit, file)] += 1
                 return self._send(200, content, headers, head=head)

@@ -51,14 +51,21 @@ def encode_episodes(
     sources = policy.feature_resolution.sources
     start, frames = time.perf_counter(), 0
     for episode in episodes:
-        dataset = FrameDataset(meta, episodes=[episode], cameras=list(sources.values()),
-                               chunk_size=1, storage_options=storage_options)
+        dataset = FrameDataset(
+            meta,
+            episodes=[episode],
+            cameras=list(sources.values()),
+            chunk_size=1,
+            storage_options=storage_options,
+        )
         outputs: dict[str, list[torch.Tensor]] = {}
         for first in range(0, len(dataset), ENCODE_BATCH):
             rows = range(first, min(first + ENCODE_BATCH, len(dataset)))
             samples = [dataset[i] for i in rows]
-            batch = {key: torch.stack([s[source] for s in samples]).to(device)
-                     for key, source in sources.items()}
+            batch = {
+                key: torch.stack([s[source] for s in samples]).to(device)
+                for key, source in sources.items()
+            }
             for key, value in policy.encode_images(batch).items():
                 outputs.setdefault(key.removesuffix(".features"), []).append(value.to("cpu"))
         store.write_shard(episode, {k: torch.cat(v).to(dtype) for k, v in outputs.items()})
@@ -105,13 +112,16 @@ def ensure_feature_cache(spec: JobSpec, storage_options: Mapping[str, Any]) -> s
         task = ray.remote(**resources)(encode_episodes)
         spec_dict = spec.public_dict()
         options_ref = ray.put(dict(storage_options))
-        refs = [task.remote(spec_dict, options_ref, root, missing[i::groups])
-                for i in range(groups)]
+        refs = [
+            task.remote(spec_dict, options_ref, root, missing[i::groups]) for i in range(groups)
+        ]
         stats = ray.get(refs)
         frames = sum(s["frames"] for s in stats)
         seconds = sum(s["seconds"] for s in stats)
-        say(f"feature cache built: {frames} frames in {seconds:.1f} task-seconds "
-            f"({seconds / max(frames, 1) * 1000:.1f} ms per frame)")
+        say(
+            f"feature cache built: {frames} frames in {seconds:.1f} task-seconds "
+            f"({seconds / max(frames, 1) * 1000:.1f} ms per frame)"
+        )
     if len(store.shards()) == len(meta.episodes):
         store.write_json(COMPLETE, {"episodes": len(meta.episodes)})
     return root

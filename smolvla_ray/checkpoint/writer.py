@@ -103,9 +103,7 @@ def upload_checkpoint(local: Path, fs, destination: str) -> None:
     files = sorted(p for p in local.iterdir() if p.is_file() and p.name != MANIFEST)
     if not (local / MANIFEST).exists():
         raise RuntimeError(f"checkpoint {local} has no {MANIFEST}; refusing to upload it")
-    with_retries(
-        lambda: fs.makedirs(destination, exist_ok=True), what=f"creating {destination}"
-    )
+    with_retries(lambda: fs.makedirs(destination, exist_ok=True), what=f"creating {destination}")
     for path in [*files, local / MANIFEST]:
         target = f"{destination.rstrip('/')}/{path.name}"
         with_retries(

@@ -171,8 +171,14 @@ def write_demo_dataset(
     episodes = (
         _to_episode_data(
             make_demo_episode(
-                i, length=lengths[i], cameras=cameras, height=height, width=width, seed=seed,
-                state_dim=state_dim, action_dim=action_dim,
+                i,
+                length=lengths[i],
+                cameras=cameras,
+                height=height,
+                width=width,
+                seed=seed,
+                state_dim=state_dim,
+                action_dim=action_dim,
             )
         )
         for i in range(num_episodes)

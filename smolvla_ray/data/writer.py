@@ -443,7 +443,9 @@ def _features(
     features: dict[str, dict] = {
         layout.STATE_KEY: {"dtype": "float32", "shape": [ep.state.shape[1]], "names": names},
         layout.ACTION_KEY: {
-            "dtype": "float32", "shape": [ep.action.shape[1]], "names": action_names
+            "dtype": "float32",
+            "shape": [ep.action.shape[1]],
+            "names": action_names,
         },
     }
     for key, frames in ep.frames.items():

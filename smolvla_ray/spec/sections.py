@@ -212,8 +212,14 @@ class AugmentSpec(BaseModel):
 
     @model_validator(mode="after")
     def _some_transform(self) -> AugmentSpec:
-        ranges = [self.brightness, self.contrast, self.saturation, self.hue, self.sharpness,
-                  self.affine_degrees]
+        ranges = [
+            self.brightness,
+            self.contrast,
+            self.saturation,
+            self.hue,
+            self.sharpness,
+            self.affine_degrees,
+        ]
         if self.enable and all(r is None for r in ranges):
             raise ValueError("augment.enable is true but every transform is null; enable one")
         for r in ranges:

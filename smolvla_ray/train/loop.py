@@ -209,6 +209,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if not (do_checkpoint or step % spec.train.log_every == 0):
             continue
         elapsed = time.perf_counter() - window_start
+
         def mean(values: list[float]) -> float:
             return sum(values) / len(values)
 

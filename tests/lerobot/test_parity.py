@@ -59,8 +59,13 @@ def test_lerobot_matches(tmp_path: Path, train_expert_only: bool) -> None:
     tasks = ["pick the red cube", "push the box to the left\n", "open the drawer"]
     raw_state = torch.randn(3, config.state_dim)
     raw_action = torch.randn(3, config.chunk_size, config.action_dim)
-    inputs = {**batch, "_noise": noise, "_time": time, "_raw_state": raw_state,
-              "_raw_action": raw_action}
+    inputs = {
+        **batch,
+        "_noise": noise,
+        "_time": time,
+        "_raw_state": raw_state,
+        "_raw_action": raw_action,
+    }
     inputs["action_is_pad"] = batch["action_is_pad"]
     save_file({k: v.contiguous() for k, v in inputs.items()}, str(tmp_path / "inputs.safetensors"))
     (tmp_path / "tasks.json").write_text(json.dumps(tasks))
@@ -86,9 +91,7 @@ def test_lerobot_matches(tmp_path: Path, train_expert_only: bool) -> None:
     processed = policy.processor.preprocess({"observation.state": raw_state, "task": tasks})
     torch.testing.assert_close(processed["observation.state"], theirs["pre.state"])
     assert torch.equal(processed["observation.language.tokens"], theirs["pre.tokens"])
-    assert torch.equal(
-        processed["observation.language.attention_mask"].long(), theirs["pre.mask"]
-    )
+    assert torch.equal(processed["observation.language.attention_mask"].long(), theirs["pre.mask"])
     torch.testing.assert_close(policy.processor.postprocess(raw_action), theirs["post.action"])
 
     # Reverse: what LeRobot saves, we load, with identical weights.

@@ -76,7 +76,9 @@ def test_empty_cameras_covers_a_policy_camera_without_source() -> None:
         (None, f"{CAM}empty_camera_0", "left out"),
     ]
     assert list(resolution.apply(base()).image_features) == [
-        f"{CAM}camera1", f"{CAM}camera2", f"{CAM}camera3"
+        f"{CAM}camera1",
+        f"{CAM}camera2",
+        f"{CAM}camera3",
     ]
 
 
@@ -225,7 +227,8 @@ def test_shipped_configs_resolve_against_their_real_shapes(config: str, info: di
     spec = load_spec(str(ROOT / "configs" / config))
     _, resolution = resolve_spec(spec, BASE_CONFIG, info["features"])
     assert [(r.policy_key, r.status) for r in resolution.cameras][:2] == [
-        (f"{CAM}camera1", "used"), (f"{CAM}camera2", "used")
+        (f"{CAM}camera1", "used"),
+        (f"{CAM}camera2", "used"),
     ]
 
 

@@ -73,20 +73,24 @@ def dataset_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[st
 def lay_out(cache: Path, model_files: dict, dataset_files: dict) -> None:
     write_cached_repo(cache, "me/tiny", model_files["main"], commit=MAIN)
     write_cached_repo(cache, "me/tiny", model_files["v2"], commit=V2, refs=("v2",))
-    write_cached_repo(cache, "me/demo", dataset_files["main"], commit=DATA_MAIN,
-                      repo_type="dataset")
-    write_cached_repo(cache, "me/demo", dataset_files["v1"], commit=DATA_V1,
-                      repo_type="dataset", refs=("v1",))
+    write_cached_repo(
+        cache, "me/demo", dataset_files["main"], commit=DATA_MAIN, repo_type="dataset"
+    )
+    write_cached_repo(
+        cache, "me/demo", dataset_files["v1"], commit=DATA_V1, repo_type="dataset", refs=("v1",)
+    )
 
 
 def spec_for(storage: Path, **policy) -> object:
-    return spec_from_dict({
-        "name": "hub",
-        "policy": {"pretrained": "me/tiny", **policy},
-        "data": {"uri": "me/demo", "revision": "v1"},
-        "train": {"steps": 1, "batch_size": 2},
-        "checkpoint": {"storage": str(storage)},
-    })
+    return spec_from_dict(
+        {
+            "name": "hub",
+            "policy": {"pretrained": "me/tiny", **policy},
+            "data": {"uri": "me/demo", "revision": "v1"},
+            "train": {"steps": 1, "batch_size": 2},
+            "checkpoint": {"storage": str(storage)},
+        }
+    )
 
 
 def test_the_laid_out_cache_is_what_huggingface_hub_reads(
@@ -96,16 +100,20 @@ def test_the_laid_out_cache_is_what_huggingface_hub_reads(
 
     lay_out(offline, model_files, dataset_files)
     for repo, repo_type, revision, commit in [
-        ("me/tiny", "model", "main", MAIN), ("me/tiny", "model", "v2", V2),
-        ("me/tiny", "model", V2, V2), ("me/demo", "dataset", "v1", DATA_V1),
+        ("me/tiny", "model", "main", MAIN),
+        ("me/tiny", "model", "v2", V2),
+        ("me/tiny", "model", V2, V2),
+        ("me/demo", "dataset", "v1", DATA_V1),
     ]:
-        folder = snapshot_download(repo, repo_type=repo_type, revision=revision,
-                                   cache_dir=offline, local_files_only=True)
+        folder = snapshot_download(
+            repo, repo_type=repo_type, revision=revision, cache_dir=offline, local_files_only=True
+        )
         assert Path(folder) == offline / f"{repo_type}s--me--{repo[3:]}" / "snapshots" / commit
     config = hf_hub_download("me/tiny", "config.json", revision="v2", cache_dir=offline)
     assert Path(config).read_bytes() == model_files["v2"]["config.json"]
-    info = hf_hub_download("me/demo", "meta/info.json", repo_type="dataset", revision="v1",
-                           cache_dir=offline)
+    info = hf_hub_download(
+        "me/demo", "meta/info.json", repo_type="dataset", revision="v1", cache_dir=offline
+    )
     assert Path(info).read_bytes() == dataset_files["v1"]["meta/info.json"]
 
 
@@ -121,13 +129,15 @@ def test_offline_model_and_dataset_resolve_at_their_revisions(
     lay_out(offline, model_files, dataset_files)
     for revision, files in [(None, "main"), ("v2", "v2"), (MAIN, "main")]:
         policy = load_pretrained("me/tiny", revision=revision)
-        expected = load_file(str(hub.model_snapshot("me/tiny", revision=files) /
-                                 "model.safetensors"))
+        expected = load_file(
+            str(hub.model_snapshot("me/tiny", revision=files) / "model.safetensors")
+        )
         for name, tensor in policy.state_dict().items():
             torch.testing.assert_close(tensor, expected[name], msg=name)
     assert hub.model_snapshot("me/tiny", revision="v2").name == V2
-    assert hub.model_file("me/tiny", "config.json").read_bytes() == \
-        model_files["main"]["config.json"]
+    assert (
+        hub.model_file("me/tiny", "config.json").read_bytes() == model_files["main"]["config.json"]
+    )
 
     url = hub.dataset_url("me/demo", "v1")
     assert url == str(offline / "datasets--me--demo" / "snapshots" / DATA_V1)
@@ -151,8 +161,11 @@ def test_missing_ids_and_revisions_are_refused_before_anything_starts(
     lay_out(offline, model_files, dataset_files)
     storage = tmp_path / "runs"
     cases = [
-        (spec_for(storage, pretrained="me/nope"), r"policy.pretrained='me/nope' at policy."
-         r"revision='main' is not in the Hugging Face cache .*huggingface-cli download me/nope"),
+        (
+            spec_for(storage, pretrained="me/nope"),
+            r"policy.pretrained='me/nope' at policy."
+            r"revision='main' is not in the Hugging Face cache .*huggingface-cli download me/nope",
+        ),
         (spec_for(storage, revision="v9"), r"policy.revision='v9' is not in the Hugging Face"),
         (spec_for(storage, revision="f" * 40), r"policy.revision='f{40}' is not in"),
     ]
@@ -162,11 +175,15 @@ def test_missing_ids_and_revisions_are_refused_before_anything_starts(
     no_data = spec_for(storage).model_copy(
         update={"data": spec_for(storage).data.model_copy(update={"revision": "v7"})}
     )
-    with pytest.raises(FileNotFoundError, match=r"data.uri='me/demo' at data.revision='v7'.*"
-                       r"--repo-type dataset"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"data.uri='me/demo' at data.revision='v7'.*"
+        r"--repo-type dataset",
+    ):
         hub.check_ids(no_data)
-    preset = spec_from_dict({**spec_for(storage).public_dict(),
-                             "policy": {"preset": "tiny", "revision": "v2"}})
+    preset = spec_from_dict(
+        {**spec_for(storage).public_dict(), "policy": {"preset": "tiny", "revision": "v2"}}
+    )
     with pytest.raises(ValueError, match="policy.revision='v2' needs a hub id"):
         hub.check_ids(preset)
 
@@ -193,8 +210,9 @@ def test_two_processes_and_a_restart_fetch_the_model_once(
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         # Two processes of one node at once (the workers), each from an empty cache...
         workers = [
-            subprocess.Popen([sys.executable, "-c", FETCH, "main"], cwd=REPO,
-                             stdout=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                [sys.executable, "-c", FETCH, "main"], cwd=REPO, stdout=subprocess.PIPE, text=True
+            )
             for _ in range(2)
         ]
         paths = {w.communicate(timeout=120)[0].strip() for w in workers}
@@ -213,8 +231,9 @@ def test_online_uncached_dataset_is_read_through_the_hub_at_its_commit(
     hf_cache: Path, dataset_files: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with FakeHub() as server:
-        server.add("me/demo", dataset_files["v1"], commit=DATA_V1, repo_type="dataset",
-                   refs=("v1",))
+        server.add(
+            "me/demo", dataset_files["v1"], commit=DATA_V1, repo_type="dataset", refs=("v1",)
+        )
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         assert hub.dataset_url("me/demo", "v1") == f"hf://datasets/me/demo@{DATA_V1}"
         with pytest.raises(ValueError, match="give the revision in one place"):
@@ -227,16 +246,19 @@ def test_online_uncached_dataset_is_read_through_the_hub_at_its_commit(
 def test_resume_refuses_another_base_commit_or_fingerprint() -> None:
     recorded = {"uri": "me/tiny", "revision": MAIN, "commit": MAIN, "frozen_sha256": "a" * 64}
     check_resume_base(recorded, dict(recorded), checkpoint_uri="ckpt")
-    with pytest.raises(ValueError, match=rf"me/tiny@{MAIN} \(commit {MAIN}\) but this run's "
-                       rf"base is me/tiny@{V2} \(commit {V2}\).*policy.revision: {MAIN}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"me/tiny@{MAIN} \(commit {MAIN}\) but this run's "
+        rf"base is me/tiny@{V2} \(commit {V2}\).*policy.revision: {MAIN}",
+    ):
         check_resume_base(recorded, {**recorded, "commit": V2}, checkpoint_uri="ckpt")
     with pytest.raises(ValueError, match=f"fingerprint {'a' * 64} but .* has {'b' * 64}"):
-        check_resume_base(recorded, {**recorded, "frozen_sha256": "b" * 64},
-                          checkpoint_uri="ckpt")
+        check_resume_base(recorded, {**recorded, "frozen_sha256": "b" * 64}, checkpoint_uri="ckpt")
     # A checkpoint from before commits were recorded is checked by its fingerprint alone.
     legacy = {"uri": "preset:tiny", "frozen_sha256": "a" * 64}
-    check_resume_base(legacy, {**recorded, "uri": "preset:tiny", "commit": None},
-                      checkpoint_uri="ckpt")
+    check_resume_base(
+        legacy, {**recorded, "uri": "preset:tiny", "commit": None}, checkpoint_uri="ckpt"
+    )
 
 
 def test_hub_ids_are_told_from_paths_and_urls(tmp_path: Path, monkeypatch) -> None:

@@ -145,7 +145,9 @@ def test_an_empty_camera_trains_the_same_from_cached_features(
                           ["policy.overrides={empty_cameras: 1}"])  # fmt: skip
     policy = build_policy(spec, load_meta(real["dataset"]), storage_options={}).eval()
     assert policy.feature_resolution.image_features == {
-        f"{CAM}camera1": (3, 64, 80), f"{CAM}camera2": (3, 64, 80), f"{CAM}camera3": (3, 256, 256)
+        f"{CAM}camera1": (3, 64, 80),
+        f"{CAM}camera2": (3, 64, 80),
+        f"{CAM}camera3": (3, 256, 256),
     }  # camera3 has no source and takes the empty slot
     g = torch.Generator().manual_seed(0)
     batch = {

@@ -71,6 +71,9 @@ def test_construction_broadcasts_only_trainable_tensors() -> None:
 
 
 def test_different_frozen_backbones_fail_naming_the_tensors() -> None:
-    with pytest.raises(Exception, match=r"frozen backbone differs across workers.*rank 1 differs "
-                       r"from rank 0 in \d+ tensors: model\.vlm_with_expert\.vlm"):
+    with pytest.raises(
+        Exception,
+        match=r"frozen backbone differs across workers.*rank 1 differs "
+        r"from rank 0 in \d+ tensors: model\.vlm_with_expert\.vlm",
+    ):
         run(mismatched_frozen_loop)

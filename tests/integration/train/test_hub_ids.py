@@ -75,15 +75,25 @@ def test_two_workers_and_a_restart_fetch_the_base_once_per_node(
     spec["policy"] = {"pretrained": "me/tiny"}
     with FakeHub() as server:
         server.add("me/tiny", pretrained_files(demo_dataset, tmp_path / "a", 0), commit=MAIN)
-        server.add("me/tiny", pretrained_files(demo_dataset, tmp_path / "b", 1), commit=V2,
-                   refs=("v2",))
+        server.add(
+            "me/tiny", pretrained_files(demo_dataset, tmp_path / "b", 1), commit=V2, refs=("v2",)
+        )
         server.add("me/demo", data, commit=DATA, repo_type="dataset")
-        env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": server.url,
-               "SMOLVLA_RAY_HUB_FETCH_LOG": str(log), "PYTHONPATH": str(REPO)}
+        env = {
+            **os.environ,
+            "HF_HOME": str(tmp_path / "hf"),
+            "HF_ENDPOINT": server.url,
+            "SMOLVLA_RAY_HUB_FETCH_LOG": str(log),
+            "PYTHONPATH": str(REPO),
+        }
         env.pop("HF_HUB_OFFLINE", None)
         done = subprocess.run(
-            [sys.executable, "-c", DRIVER, json.dumps(spec)], cwd=REPO, env=env,
-            capture_output=True, text=True, timeout=900,
+            [sys.executable, "-c", DRIVER, json.dumps(spec)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-5000:]
@@ -105,4 +115,3 @@ def test_two_workers_and_a_restart_fetch_the_base_once_per_node(
     assert state["base"]["commit"] == state["base"]["revision"] == MAIN  # pinned by the run
     assert out["refused"] is not None
     assert f"commit {MAIN}" in out["refused"] and f"commit {V2}" in out["refused"]
-

@@ -60,7 +60,8 @@ def test_base_shaped_checkpoint_finetunes_on_other_cameras_and_widths(tmp_path: 
     (key_file,) = (tmp_path / "runs" / "feature-cache").glob("*/key.json")
     cameras = json.loads(key_file.read_text())["cameras"]
     assert {k: v["source"] for k, v in cameras.items()} == {
-        f"{CAM}camera1": f"{CAM}image", f"{CAM}camera2": f"{CAM}image2"
+        f"{CAM}camera1": f"{CAM}image",
+        f"{CAM}camera2": f"{CAM}image2",
     }
 
     out = tmp_path / "pretrained_model"

@@ -24,7 +24,9 @@ def final_trainable(result) -> dict[str, torch.Tensor]:
 def test_two_workers_learn_in_sync(tmp_path: Path, demo_dataset: str) -> None:
     spec = spec_from_dict(
         tiny_spec_dict(
-            demo_dataset, tmp_path, "learn",
+            demo_dataset,
+            tmp_path,
+            "learn",
             train={"steps": 40, "log_every": 5, "check_replicas_every": 1},
         )
     )
@@ -69,7 +71,10 @@ def test_two_workers_equal_one_worker_with_double_batch(tmp_path: Path, demo_dat
     two = spec_from_dict(tiny_spec_dict(demo_dataset, tmp_path, "two", train=train))
     one = spec_from_dict(
         tiny_spec_dict(
-            demo_dataset, tmp_path, "one", train={**train, "batch_size": 8},
+            demo_dataset,
+            tmp_path,
+            "one",
+            train={**train, "batch_size": 8},
             scaling={"num_workers": 1},
         )
     )
