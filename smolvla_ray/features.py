@@ -107,10 +107,10 @@ class FeatureResolution:
         rows.append((ACTION, ACTION, str(self.action_dim),
                      f"used (zero-padded to {self.max_action_dim})"))  # fmt: skip
         widths = [max(len(row[i]) for row in rows) for i in range(3)]
-        return "\n".join(
-            f"{row[0]:<{widths[0]}}  ->  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}".rstrip()
-            for row in rows
-        )
+        lines = [
+            f"{a:<{widths[0]}}  ->  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}" for a, b, c, d in rows
+        ]
+        return "\n".join(line.rstrip() for line in lines)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
