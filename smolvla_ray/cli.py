@@ -104,7 +104,11 @@ def run(
     set_: SetOption = None,
     address: Annotated[
         str | None,
-        typer.Option(help="Ray cluster address (ray://..., auto); default: embedded local Ray."),
+        typer.Option(
+            help="Ray cluster to join (HOST:6379, ray://..., auto: the one `ray start` runs "
+            "here); default: $RAY_ADDRESS if set (as inside a submitted job), else a private "
+            "local Ray, never another cluster found on this machine."
+        ),
     ] = None,
     progress: Annotated[
         str | None,

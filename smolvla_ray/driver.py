@@ -82,7 +82,7 @@ def preflight(spec: JobSpec) -> FeatureResolution:
     text = None
     if spec.policy.pretrained:
         text = read_pretrained_config(
-            spec.policy.pretrained, options, revision=getattr(spec.policy, "revision", None)
+            spec.policy.pretrained, options, revision=spec.policy.revision
         )
     _, resolution = resolve_spec(spec, text, meta.features)
     _check_writable(spec.checkpoint.storage, options)
@@ -144,7 +144,8 @@ def run(
     check: bool = True,
     progress: ProgressMode | Progress | None = None,
 ):  # -> ray Result
-    """Train `spec` and block until it ends; embedded local Ray unless `address` is given.
+    """Train `spec` and block until it ends; a private local Ray unless `address` (or
+    $RAY_ADDRESS) names a cluster, see `ray_address`.
 
     `progress` shows live progress (a mode: bar, lines, json, quiet; or a `Progress`) from
     the run's metrics.jsonl, polled in a background thread; None shows none."""
@@ -171,7 +172,7 @@ def run(
     if not ray.is_initialized():
         # JSON mode is for scripts: keep workers' output off stdout (it stays in Ray's logs).
         to_driver = not (isinstance(display, Progress) and display.mode == "json")
-        ray.init(address=address, include_dashboard=False, log_to_driver=to_driver)
+        ray.init(address=ray_address(address), include_dashboard=False, log_to_driver=to_driver)
     from smolvla_ray.cache.build import ensure_feature_cache
 
     feature_cache = ensure_feature_cache(spec, spec.storage_options_plain())
@@ -182,6 +183,13 @@ def run(
     uri = run_uri(spec.checkpoint.storage, spec.name)
     with MetricsWatcher(uri, spec.storage_options_plain(), display), resource_wait(spec):
         return trainer.fit()
+
+
+def ray_address(address: str | None) -> str:
+    """Where `run` gets its Ray: `address` when given (`auto`, host:port, ray://...); else
+    $RAY_ADDRESS, which Ray sets inside submitted Ray Jobs (and KubeRay RayJobs); else a
+    private local Ray (`local`), never a cluster that merely runs on this machine."""
+    return address or os.environ.get("RAY_ADDRESS") or "local"
 
 
 # Ray Train reads this in its controller, which gets it from the driver's environment.

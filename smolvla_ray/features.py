@@ -328,8 +328,10 @@ def _width(
 
 def base_config(spec: JobSpec, pretrained_config_json: str | None) -> PolicyConfig:
     """The policy's config before feature resolution: the pretrained `config.json` or the
-    preset, with the spec's policy updates on top."""
-    updates = spec.policy.config_updates()
+    preset, with the spec's policy updates and the run's optimizer and scheduler values on
+    top (so checkpoints and exported `config.json` files record what the run used, as
+    LeRobot's do)."""
+    updates = spec.policy_config_updates()
     if spec.policy.preset is not None:
         return PolicyConfig.preset(spec.policy.preset, **updates)
     source = f"{spec.policy.pretrained}/config.json"

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3-compatible server (moto in server mode) on loopback.
+"""Shared fixtures: the demo dataset, and a real S3-compatible server (moto in server mode)
+on loopback.
 
 The server is a separate process speaking HTTP, exactly what s3fs talks to in production;
 nothing in the client is mocked. One server per test session; each test that needs a clean
@@ -60,6 +61,16 @@ def _wait_until_up(endpoint: str, proc: subprocess.Popen, timeout_s: float = 30.
     raise RuntimeError(f"moto server at {endpoint} did not come up within {timeout_s}s")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_ambient_ray_address() -> Iterator[None]:
+    """No test joins a Ray cluster it did not start: a RAY_ADDRESS (or
+    RAY_API_SERVER_ADDRESS) of the shell running the tests is hidden for the session."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+            patch.delenv(name, raising=False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A moto S3 server process on a free loopback port, stopped at the end of the session."""
@@ -97,3 +108,12 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 def s3_bucket(s3_server: S3Server) -> str:
     """A fresh, empty bucket on the session's S3 server."""
     return s3_server.make_bucket()
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small v3.0 dataset with two cameras (AV1 mp4), written by the project's writer."""
+    from smolvla_ray.data.synthetic import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("datasets") / "demo"
+    return write_demo_dataset(str(root), num_episodes=4, episode_length=40)

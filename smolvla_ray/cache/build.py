@@ -1,7 +1,8 @@
 """Building the frozen-feature cache: a Ray pass over the dataset's episodes.
 
 The driver decides whether the cache applies (`data.feature_cache` and whether the features
-are constant), computes the key, and starts one Ray task per group of missing episodes (GPU
+are constant) and computes the key without building the model (from the resolved config and
+the weights' safetensors file), and starts one Ray task per group of missing episodes (GPU
 tasks when the run uses GPUs). Each task builds the policy as the workers will, decodes its
 episodes once, runs the frozen vision encoder + connector, and uploads a shard per episode.
 A build interrupted part-way keeps its shards; a complete cache is reused as it is.
@@ -24,6 +25,8 @@ from smolvla_ray.cache.store import (
     cache_root,
     key_inputs,
 )
+from smolvla_ray.policy.config import PolicyConfig
+from smolvla_ray.policy.freezing import trainable_image_towers
 from smolvla_ray.spec import JobSpec
 
 ENCODE_BATCH = 32
@@ -38,8 +41,8 @@ def encode_episodes(
     spec_dict: dict, storage_options: Mapping[str, Any], root: str, episodes: list[int]
 ) -> dict[str, float]:
     """Ray task body: encode and upload the shards of `episodes`; returns timing."""
+    from smolvla_ray.build import build_policy, open_dataset
     from smolvla_ray.data.samples import FrameDataset
-    from smolvla_ray.train.setup import build_policy, open_dataset
 
     spec = JobSpec.model_validate(spec_dict)
     device = torch.device("cuda" if spec.scaling.use_gpu and torch.cuda.is_available() else "cpu")
@@ -73,26 +76,42 @@ def encode_episodes(
     return {"frames": frames, "seconds": time.perf_counter() - start}
 
 
+def vision_blocker(config: PolicyConfig) -> str | None:
+    """Why the image tokens are not constant under `config`'s freezing overrides (None when
+    the vision encoder and connector are both frozen), by `apply_requires_grad`'s rules."""
+    trainable = trainable_image_towers(
+        freeze_vision_encoder=config.freeze_vision_encoder,
+        train_expert_only=config.train_expert_only,
+    )
+    if not trainable:
+        return None
+    return (
+        f"the policy's {' and '.join(trainable)} {'train' if len(trainable) > 1 else 'trains'} "
+        f"(freeze_vision_encoder={config.freeze_vision_encoder}, train_expert_only="
+        f"{config.train_expert_only} after the checkpoint's config and the spec's overrides)"
+    )
+
+
 def ensure_feature_cache(spec: JobSpec, storage_options: Mapping[str, Any]) -> str | None:
     """The cache root to train from, building what is missing; None when not used."""
     mode = spec.data.feature_cache
     if mode == "off":
         return None
-    blocker = spec.feature_cache_blocker()
-    from smolvla_ray.train.setup import build_policy, episode_selection, open_dataset
+    from smolvla_ray.build import episode_selection, open_dataset, resolve_dataset_features
 
-    meta = open_dataset(spec, storage_options=storage_options)
-    policy = build_policy(spec, meta, storage_options=storage_options)
-    if blocker is None and not all(
-        not p.requires_grad for p in policy.model.vlm_with_expert.vision_model.parameters()
-    ):
-        blocker = "the policy's vision encoder is trainable (its checkpoint's overrides)"
+    blocker = spec.feature_cache_blocker()
+    if blocker is None:
+        # Model-free: the resolved config (a checkpoint's config.json with the spec's
+        # updates) decides, and the weights' files key the cache; only the tasks build it.
+        meta = open_dataset(spec, storage_options=storage_options)
+        config, resolution = resolve_dataset_features(spec, meta, storage_options=storage_options)
+        blocker = vision_blocker(config)
     if blocker is not None:
         if mode == "on":
             raise ValueError(f"data.feature_cache='on' but {blocker}; use auto or off")
         say(f"feature cache not used: {blocker}")
         return None
-    inputs = key_inputs(policy, meta, spec.data.feature_cache_dtype)
+    inputs = key_inputs(spec, config, resolution, meta, storage_options=storage_options)
     root = cache_root(spec.checkpoint.storage, cache_key(inputs))
     store = CacheStore(root, storage_options)
     selected = episode_selection(spec)

@@ -10,7 +10,9 @@ episode, under `<checkpoint.storage>/feature-cache/<key>/`:
     complete.json           written last, once every shard is there
 
 The key covers the frozen vision weights, the image preprocessing, the dataset's identity and
-revision (metadata and video file sizes) and the dtype, so any change makes a new cache.
+revision (metadata and video file sizes) and the dtype, so any change makes a new cache. The
+driver computes it without building the policy (`key_inputs`): the weights are identified
+from their safetensors file, or for a random-init preset from what seeds them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import torch
@@ -30,7 +32,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from smolvla_ray.data.meta import DatasetMeta
-from smolvla_ray.policy.modeling import FEATURES_SUFFIX, SmolVLAPolicy
+from smolvla_ray.policy.config import PolicyConfig
+from smolvla_ray.policy.fingerprint import combine_digests, safetensors_digests
+from smolvla_ray.policy.modeling import FEATURES_SUFFIX
+
+if TYPE_CHECKING:
+    from smolvla_ray.features import FeatureResolution
+    from smolvla_ray.spec import JobSpec
 
 FORMAT_VERSION = 2  # 2: cameras keyed by policy key with their dataset source
 COMPLETE = "complete.json"
@@ -41,19 +49,109 @@ def shard_name(episode: int) -> str:
     return f"episode_{episode:06d}.safetensors"
 
 
-def _tensor_digest(tensor: Tensor) -> str:
-    data = tensor.detach().to("cpu").contiguous()
-    return hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
+# State-dict prefixes of the towers whose output the cache holds (SmolVLAPolicy's names).
+VISION_PREFIXES = (
+    "model.vlm_with_expert.vlm.model.vision_model.",
+    "model.vlm_with_expert.vlm.model.connector.",
+)
+# The same towers in a SmolVLM checkpoint (`load_vlm_weights`), whatever its key layout.
+VLM_VISION_FRAGMENTS = ("vision_model.", "connector.")
 
 
-def key_inputs(policy: SmolVLAPolicy, meta: DatasetMeta, dtype: str) -> dict[str, Any]:
-    """Everything the cached features depend on, as JSON."""
-    towers = policy.model.vlm_with_expert
-    vision = {
-        name: _tensor_digest(p)
-        for module in (towers.vision_model, towers.vlm.model.connector)
-        for name, p in module.named_parameters()
+def pretrained_weights_file(
+    source: str,
+    directory: Path,
+    *,
+    revision: str | None = None,
+    storage_options: Mapping[str, Any],
+) -> Path:
+    """A local path to `source`'s `model.safetensors` alone: in a local directory itself, a
+    hub id's file in the Hugging Face cache (at `revision`), else a copy into `directory`."""
+    from smolvla_ray.policy.pretrained import WEIGHTS_NAME
+
+    if "://" not in source:
+        local = Path(source).expanduser()
+        if local.is_dir():
+            path = local / WEIGHTS_NAME
+            if not path.is_file():
+                raise FileNotFoundError(f"{source}: no {WEIGHTS_NAME}")
+            return path
+        from smolvla_ray import hub
+
+        if hub.is_hub_id(source):
+            return hub.model_file(source, WEIGHTS_NAME, revision=revision)
+        raise FileNotFoundError(f"pretrained policy directory {source!r} does not exist")
+    fs, root = fsspec.core.url_to_fs(source, **dict(storage_options))
+    remote = f"{root.rstrip('/')}/{WEIGHTS_NAME}"
+    if not fs.exists(remote):
+        raise FileNotFoundError(f"{source}: no {WEIGHTS_NAME}")
+    target = directory / WEIGHTS_NAME
+    fs.get_file(remote, str(target))
+    return target
+
+
+def vision_identity(
+    spec: JobSpec, config: PolicyConfig, *, storage_options: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What the vision encoder's and connector's weights are, without building the policy.
+
+    A pretrained run: the digests of those tensors in its `model.safetensors` (read one at a
+    time; the rule hashes a bf16-stored file as its float32 load). A preset with
+    `load_vlm_weights`: the same towers' tensors in the VLM's weights. A preset with random
+    weights: what seeds them (preset, seed, the VLM's architecture).
+    """
+    if spec.policy.pretrained:
+        with tempfile.TemporaryDirectory(prefix="smolvla-cache-key-") as tmp:
+            path = pretrained_weights_file(
+                spec.policy.pretrained,
+                Path(tmp),
+                revision=spec.policy.revision,
+                storage_options=storage_options,
+            )
+            digests = safetensors_digests(path, lambda name: name.startswith(VISION_PREFIXES))
+        if not digests:
+            raise ValueError(
+                f"{spec.policy.pretrained}: its model.safetensors holds no vision encoder "
+                f"tensor ({VISION_PREFIXES[0]}*); is it a SmolVLA checkpoint?"
+            )
+        return {"pretrained_weights": combine_digests(digests)}
+    if config.load_vlm_weights:
+        from smolvla_ray.policy.backbone import vlm_weights_dir
+
+        digests = {}
+        for file in sorted(vlm_weights_dir(config.vlm_model_name).glob("*.safetensors")):
+            digests.update(
+                safetensors_digests(file, lambda n: any(f in n for f in VLM_VISION_FRAGMENTS))
+            )
+        return {"vlm_weights": combine_digests(dict(sorted(digests.items())))}
+    return {
+        "preset": spec.policy.preset,
+        "seed": spec.train.seed,
+        "vlm_config": _vlm_architecture(config.vlm_model_name),
     }
+
+
+def _vlm_architecture(vlm_model_name: str) -> dict[str, Any]:
+    """The VLM config a random-init policy builds from, without machine-local paths."""
+    from smolvla_ray.policy.backbone import load_vlm_config
+
+    data = json.loads(load_vlm_config(vlm_model_name).to_json_string(use_diff=False))
+    data["text_config"]["tie_word_embeddings"] = False  # as SmolVLMWithExpert sets it
+    for part in (data, data.get("text_config", {}), data.get("vision_config", {})):
+        part.pop("_name_or_path", None)
+    return data
+
+
+def key_inputs(
+    spec: JobSpec,
+    config: PolicyConfig,
+    resolution: FeatureResolution,
+    meta: DatasetMeta,
+    *,
+    storage_options: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Everything the cached features depend on, as JSON, from the resolved config and
+    features (`resolve_dataset_features`) and the weights' files; no model is built."""
     storage = meta.storage
     videos = sorted({ref.file for ep in meta.episodes for ref in ep.videos.values()})
     sizes = {v: int(storage.fs.size(storage.path(v))) for v in videos}
@@ -61,18 +159,19 @@ def key_inputs(policy: SmolVLAPolicy, meta: DatasetMeta, dtype: str) -> dict[str
         [ep.episode_index, ep.length, {k: [r.file, r.from_timestamp] for k, r in ep.videos.items()}]
         for ep in meta.episodes
     ]
+    sources = resolution.sources
     return {
         "format": FORMAT_VERSION,
-        "dtype": dtype,
-        "vision_weights": hashlib.sha256(json.dumps(vision, sort_keys=True).encode()).hexdigest(),
-        "resize_imgs_with_padding": policy.config.resize_imgs_with_padding,
+        "dtype": spec.data.feature_cache_dtype,
+        "vision_weights": vision_identity(spec, config, storage_options=storage_options),
+        "resize_imgs_with_padding": config.resize_imgs_with_padding,
         # Policy camera -> the dataset camera it is encoded from: swapping two cameras in
         # data.rename_map is another cache, never the other camera's features.
         "cameras": {
-            key: {"source": policy.feature_resolution.sources.get(key), "shape": list(f.shape)}
-            for key, f in policy.config.image_features.items()
+            key: {"source": sources.get(key), "shape": list(f.shape)}
+            for key, f in config.image_features.items()
         },
-        "rename_map": dict(sorted(policy.feature_resolution.rename_map.items())),
+        "rename_map": dict(sorted(resolution.rename_map.items())),
         # The precision the encoder ran in (float32 today); the storage dtype is `dtype`.
         "encode_precision": "float32",
         "dataset": {

@@ -17,10 +17,10 @@ import torch
 from smolvla_ray.checkpoint.discovery import fetch_checkpoint
 from smolvla_ray.checkpoint.format import read_checkpoint
 from smolvla_ray.policy.config import PolicyConfig
+from smolvla_ray.policy.fingerprint import frozen_sha256
 from smolvla_ray.policy.modeling import SmolVLAPolicy
-from smolvla_ray.policy.pretrained import check_state_dict_keys, load_pretrained
+from smolvla_ray.policy.pretrained import check_state_dict_keys
 from smolvla_ray.policy.processor import PolicyProcessor
-from smolvla_ray.train.ddp import check_frozen_fingerprint
 
 
 def policy_from_checkpoint(
@@ -43,10 +43,10 @@ def policy_from_checkpoint(
             updates = config.model_dump()
             # The hub commit the run pinned (older checkpoints: the default branch).
             revision = state.base.get("commit") or state.base.get("revision")
-            policy = load_pretrained(
+            policy = SmolVLAPolicy.from_pretrained(
                 base_uri, config_overrides=updates, revision=revision, **options
             )
-        fingerprint = check_frozen_fingerprint(policy)
+        fingerprint = frozen_sha256(policy)
         if fingerprint != state.base["frozen_sha256"]:
             vlm_weights = state.base.get("vlm_weights")  # absent in older checkpoints
             from_vlm = f" (VLM weights from {vlm_weights})" if vlm_weights else ""

@@ -1,21 +1,18 @@
-"""Rank 0's checkpoint writer: gathers what training changed into the checkpoint format and
-hands it to Ray Train, which uploads it to the run's storage (asynchronously by default)
-through `upload_checkpoint`: every file retried through transient storage faults, the
-manifest last, so a checkpoint in storage is never valid before all of it landed."""
+"""Rank 0's checkpoint writer: gathers what training changed into the checkpoint format in a
+local directory, and `upload_checkpoint`, which copies such a directory to storage: every file
+retried through transient storage faults, the manifest last, so a checkpoint in storage is
+never valid before all of it landed. (Handing it to Ray Train is the Ray adapter's job,
+`train/loop.py`.)"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import torch
-from ray.train import Checkpoint
-from ray.train.v2.api.report_config import CheckpointUploadMode
 
-from smolvla_ray.checkpoint.base import base_revision
+from smolvla_ray.checkpoint.base import base_identity
 from smolvla_ray.checkpoint.format import (
     MANIFEST,
     TrainingState,
@@ -34,9 +31,8 @@ class CheckpointWriter:
         self.spec_json = spec.public_dict()  # without secrets; loads back into a JobSpec
         self.policy = policy
         self.base = {
-            "uri": spec.policy.pretrained or f"preset:{spec.policy.preset}",
-            "frozen_sha256": base_fingerprint,
-            **base_revision(spec),  # the hub revision and its commit (None off the Hub)
+            # uri, frozen fingerprint, the hub revision and its commit (None off the Hub)
+            **base_identity(spec, base_fingerprint),
             # Where a preset's VLM weights came from (None: random init, or inside `uri`).
             "vlm_weights": (
                 policy.config.vlm_model_name
@@ -44,10 +40,6 @@ class CheckpointWriter:
                 else None
             ),
         }
-        mode = spec.checkpoint.upload_mode
-        self.upload_mode = (
-            CheckpointUploadMode.ASYNC if mode == "async" else CheckpointUploadMode.SYNC
-        )
 
     def write(
         self,
@@ -61,7 +53,8 @@ class CheckpointWriter:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         counters: dict[str, Any],
-    ) -> Checkpoint:
+    ) -> Path:
+        """Write the checkpoint of this step into `directory` (created) and return it."""
         names: list[str] = ddp.module.names
         trainable = dict(zip(names, ddp.module.params, strict=True))
         optim_tensors, groups = optimizer_tensors(optimizer, names)
@@ -93,7 +86,7 @@ class CheckpointWriter:
             rng_states=rng_states,
             state=state,
         )
-        return Checkpoint.from_directory(str(directory))
+        return directory
 
 
 def upload_checkpoint(local: Path, fs, destination: str) -> None:
@@ -110,22 +103,3 @@ def upload_checkpoint(local: Path, fs, destination: str) -> None:
             lambda path=path, target=target: fs.put_file(str(path), target),
             what=f"upload of {target}",
         )
-
-
-def checkpoint_upload_fn(
-    storage_uri: str, storage_options: Mapping[str, Any]
-) -> Callable[[Checkpoint, str], Checkpoint]:
-    """`ray.train.report(checkpoint_upload_fn=...)` for the run's storage: uploads with
-    `upload_checkpoint` to where Ray Train expects the checkpoint (its experiment path on its
-    storage filesystem), so Ray's retention and `Result.checkpoint` keep working."""
-    fs, _ = fsspec.core.url_to_fs(storage_uri, **storage_options)
-
-    def upload(checkpoint: Checkpoint, checkpoint_dir_name: str) -> Checkpoint:
-        import ray.train
-
-        storage = ray.train.get_context().get_storage()
-        destination = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
-        upload_checkpoint(Path(checkpoint.path), fs, destination)
-        return Checkpoint(destination, filesystem=storage.storage_filesystem)
-
-    return upload

@@ -13,12 +13,27 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from smolvla_ray.spec.sections import AugmentSpec
+
+class AugmentSettings(Protocol):
+    """The augmentation settings (the job spec's `data.augment` section satisfies this; the
+    data layer does not import the spec)."""
+
+    enable: bool
+    max_num_transforms: int
+    random_order: bool
+    brightness: tuple[float, float] | None
+    contrast: tuple[float, float] | None
+    saturation: tuple[float, float] | None
+    hue: tuple[float, float] | None
+    sharpness: tuple[float, float] | None
+    affine_degrees: tuple[float, float] | None
+    affine_translate: tuple[float, float]
 
 
 def _generator(seed: int, step: int, index: int, camera: str) -> torch.Generator:
@@ -70,7 +85,7 @@ def _affine(img: Tensor, degrees: float, tx: float, ty: float) -> Tensor:
     return F.grid_sample(img.unsqueeze(0), grid, align_corners=False).squeeze(0)
 
 
-def augment_image(img: Tensor, spec: AugmentSpec, g: torch.Generator) -> Tensor:
+def augment_image(img: Tensor, spec: AugmentSettings, g: torch.Generator) -> Tensor:
     """One (3, H, W) image in [0, 1], augmented."""
 
     def uniform(low: float, high: float) -> float:
@@ -106,7 +121,7 @@ def augment_image(img: Tensor, spec: AugmentSpec, g: torch.Generator) -> Tensor:
 
 
 def augment_batch(
-    batch: dict, camera_keys: Sequence[str], spec: AugmentSpec, *, seed: int, step: int
+    batch: dict, camera_keys: Sequence[str], spec: AugmentSettings, *, seed: int, step: int
 ) -> dict:
     """A copy of `batch` with every camera image augmented, keyed per sample."""
     out = dict(batch)

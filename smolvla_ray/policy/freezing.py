@@ -57,6 +57,20 @@ def apply_requires_grad(
     state_proj.requires_grad_(train_state_proj)
 
 
+def trainable_image_towers(*, freeze_vision_encoder: bool, train_expert_only: bool) -> list[str]:
+    """The towers between an image and its tokens that `apply_requires_grad` leaves
+    trainable: "vision encoder" unless `freeze_vision_encoder` or `train_expert_only`,
+    "connector" unless `train_expert_only` (it is part of the VLM, which only
+    `train_expert_only` freezes). The image tokens are constant per frame, as the feature
+    cache needs, exactly when this is empty."""
+    towers = []
+    if not (freeze_vision_encoder or train_expert_only):
+        towers.append("vision encoder")
+    if not train_expert_only:
+        towers.append("connector")
+    return towers
+
+
 def apply_modes(
     towers: SmolVLMWithExpert, *, freeze_vision_encoder: bool, train_expert_only: bool
 ) -> None:
@@ -70,10 +84,3 @@ def apply_modes(
 def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters training updates, by their state-dict name, in registration order."""
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
-
-
-def parameter_counts(module: nn.Module) -> dict[str, int]:
-    """Total, trainable and frozen parameter counts, for the run log."""
-    total = sum(p.numel() for p in module.parameters())
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return {"total": total, "trainable": trainable, "frozen": total - trainable}

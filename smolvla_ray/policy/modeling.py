@@ -37,6 +37,7 @@ from smolvla_ray.policy.flow import (
 )
 from smolvla_ray.policy.freezing import apply_requires_grad, trainable_parameters
 from smolvla_ray.policy.layers import PrefixCache, run_layers
+from smolvla_ray.policy.pretrained import load_pretrained, save_pretrained
 
 PrefixMode = Literal["auto", "joint", "no_grad"]
 FEATURES_SUFFIX = ".features"  # batch key suffix of cached vision features
@@ -317,17 +318,28 @@ class SmolVLAPolicy(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, source: str, *, prefix_mode: PrefixMode = "auto", **storage_options
+        cls,
+        source: str,
+        *,
+        prefix_mode: PrefixMode = "auto",
+        config_overrides: dict | None = None,
+        revision: str | None = None,
+        **storage_options,
     ) -> SmolVLAPolicy:
-        """Load a LeRobot `pretrained_model/` (local path, fsspec URL, or hub id with network)."""
-        from smolvla_ray.policy.pretrained import load_pretrained
-
-        return load_pretrained(source, prefix_mode=prefix_mode, **storage_options)
+        """Load a LeRobot `pretrained_model/`: a local path, an fsspec URL, or a hub id at
+        `revision` (from the Hugging Face cache). Loading is strict: a missing, unexpected or
+        mis-shaped tensor is an error naming it."""
+        return load_pretrained(
+            cls,
+            source,
+            prefix_mode=prefix_mode,
+            config_overrides=config_overrides,
+            revision=revision,
+            **storage_options,
+        )
 
     def save_pretrained(self, target: str | Path, **storage_options) -> None:
         """Write a LeRobot `pretrained_model/` that LeRobot 0.6's from_pretrained loads."""
-        from smolvla_ray.policy.pretrained import save_pretrained
-
         save_pretrained(self, str(target), **storage_options)
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:

@@ -11,14 +11,17 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fsspec
 import torch
 from safetensors.torch import load_file, save_file
 
 from smolvla_ray.policy.config import PolicyConfig
-from smolvla_ray.policy.modeling import PrefixMode, SmolVLAPolicy
 from smolvla_ray.policy.processor import PRE_STATE, PolicyProcessor
+
+if TYPE_CHECKING:  # the model module calls into this one (SmolVLAPolicy.from_pretrained)
+    from smolvla_ray.policy.modeling import PrefixMode, SmolVLAPolicy
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,7 @@ def check_state_dict_keys(
 
 
 def load_pretrained(
+    policy_class: type[SmolVLAPolicy],
     source: str,
     *,
     prefix_mode: PrefixMode = "auto",
@@ -93,8 +97,8 @@ def load_pretrained(
     revision: str | None = None,
     **storage_options,
 ) -> SmolVLAPolicy:
-    """Build a policy from a LeRobot `pretrained_model/` (path, fsspec URL or hub id at
-    `revision`, a branch, tag or commit; None = main)."""
+    """Build a `policy_class` from a LeRobot `pretrained_model/` (path, fsspec URL or hub id
+    at `revision`, a branch, tag or commit; None = main). Use `SmolVLAPolicy.from_pretrained`."""
     with tempfile.TemporaryDirectory(prefix="smolvla-pretrained-") as tmp:
         directory = fetch_pretrained(source, tmp, revision=revision, **storage_options)
         config_path = directory / CONFIG_NAME
@@ -109,7 +113,7 @@ def load_pretrained(
         state = load_file(str(weights_path))
         # The checkpoint holds every VLM tensor, so `load_vlm_weights` (true in smolvla_base's
         # config.json) fetches nothing here; LeRobot fetches them and then overwrites them.
-        policy = SmolVLAPolicy(config, prefix_mode=prefix_mode, fetch_vlm_weights=False)
+        policy = policy_class(config, prefix_mode=prefix_mode, fetch_vlm_weights=False)
         check_state_dict_keys(policy.state_dict(), state, source=f"{source}/{WEIGHTS_NAME}")
         policy.load_state_dict(state, strict=True)
         if (directory / PRE_STATE).exists():

@@ -336,7 +336,7 @@ class SchedulerSpec(BaseModel):
     """Learning-rate schedule with LeRobot's SmolVLA presets.
 
     Like LeRobot, when the run is shorter than `decay_steps`, warmup and decay are rescaled
-    proportionally to fit it (see `resolved`).
+    proportionally to fit it (`smolvla_ray.train.optim.resolve_schedule`).
     """
 
     model_config = SECTION_CONFIG
@@ -367,12 +367,6 @@ class SchedulerSpec(BaseModel):
                 f"{self.decay_steps}; warmup is part of the decay span, so lower it"
             )
         return self
-
-    def resolved(self, total_steps: int) -> tuple[int, int]:
-        """(warmup, decay) steps for a run of `total_steps`, rescaled as LeRobot does."""
-        if total_steps < self.decay_steps:
-            return int(self.warmup_steps * total_steps / self.decay_steps), total_steps
-        return self.warmup_steps, self.decay_steps
 
 
 class TrainSpec(BaseModel):

@@ -1,17 +1,17 @@
-"""DDP over the trainable parameters only, and the frozen-backbone fingerprint check.
+"""DDP over the trainable parameters only.
 
 The module DDP wraps is a *view*: an `nn.ParameterList` holding the very Parameter objects
 of the policy that require grad, with the full policy kept as an unregistered attribute.
 DDP therefore broadcasts (at construction) and all-reduces (every step) exactly the
 trainable tensors; the frozen backbone, most of the model, never touches the network
 (shared/DESIGN.md invariant 2). The price: the frozen backbone must already be identical on
-every worker, which `check_frozen_fingerprint` verifies before step 1.
+every worker, which `smolvla_ray.policy.fingerprint.check_frozen_fingerprint` verifies
+before step 1.
 """
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -52,12 +52,10 @@ class CommCounter:
 
     bytes_reduced: int = 0
     num_buckets: int = 0
-    history: list[int] = field(default_factory=list)
 
     def take(self) -> int:
         """Bytes since the last call (per optimizer step when called once per step)."""
         value = self.bytes_reduced
-        self.history.append(value)
         self.bytes_reduced = 0
         return value
 
@@ -82,48 +80,3 @@ def wrap_ddp(
     counter = CommCounter()
     ddp.register_comm_hook(counter, _counting_allreduce_hook)
     return ddp, counter
-
-
-def frozen_fingerprint(policy: nn.Module) -> dict[str, str]:
-    """sha256 of every frozen tensor's bytes, by state-dict name."""
-    digests = {}
-    for name, param in policy.named_parameters():
-        if param.requires_grad:
-            continue
-        data = param.detach().to("cpu").contiguous()
-        digests[name] = hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
-    return digests
-
-
-def check_frozen_fingerprint(policy: nn.Module) -> str:
-    """Fail clearly, before training, when workers' frozen backbones differ.
-
-    Returns the combined fingerprint (for logs and checkpoints). Needs an initialized
-    process group; with one worker it only computes the fingerprint.
-    """
-    digests = frozen_fingerprint(policy)
-    combined = hashlib.sha256("".join(f"{k}={v};" for k, v in digests.items()).encode())
-    fingerprint = combined.hexdigest()
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return fingerprint
-    everyone: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, fingerprint)
-    if len(set(everyone)) == 1:
-        return fingerprint
-    # Rare path: name the tensors and ranks that differ from rank 0.
-    all_digests: list[dict[str, str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(all_digests, digests)
-    reference = all_digests[0] or {}
-    problems = []
-    for rank, theirs in enumerate(all_digests[1:], start=1):
-        theirs = theirs or {}
-        names = sorted(k for k in set(reference) | set(theirs) if reference.get(k) != theirs.get(k))
-        if names:
-            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-            problems.append(f"rank {rank} differs from rank 0 in {len(names)} tensors: {shown}")
-    raise RuntimeError(
-        "frozen backbone differs across workers (DDP only syncs trainable parameters, so "
-        "every worker must load the same base weights): "
-        + "; ".join(problems)
-        + ". Check that policy.pretrained resolves to the same checkpoint on every node."
-    )

@@ -1,5 +1,5 @@
-"""What a worker builds before step 1: the policy with the spec's overrides, its processor
-from the dataset's statistics, and this worker's shard of the data."""
+"""This worker's shard of the data: frames (or cached vision features) of the selected
+episodes, preprocessed by the policy's processor, in a resumable sharded loader."""
 
 from __future__ import annotations
 
@@ -7,76 +7,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.utils.data import Dataset
 
+from smolvla_ray.build import episode_selection
 from smolvla_ray.cache.store import CachedFeatures, CacheStore
 from smolvla_ray.data.loader import ShardedLoader
-from smolvla_ray.data.meta import DatasetMeta, load_meta
+from smolvla_ray.data.meta import DatasetMeta
 from smolvla_ray.data.samples import FrameDataset
 from smolvla_ray.data.storage import DEFAULT_CACHE_DIR, FileCache
-from smolvla_ray.features import FeatureResolution, read_pretrained_config, resolve_spec
-from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.policy.modeling import SmolVLAPolicy
-from smolvla_ray.policy.pretrained import load_pretrained
-from smolvla_ray.policy.processor import PolicyProcessor
 from smolvla_ray.spec import JobSpec
-
-
-def resolve_dataset_features(
-    spec: JobSpec, meta: DatasetMeta, *, storage_options: Mapping[str, Any]
-) -> tuple[PolicyConfig, FeatureResolution]:
-    """The policy config to build and how the dataset's features feed it (the same answer
-    the driver's preflight gave, from the same two JSON files)."""
-    text = None
-    if spec.policy.pretrained:
-        text = read_pretrained_config(
-            spec.policy.pretrained, storage_options, revision=_revision(spec)
-        )
-    return resolve_spec(spec, text, meta.features)
-
-
-def _revision(spec: JobSpec) -> str | None:
-    return getattr(spec.policy, "revision", None)
-
-
-def build_policy(
-    spec: JobSpec, meta: DatasetMeta, *, storage_options: Mapping[str, Any]
-) -> SmolVLAPolicy:
-    """The policy with the spec's overrides and the dataset's resolved features, with a
-    processor that renames the dataset's keys and normalizes with its statistics."""
-    config, resolution = resolve_dataset_features(spec, meta, storage_options=storage_options)
-    if spec.policy.pretrained:
-        policy = load_pretrained(
-            spec.policy.pretrained,
-            prefix_mode=spec.policy.prefix_mode,
-            config_overrides=config.model_dump(),
-            revision=spec.policy.revision,
-            **storage_options,
-        )
-    else:
-        # Every worker seeds the same way, so random-init backbones agree (and are checked).
-        torch.manual_seed(spec.train.seed)
-        policy = SmolVLAPolicy(config, prefix_mode=spec.policy.prefix_mode)
-    policy.processor = PolicyProcessor(policy.config, meta.stats, resolution.rename_map)
-    policy.feature_resolution = resolution
-    return policy
-
-
-def episode_selection(spec: JobSpec) -> list[int] | range | None:
-    episodes = spec.data.episodes
-    if episodes is None or isinstance(episodes, list):
-        return episodes
-    return range(episodes.start, episodes.stop)
-
-
-def open_dataset(spec: JobSpec, *, storage_options: Mapping[str, Any]) -> DatasetMeta:
-    """The dataset's metadata; a hub id is read from this node's Hugging Face cache when it
-    holds the snapshot, else from the Hub at the pinned revision."""
-    from smolvla_ray import hub
-
-    url = hub.dataset_url(spec.data.uri, spec.data.revision)
-    return load_meta(url, storage_options=storage_options)
 
 
 def build_loader(

@@ -26,9 +26,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from smolvla_ray.data.augment import augment_batch
+from smolvla_ray.data.augment import AugmentSettings, augment_batch
 from smolvla_ray.policy.config import ACTION
-from smolvla_ray.spec.sections import AugmentSpec
 
 
 def _sample_seed(seed: int, step: int, index: int) -> int:
@@ -92,7 +91,7 @@ def train_step(
     grad_clip_norm: float,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
-    augment: AugmentSpec | None = None,
+    augment: AugmentSettings | None = None,
 ) -> StepResult:
     """Forward/backward over `micro_batches` (gradients synced on the last), clip, update.
 

@@ -12,12 +12,16 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
-    """An embedded local Ray with room for two CPU workers plus Ray Train's controller."""
+    """A private embedded Ray with room for two CPU workers plus Ray Train's controller.
+
+    `address="local"`: always a new Ray of its own, never a cluster that runs on this
+    machine (a `ray start` of another test or user), whatever RAY_ADDRESS says."""
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     root = str(Path(__file__).resolve().parents[2])  # so workers import tests.* modules
     ray.init(
+        address="local",
         num_cpus=4,
         include_dashboard=False,
         log_to_driver=False,
@@ -25,15 +29,6 @@ def ray_local() -> Iterator[None]:
     )
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A small v3.0 dataset with two cameras (AV1 mp4), written by the project's writer."""
-    from smolvla_ray.data.synthetic import write_demo_dataset
-
-    root = tmp_path_factory.mktemp("datasets") / "demo"
-    return write_demo_dataset(str(root), num_episodes=4, episode_length=40)
 
 
 def tiny_spec_dict(dataset: str, storage: Path, name: str, **sections: Any) -> dict[str, Any]:

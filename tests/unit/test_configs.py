@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from smolvla_ray.spec import load_spec
+from smolvla_ray.train.optim import resolve_schedule
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 ALL = sorted(CONFIGS.glob("*.yaml")) + sorted(CONFIGS.glob("*.yml"))
@@ -67,7 +68,11 @@ def test_tiny_demo_is_the_cpu_demo():
     assert spec.train.optimizer.lr == 1e-3 and spec.train.scheduler.warmup_steps == 10
     assert spec.data.num_loader_workers == 1
     # The schedule fits the run: no rescaling hides the 10 warmup steps.
-    assert spec.train.scheduler.resolved(spec.train.steps) == (10, spec.train.steps)
+    sched = spec.train.scheduler
+    assert resolve_schedule(sched.warmup_steps, sched.decay_steps, spec.train.steps) == (
+        10,
+        spec.train.steps,
+    )
 
 
 @pytest.mark.parametrize("name", ["so100-finetune.yaml", "libero-finetune.yaml"])
@@ -84,7 +89,11 @@ def test_gpu_configs_follow_lerobot(name: str):
 def test_so100_settings():
     spec = load_spec(CONFIGS / "so100-finetune.yaml")
     assert spec.train.steps == 20_000 and spec.checkpoint.every_steps == 2000
-    assert spec.train.scheduler.resolved(spec.train.steps) == (666, 20_000)
+    sched = spec.train.scheduler
+    assert resolve_schedule(sched.warmup_steps, sched.decay_steps, spec.train.steps) == (
+        666,
+        20_000,
+    )
 
 
 def test_libero_settings():

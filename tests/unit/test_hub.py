@@ -122,13 +122,13 @@ def test_offline_model_and_dataset_resolve_at_their_revisions(
 ) -> None:
     from safetensors.torch import load_file
 
+    from smolvla_ray.build import open_dataset
     from smolvla_ray.data.meta import load_meta
-    from smolvla_ray.policy.pretrained import load_pretrained
-    from smolvla_ray.train.setup import open_dataset
+    from smolvla_ray.policy import SmolVLAPolicy
 
     lay_out(offline, model_files, dataset_files)
     for revision, files in [(None, "main"), ("v2", "v2"), (MAIN, "main")]:
-        policy = load_pretrained("me/tiny", revision=revision)
+        policy = SmolVLAPolicy.from_pretrained("me/tiny", revision=revision)
         expected = load_file(
             str(hub.model_snapshot("me/tiny", revision=files) / "model.safetensors")
         )

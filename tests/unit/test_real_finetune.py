@@ -119,15 +119,15 @@ def test_validate_resolves_local_files_and_skips_remote_ones(
 def test_swapping_two_cameras_is_another_feature_cache(
     real: dict[str, str], tmp_path: Path
 ) -> None:
+    from smolvla_ray.build import resolve_dataset_features
     from smolvla_ray.cache.store import cache_key, key_inputs
-    from smolvla_ray.train.setup import build_policy
 
     meta = load_meta(real["dataset"])
     keys = {}
     for name, overrides in [("map", []), ("swapped", [f"data.rename_map={SWAP}"])]:
         spec = spec_from_dict(spec_dict(real, tmp_path), overrides)
-        policy = build_policy(spec, meta, storage_options={})
-        inputs = key_inputs(policy, meta, "float32")
+        config, resolution = resolve_dataset_features(spec, meta, storage_options={})
+        inputs = key_inputs(spec, config, resolution, meta, storage_options={})
         keys[name] = cache_key(inputs)
         sources = {k: v["source"] for k, v in inputs["cameras"].items()}
         expected = RENAME_MAP if name == "map" else json.loads(SWAP)
@@ -138,8 +138,8 @@ def test_swapping_two_cameras_is_another_feature_cache(
 def test_an_empty_camera_trains_the_same_from_cached_features(
     real: dict[str, str], tmp_path: Path
 ) -> None:
+    from smolvla_ray.build import build_policy
     from smolvla_ray.policy.modeling import FEATURES_SUFFIX
-    from smolvla_ray.train.setup import build_policy
 
     spec = spec_from_dict(spec_dict(real, tmp_path, feature_cache="off"),
                           ["policy.overrides={empty_cameras: 1}"])  # fmt: skip

@@ -221,11 +221,13 @@ def test_bf16_accepted_on_gpu():
 
 
 def test_scheduler_rescales_like_lerobot():
+    from smolvla_ray.train.optim import resolve_schedule
+
     sched = SchedulerSpec()
-    assert sched.resolved(20_000) == (666, 20_000)
-    assert sched.resolved(30_000) == (1000, 30_000)
-    assert sched.resolved(100_000) == (1000, 30_000)
-    assert SchedulerSpec(warmup_steps=10, decay_steps=60).resolved(50) == (8, 50)
+    assert resolve_schedule(sched.warmup_steps, sched.decay_steps, 20_000) == (666, 20_000)
+    assert resolve_schedule(sched.warmup_steps, sched.decay_steps, 30_000) == (1000, 30_000)
+    assert resolve_schedule(sched.warmup_steps, sched.decay_steps, 100_000) == (1000, 30_000)
+    assert resolve_schedule(10, 60, 50) == (8, 50)
 
 
 # -- policy section -------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The frozen-feature cache on the loopback S3 server: training from it equals training from
-video; the key follows weights, preprocessing and data; builds resume; misuse fails clearly."""
+video (the trainer in-process, the cache built as `driver.run` builds it); the key follows
+weights, preprocessing and data; builds resume; misuse fails clearly."""
 
 from __future__ import annotations
 
@@ -11,26 +12,26 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from smolvla_ray import driver
+from smolvla_ray.build import open_dataset, resolve_dataset_features
 from smolvla_ray.cache.build import ensure_feature_cache
 from smolvla_ray.cache.store import CacheStore, cache_key, key_inputs
 from smolvla_ray.checkpoint.discovery import fetch_checkpoint, list_checkpoints
 from smolvla_ray.spec import SpecError, spec_from_dict
 from smolvla_ray.train.metrics import read_metrics, run_uri
-from smolvla_ray.train.setup import build_policy, open_dataset
+from tests.inprocess import train_in_process
 from tests.integration.conftest import tiny_spec_dict
-
-pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def spec_for(dataset, storage, name, mode, options, **extra):
     data = {"uri": dataset, "num_loader_workers": 0, "feature_cache": mode, **extra.pop("data", {})}
     train = {"steps": 3, "log_every": 1, **extra.pop("train", {})}
+    scaling = {"num_workers": 1}
     return spec_from_dict(
         tiny_spec_dict(
-            dataset, storage, name, data=data, storage_options=options, train=train, **extra
+            dataset, storage, name, data=data, storage_options=options, train=train,
+            scaling=scaling, **extra,
         )
-    )
+    )  # fmt: skip
 
 
 def final_trainable(storage: str, name: str, options: dict) -> dict[str, torch.Tensor]:
@@ -45,8 +46,9 @@ def test_training_from_cache_equals_training_from_video(
     demo_dataset: str, s3_server, s3_bucket: str
 ) -> None:
     storage, options = s3_server.url(s3_bucket, "runs"), s3_server.storage_options
-    driver.run(spec_for(demo_dataset, storage, "cached", "on", options))
-    driver.run(spec_for(demo_dataset, storage, "video", "off", options))
+    cached_spec = spec_for(demo_dataset, storage, "cached", "on", options)
+    train_in_process(cached_spec, feature_cache=ensure_feature_cache(cached_spec, options))
+    train_in_process(spec_for(demo_dataset, storage, "video", "off", options))
     fs, root = fsspec.core.url_to_fs(f"{storage}/feature-cache", **options)
     (cache_dir,) = fs.ls(root)
     assert len([p for p in fs.ls(cache_dir) if p.endswith(".safetensors")]) == 4
@@ -65,8 +67,8 @@ def test_key_follows_weights_preprocessing_and_data(demo_dataset: str, tmp_path:
         dataset = changes.pop("dataset", demo_dataset)
         spec = spec_for(dataset, str(tmp_path), "k", "auto", {}, **changes)
         meta = open_dataset(spec, storage_options={})
-        policy = build_policy(spec, meta, storage_options={})
-        return cache_key(key_inputs(policy, meta, spec.data.feature_cache_dtype))
+        config, resolution = resolve_dataset_features(spec, meta, storage_options={})
+        return cache_key(key_inputs(spec, config, resolution, meta, storage_options={}))
 
     base = key()
     assert key() == base  # deterministic

@@ -1,5 +1,7 @@
-"""Checkpoints on local disk and a real S3 server: manifests, retention, exact resume,
-skipping broken checkpoints, export to a LeRobot pretrained_model/."""
+"""Checkpoints on local disk and a real S3 server: manifests, exact resume, skipping broken
+checkpoints, what a checkpoint holds, export to a LeRobot pretrained_model/ (the trainer
+in-process, tests/inprocess.py); and, through Ray Train, its retention (keep_last), the
+run's Result and resuming from what Ray stored."""
 
 from __future__ import annotations
 
@@ -18,16 +20,25 @@ from smolvla_ray.checkpoint.export import export_checkpoint, policy_from_checkpo
 from smolvla_ray.policy import SmolVLAPolicy
 from smolvla_ray.spec import spec_from_dict
 from smolvla_ray.train.metrics import read_metrics, run_uri
+from tests.inprocess import train_in_process
 from tests.integration.conftest import tiny_spec_dict
 
-pytestmark = pytest.mark.usefixtures("ray_local")
 # decay_steps <= steps: LeRobot's schedule is then the same for runs of 4 and 8 steps.
 TRAIN = {"log_every": 2, "scheduler": {"warmup_steps": 1, "decay_steps": 4}}
 
 
 def spec_for(dataset: str, storage: str, name: str, steps: int, **extra):
     train = {**TRAIN, "steps": steps}
+    extra.setdefault("scaling", {"num_workers": 1})
     return spec_from_dict(tiny_spec_dict(dataset, storage, name, train=train, **extra))
+
+
+def resumed_from(spec) -> int:
+    """Train `spec` in-process to its end; the step it resumed from (0: from scratch)."""
+    state, reporter = train_in_process(spec)
+    assert state is not None and state.step == spec.train.steps
+    assert reporter.reports[0]["resumed_from_step"] == state.resumed_from_step
+    return state.resumed_from_step
 
 
 def trainable_of(checkpoint_uri: str, options: dict | None = None) -> dict[str, torch.Tensor]:
@@ -42,17 +53,16 @@ def assert_same(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_local_manifests_retention_and_exact_resume(tmp_path: Path, demo_dataset: str) -> None:
+def test_local_manifests_and_exact_resume(tmp_path: Path, demo_dataset: str) -> None:
     storage = str(tmp_path / "runs")
-    checkpoint = {"storage": storage, "every_steps": 2, "keep_last": 2}
-    driver.run(spec_for(demo_dataset, storage, "straight", 8, checkpoint=checkpoint))
+    checkpoint = {"storage": storage, "every_steps": 2}
+    assert resumed_from(spec_for(demo_dataset, storage, "straight", 8, checkpoint=checkpoint)) == 0
     infos = list_checkpoints(run_uri(storage, "straight"))
-    assert [i.step for i in infos] == [6, 8] and all(i.valid for i in infos)  # keep_last=2
+    assert [i.step for i in infos] == [2, 4, 6, 8] and all(i.valid for i in infos)
 
     # The same job stopped right after its step-4 checkpoint, then run again to step 8.
-    driver.run(spec_for(demo_dataset, storage, "resumed", 4, checkpoint=checkpoint))
-    result = driver.run(spec_for(demo_dataset, storage, "resumed", 8, checkpoint=checkpoint))
-    assert result.metrics["resumed_from_step"] == 4
+    assert resumed_from(spec_for(demo_dataset, storage, "resumed", 4, checkpoint=checkpoint)) == 0
+    assert resumed_from(spec_for(demo_dataset, storage, "resumed", 8, checkpoint=checkpoint)) == 4
     resumed = list_checkpoints(run_uri(storage, "resumed"))
     assert_same(trainable_of(resumed[-1].uri), trainable_of(infos[-1].uri))
     # Optimizer moments, too, equal the uninterrupted run's.
@@ -66,7 +76,7 @@ def test_local_manifests_retention_and_exact_resume(tmp_path: Path, demo_dataset
 
 def test_checkpoint_holds_no_frozen_tensor(tmp_path: Path, demo_dataset: str) -> None:
     storage = str(tmp_path / "runs")
-    driver.run(spec_for(demo_dataset, storage, "small", 2, checkpoint={"storage": storage}))
+    train_in_process(spec_for(demo_dataset, storage, "small", 2, checkpoint={"storage": storage}))
     (info,) = list_checkpoints(run_uri(storage, "small"))
     policy = policy_from_checkpoint(info.uri)
     trainable = set(policy.trainable_parameters())
@@ -84,28 +94,27 @@ def test_checkpoint_holds_no_frozen_tensor(tmp_path: Path, demo_dataset: str) ->
     assert 3 * trainable_bytes < info.num_bytes < 3 * trainable_bytes + 100_000
 
 
-def test_broken_newest_checkpoint_is_skipped(tmp_path: Path, demo_dataset: str, capfd) -> None:
+def test_broken_newest_checkpoint_is_skipped(tmp_path: Path, demo_dataset: str) -> None:
     storage = str(tmp_path / "runs")
-    checkpoint = {"storage": storage, "every_steps": 2, "keep_last": 3}
-    driver.run(spec_for(demo_dataset, storage, "broken", 4, checkpoint=checkpoint))
+    checkpoint = {"storage": storage, "every_steps": 2}
+    resumed_from(spec_for(demo_dataset, storage, "broken", 4, checkpoint=checkpoint))
     infos = list_checkpoints(run_uri(storage, "broken"))
     assert [i.step for i in infos] == [2, 4]
     newest = Path(infos[-1].uri) / "trainable.safetensors"
     newest.write_bytes(newest.read_bytes()[:-10])  # truncated
     assert not list_checkpoints(run_uri(storage, "broken"))[-1].valid
-    result = driver.run(spec_for(demo_dataset, storage, "broken", 6, checkpoint=checkpoint))
-    assert result.metrics["resumed_from_step"] == 2
+    assert resumed_from(spec_for(demo_dataset, storage, "broken", 6, checkpoint=checkpoint)) == 2
 
     # Altered content with the same size, and a checkpoint without a manifest.
-    driver.run(spec_for(demo_dataset, storage, "altered", 4, checkpoint=checkpoint))
+    resumed_from(spec_for(demo_dataset, storage, "altered", 4, checkpoint=checkpoint))
     infos = list_checkpoints(run_uri(storage, "altered"))
     target = Path(infos[-1].uri) / "trainable.safetensors"
     data = bytearray(target.read_bytes())
     data[-1] ^= 0xFF
     target.write_bytes(bytes(data))
     (Path(infos[0].uri) / "manifest.json").unlink()
-    result = driver.run(spec_for(demo_dataset, storage, "altered", 6, checkpoint=checkpoint))
-    assert result.metrics["resumed_from_step"] == 0  # neither broken checkpoint was used
+    # Neither broken checkpoint was used.
+    assert resumed_from(spec_for(demo_dataset, storage, "altered", 6, checkpoint=checkpoint)) == 0
 
 
 def test_s3_checkpoints_resume_and_export(
@@ -113,11 +122,10 @@ def test_s3_checkpoints_resume_and_export(
 ) -> None:
     storage = s3_server.url(s3_bucket, "runs")
     options = s3_server.storage_options
-    checkpoint = {"storage": storage, "every_steps": 2, "keep_last": 2}
+    checkpoint = {"storage": storage, "every_steps": 2}
     extra = {"checkpoint": checkpoint, "storage_options": options}
-    driver.run(spec_for(demo_dataset, storage, "s3run", 2, **extra))
-    result = driver.run(spec_for(demo_dataset, storage, "s3run", 4, **extra))
-    assert result.metrics["resumed_from_step"] == 2
+    resumed_from(spec_for(demo_dataset, storage, "s3run", 2, **extra))
+    assert resumed_from(spec_for(demo_dataset, storage, "s3run", 4, **extra)) == 2
     infos = list_checkpoints(run_uri(storage, "s3run"), options)
     assert [i.step for i in infos] == [2, 4] and all(i.valid for i in infos)
     fs, _ = fsspec.core.url_to_fs(infos[-1].uri, **options)
@@ -143,3 +151,28 @@ def test_s3_checkpoints_resume_and_export(
         {n: p.detach() for n, p in loaded.trainable_parameters().items()},
         trainable_of(infos[-1].uri, options),
     )
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
+def test_ray_keeps_the_last_checkpoints_returns_the_final_one_and_resumes_from_them(
+    demo_dataset: str, s3_server, s3_bucket: str
+) -> None:
+    """Through Ray Train, on S3 (Ray's storage filesystem over fsspec): keep_last prunes,
+    Result.checkpoint is the final checkpoint, a second run of the job resumes from them."""
+    storage = s3_server.url(s3_bucket, "runs")
+    options = s3_server.storage_options
+    checkpoint = {"storage": storage, "every_steps": 2, "keep_last": 2}
+    extra = {"checkpoint": checkpoint, "storage_options": options}
+    result = driver.run(spec_for(demo_dataset, storage, "kept", 6, **extra))
+    infos = list_checkpoints(run_uri(storage, "kept"), options)
+    assert [i.step for i in infos] == [4, 6] and all(i.valid for i in infos)  # keep_last=2
+    assert result.metrics["step"] == 6
+    with result.checkpoint.as_directory() as directory:
+        final = load_file(str(Path(directory) / "trainable.safetensors"))
+    assert_same(final, trainable_of(infos[-1].uri, options))
+
+    result = driver.run(spec_for(demo_dataset, storage, "kept", 8, **extra))
+    assert result.metrics["resumed_from_step"] == 6
+    infos = list_checkpoints(run_uri(storage, "kept"), options)
+    assert [i.step for i in infos] == [6, 8] and all(i.valid for i in infos)

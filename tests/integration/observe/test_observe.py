@@ -1,5 +1,6 @@
-"""Metric sinks, live progress and the run report after real tiny runs (embedded Ray, two
-CPU workers) on local disk and on the loopback S3 server."""
+"""Metric sinks, live progress and the run report after real tiny runs on local disk and on
+the loopback S3 server. The sinks live on rank 0 of the trainer, so the runs are in-process
+(tests/inprocess.py); live progress is the driver's watcher of metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ from typing import Any
 import fsspec
 import pytest
 
-from smolvla_ray import driver
-from smolvla_ray.observe.progress import Progress
+from smolvla_ray.observe.progress import MetricsWatcher, Progress
 from smolvla_ray.observe.report import FIGURE_DPI, FIGURE_INCHES, write_report
 from smolvla_ray.spec import spec_from_dict
 from smolvla_ray.train.metrics import (
@@ -23,9 +23,8 @@ from smolvla_ray.train.metrics import (
     run_uri,
     tensorboard_tag,
 )
+from tests.inprocess import train_in_process
 from tests.integration.conftest import tiny_spec_dict
-
-pytestmark = pytest.mark.usefixtures("ray_local")
 
 SECRET = "fake-secret-7f3a9c2e51"  # must never reach MLflow, TensorBoard or the report
 STEPS, LOG_EVERY = 10, 2
@@ -33,7 +32,10 @@ STEPS, LOG_EVERY = 10, 2
 
 def observed_spec(dataset: str, storage: str, name: str, **sections: Any):
     train = {"steps": STEPS, "log_every": LOG_EVERY}
-    return spec_from_dict(tiny_spec_dict(dataset, storage, name, train=train, **sections))  # type: ignore[arg-type]
+    scaling = {"num_workers": 1}  # in-process: one worker
+    return spec_from_dict(
+        tiny_spec_dict(dataset, storage, name, train=train, scaling=scaling, **sections)
+    )
 
 
 def read_scalars(uri: str, storage_options: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
@@ -106,10 +108,11 @@ def test_local_run_tensorboard_mlflow_progress_report(
     spec = observed_spec(
         demo_dataset, storage, "observed", observe=observe, storage_options={"password": SECRET}
     )
-    shown = io.StringIO()
-    driver.run(spec, progress=Progress("json", STEPS, stream=shown))
-
     uri = run_uri(storage, "observed")
+    shown = io.StringIO()
+    with MetricsWatcher(uri, {}, Progress("json", STEPS, stream=shown), interval_s=0.2):
+        train_in_process(spec)
+
     records = read_metrics(uri)
     assert [r["step"] for r in records] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
     check_tensorboard(uri, {}, records)
@@ -150,7 +153,7 @@ def test_s3_run_tensorboard_and_report(
     # moto accepts any credentials: a recognisable secret shows any leak.
     options = {**s3_server.storage_options, "secret": SECRET}
     spec = observed_spec(demo_dataset, storage, "observed-s3", storage_options=options)
-    driver.run(spec)
+    train_in_process(spec)
 
     uri = run_uri(storage, "observed-s3")
     records = read_metrics(uri, options)

@@ -10,7 +10,8 @@ from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from smolvla_ray.policy import PolicyConfig, SmolVLAPolicy
-from smolvla_ray.train.ddp import check_frozen_fingerprint, wrap_ddp
+from smolvla_ray.policy.fingerprint import check_frozen_fingerprint
+from smolvla_ray.train.ddp import wrap_ddp
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -54,9 +54,9 @@ print("RESULT " + json.dumps(out))
 
 def pretrained_files(dataset: str, directory: Path, seed: int) -> dict[str, bytes]:
     """A tiny pretrained_model/ whose features fit `dataset` (random weights from `seed`)."""
+    from smolvla_ray.build import build_policy
     from smolvla_ray.data.meta import load_meta
     from smolvla_ray.spec import spec_from_dict
-    from smolvla_ray.train.setup import build_policy
 
     spec = spec_from_dict(
         tiny_spec_dict(dataset, directory / "unused", "base", train={"seed": seed})

@@ -16,7 +16,7 @@ from smolvla_ray.checkpoint.discovery import fetch_checkpoint, list_checkpoints
 from smolvla_ray.checkpoint.export import export_checkpoint
 from smolvla_ray.checkpoint.format import read_checkpoint
 from smolvla_ray.features import FeatureResolution
-from smolvla_ray.policy.pretrained import load_pretrained
+from smolvla_ray.policy import SmolVLAPolicy
 from smolvla_ray.spec import spec_from_dict
 from smolvla_ray.train.metrics import read_metrics, run_uri
 from tests.integration.conftest import tiny_spec_dict
@@ -76,7 +76,7 @@ def test_base_shaped_checkpoint_finetunes_on_other_cameras_and_widths(tmp_path: 
                         "config": {"rename_map": RENAME_MAP}}  # fmt: skip
 
     # Ours loads the export and acts on a raw observation under the dataset's key names.
-    policy = load_pretrained(str(out)).eval()
+    policy = SmolVLAPolicy.from_pretrained(str(out)).eval()
     assert policy.processor is not None and policy.processor.rename_map == RENAME_MAP
     g = torch.Generator().manual_seed(0)
     raw = {

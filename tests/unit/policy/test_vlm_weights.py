@@ -17,9 +17,9 @@ from smolvla_ray.checkpoint.format import TrainingState, write_checkpoint
 from smolvla_ray.checkpoint.writer import CheckpointWriter
 from smolvla_ray.policy import SmolVLAPolicy
 from smolvla_ray.policy.config import TINY_VLM_DIR
+from smolvla_ray.policy.fingerprint import check_frozen_fingerprint
 from smolvla_ray.policy.processor import PolicyProcessor
 from smolvla_ray.spec import PolicySpec, spec_from_dict
-from smolvla_ray.train.ddp import check_frozen_fingerprint
 from tests.unit.policy.conftest import tiny_config
 
 VLM = "model.vlm_with_expert.vlm."

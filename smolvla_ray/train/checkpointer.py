@@ -1,0 +1,145 @@
+"""The trainer's checkpointer: where a run resumes from, restoring that state, when to save,
+and writing a checkpoint of what training changed. It never talks to Ray: the trainer hands
+the written directory to its reporter, which uploads it.
+
+Resume discovery is the run directory's newest checkpoint whose manifest verifies, else
+`checkpoint.from_checkpoint`; a checkpoint trained on another base (commit or frozen
+fingerprint) is refused, since its trained tensors mean nothing on another backbone.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smolvla_ray.checkpoint.base import base_identity, check_resume_base
+from smolvla_ray.checkpoint.discovery import fetch_checkpoint, latest_valid_checkpoint
+from smolvla_ray.checkpoint.format import LoadedCheckpoint, load_optimizer_state, read_checkpoint
+from smolvla_ray.checkpoint.writer import CheckpointWriter
+from smolvla_ray.policy.modeling import SmolVLAPolicy
+from smolvla_ray.spec import JobSpec
+from smolvla_ray.train.metrics import run_uri
+
+
+@dataclass
+class TrainState:
+    """The counters of a run that a checkpoint carries (besides tensors and cursors)."""
+
+    step: int = 0
+    epoch: int = 0
+    skipped_steps: int = 0
+    resumed_from_step: int = 0
+
+    def counters(self) -> dict[str, int]:
+        return {"skipped_steps": self.skipped_steps, "resumed_from_step": self.resumed_from_step}
+
+
+@dataclass
+class Restored:
+    """What a resume hands the trainer: its state, this rank's loader cursor, the source."""
+
+    state: TrainState
+    cursor: dict[str, Any] | None
+    source: str | None = None
+
+
+class Checkpointer:
+    """Resume discovery, restore, `should_save` and writing, for one worker of one run."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        policy: SmolVLAPolicy,
+        *,
+        base_fingerprint: str,
+        storage_options: Mapping[str, Any],
+    ) -> None:
+        self.spec = spec
+        self.storage_options = dict(storage_options)
+        self.base_fingerprint = base_fingerprint
+        self.writer = CheckpointWriter(spec=spec, policy=policy, base_fingerprint=base_fingerprint)
+
+    @property
+    def run_uri(self) -> str:
+        return run_uri(self.spec.checkpoint.storage, self.spec.name)
+
+    def resume_source(self) -> str | None:
+        """The newest verified checkpoint of this run, else `checkpoint.from_checkpoint`."""
+        info = latest_valid_checkpoint(self.run_uri, self.storage_options)
+        if info is not None:
+            return info.uri
+        return self.spec.checkpoint.from_checkpoint
+
+    def restore(self, uri: str, ddp, optimizer, scheduler, *, rank: int) -> Restored:
+        """Load `uri`'s trainable tensors, optimizer, scheduler and this rank's RNG into
+        place, after checking it was trained on this run's base."""
+        with tempfile.TemporaryDirectory(prefix="smolvla-resume-") as tmp:
+            loaded = read_checkpoint(fetch_checkpoint(uri, Path(tmp), self.storage_options))
+        current = base_identity(self.spec, self.base_fingerprint)
+        check_resume_base(loaded.state.base, current, checkpoint_uri=uri)
+        return _restore(loaded, ddp, optimizer, scheduler, rank=rank, source=uri)
+
+    def should_save(self, step: int, *, interrupt: bool = False) -> bool:
+        """At `checkpoint.every_steps`, at the last step, and when an interrupt asks."""
+        every = self.spec.checkpoint.every_steps
+        last = step == self.spec.train.steps
+        return last or interrupt or bool(every and step % every == 0)
+
+    def write(
+        self,
+        state: TrainState,
+        *,
+        cursors: list[dict[str, Any]],
+        rng_states: list[torch.Tensor],
+        ddp,
+        optimizer,
+        scheduler,
+    ) -> Path:
+        """A new local directory holding this step's checkpoint (the reporter uploads it and
+        deletes it)."""
+        return self.writer.write(
+            Path(tempfile.mkdtemp(prefix="smolvla-ckpt-")),
+            step=state.step,
+            epoch=state.epoch,
+            cursors=cursors,
+            rng_states=rng_states,
+            ddp=ddp,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            counters=state.counters(),
+        )
+
+
+def _restore(
+    loaded: LoadedCheckpoint, ddp, optimizer, scheduler, *, rank: int, source: str
+) -> Restored:
+    state = loaded.state
+    names: list[str] = ddp.module.names
+    if state.param_names != names:
+        raise RuntimeError(
+            "the checkpoint's trainable parameters differ from this policy's: was it written "
+            "with other freezing overrides? "
+            f"{sorted(set(state.param_names) ^ set(names))[:5]}"
+        )
+    with torch.no_grad():
+        for name, param in zip(names, ddp.module.params, strict=True):
+            param.copy_(loaded.trainable[name].to(param.device, param.dtype))
+    load_optimizer_state(optimizer, loaded.optimizer, names, state.param_groups)
+    groups = len(optimizer.param_groups)
+    scheduler.load_state_dict({**state.scheduler, "lr_lambdas": [None] * groups})
+    if rank < len(loaded.rng_states):
+        torch.set_rng_state(loaded.rng_states[rank])
+    cursor = state.cursors[rank] if rank < len(state.cursors) else state.cursors[0]
+    counters = dict(state.counters)
+    train_state = TrainState(
+        step=state.step,
+        epoch=state.epoch,
+        skipped_steps=int(counters.get("skipped_steps", 0)),
+        resumed_from_step=state.step,
+    )
+    return Restored(train_state, cursor, source)

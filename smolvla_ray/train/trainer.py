@@ -1,0 +1,271 @@
+"""The training loop of one worker, without Ray.
+
+`train` builds the policy (freezing overrides, resolved features), checks the frozen backbone
+is the same everywhere, wraps the trainable view in DDP, resumes, and steps. Every
+`log_every` steps and at checkpoint steps all ranks hand a metrics record (and rank 0 a
+checkpoint directory) to the injected `Reporter`: `train/loop.py` adapts it to Ray Train's
+`report`; tests pass their own and run the whole finetune in-process. The process group
+must exist (Ray Train's TorchConfig makes it; in-process, a single-process gloo group).
+
+See docs/design.md for where this sits in the data flow.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from smolvla_ray.build import build_policy, open_dataset
+from smolvla_ray.policy.fingerprint import (
+    check_frozen_fingerprint,
+    frozen_fingerprint,
+    tensors_digest,
+)
+from smolvla_ray.spec import JobSpec
+from smolvla_ray.train.checkpointer import Checkpointer, TrainState
+from smolvla_ray.train.ddp import wrap_ddp
+from smolvla_ray.train.interrupt import Decision
+from smolvla_ray.train.metrics import MetricsLog
+from smolvla_ray.train.optim import build_optimizer, build_scheduler
+from smolvla_ray.train.setup import build_loader
+from smolvla_ray.train.step import train_step
+from smolvla_ray.train.window import MetricWindow
+
+
+def say(message: str) -> None:
+    """One progress line to stdout (under Ray, forwarded to the driver). Not `print`: Ray
+    Train patches it into a logger *and* the stream, doubling every line."""
+    sys.stdout.write(f"[smolvla-ray] {message}\n")
+    sys.stdout.flush()
+
+
+class Reporter(Protocol):
+    """Where the trainer's reports go; every rank calls it equally often."""
+
+    def report(
+        self, metrics: Mapping[str, Any], checkpoint: Path | None, *, save: bool, sync: bool
+    ) -> None:
+        """`metrics` of this report; `checkpoint` a local directory (rank 0 at checkpoint
+        steps, else None) to upload and delete; `save`: a checkpoint step on every rank;
+        `sync`: the upload must finish before returning (an interrupt checkpoint)."""
+
+
+class Interrupter(Protocol):
+    def poll(self) -> Decision: ...
+
+    def exit_after_checkpoint(self, *, step: int, checkpoint_dir: str) -> None: ...
+
+
+class NoInterrupts:
+    """No SIGTERM or preemption handling (in-process runs)."""
+
+    def poll(self) -> Decision:
+        return Decision(checkpoint=False, exit=False, reason="")
+
+    def exit_after_checkpoint(self, *, step: int, checkpoint_dir: str) -> None:
+        raise AssertionError("NoInterrupts never asks to exit")
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """Who this worker is and what the driver handed it."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    feature_cache: str | None = None
+
+
+def train(
+    spec: JobSpec,
+    reporter: Reporter,
+    context: WorkerContext | None = None,
+    *,
+    interrupts: Interrupter | None = None,
+) -> TrainState:
+    """Run (or resume) `spec`'s finetune on this worker; returns the final state."""
+    context = context or WorkerContext()
+    interrupts = interrupts or NoInterrupts()
+    rank, device, options = context.rank, context.device, context.storage_options
+
+    # Build: policy, frozen-backbone checks, DDP over the trainable view, optimizer.
+    meta = open_dataset(spec, storage_options=options)
+    policy = build_policy(spec, meta, storage_options=options).to(device)
+    policy.train()
+    base_fingerprint = check_frozen_fingerprint(policy)  # of the float32 base, as export's
+    if spec.resolved_frozen_dtype() == "bf16" and policy.model.vlm_is_frozen():
+        # Frozen weights in bf16 halve their memory; autocast keeps the math consistent.
+        policy.model.vlm_with_expert.vlm.to(torch.bfloat16)
+    local_frozen = frozen_fingerprint(policy)
+    ddp, comm = wrap_ddp(policy, device=device)
+    opt = spec.train.optimizer
+    optimizer = build_optimizer(
+        ddp.module.params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
+        weight_decay=opt.weight_decay,
+    )  # fmt: skip
+    sched = spec.train.scheduler
+    scheduler = build_scheduler(
+        optimizer, kind=sched.type, warmup_steps=sched.warmup_steps,
+        decay_steps=sched.decay_steps, decay_lr=sched.decay_lr, total_steps=spec.train.steps,
+    )  # fmt: skip
+
+    # Resume: rank 0 finds the checkpoint, every rank restores it.
+    checkpointer = Checkpointer(
+        spec, policy, base_fingerprint=base_fingerprint, storage_options=options
+    )
+    state, cursor = TrainState(), None
+    source = _broadcast(checkpointer.resume_source() if rank == 0 else None)
+    if source is not None:
+        restored = checkpointer.restore(source, ddp, optimizer, scheduler, rank=rank)
+        state, cursor = restored.state, restored.cursor
+        if rank == 0:
+            say(f"resuming at step {state.step} from {source}")
+
+    loader = build_loader(
+        spec, meta, policy, rank=rank, world_size=context.world_size, cursor=cursor,
+        storage_options=options, feature_cache=context.feature_cache,
+    )  # fmt: skip
+    if rank == 0:
+        trainable = sum(p.numel() for p in ddp.module.params)
+        total = sum(p.numel() for p in policy.parameters())
+        say(
+            f"{context.world_size} worker(s) on {device.type}; parameters: {total:,} total, "
+            f"{trainable:,} trainable, {total - trainable:,} frozen"
+        )
+    metrics_log = _metrics_log(spec, options) if rank == 0 else None
+
+    # Step, report, checkpoint.
+    batches = iter(loader)
+    autocast_dtype = torch.bfloat16 if spec.resolved_precision() == "bf16" else None
+    window = MetricWindow(world_size=context.world_size)
+    run_start, start_step, last_report_s = time.perf_counter(), state.step, 0.0
+    while state.step < spec.train.steps:
+        wait_start = time.perf_counter()
+        micro = [next(batches) for _ in range(spec.train.grad_accum_steps)]
+        data_wait = time.perf_counter() - wait_start
+        result = train_step(
+            ddp, micro, optimizer=optimizer, scheduler=scheduler, step=state.step,
+            seed=spec.train.seed, grad_clip_norm=opt.grad_clip_norm, device=device,
+            autocast_dtype=autocast_dtype, augment=spec.data.augment,
+        )  # fmt: skip
+        state.step += 1
+        if not result.finite:
+            _on_nonfinite(spec, state, result)
+        window.add(result, data_wait_s=data_wait, comm_bytes=comm.take())
+        check = spec.train.check_replicas_every
+        if check and (state.step % check == 0 or state.step == spec.train.steps):
+            _check_replicas(ddp, policy, local_frozen)
+
+        interrupt = interrupts.poll()  # agreed by all ranks
+        save = checkpointer.should_save(state.step, interrupt=interrupt.checkpoint)
+        # Reports are a barrier across workers (about a second on a small machine), so they
+        # happen at log_every and checkpoint steps only.
+        if not (save or state.step % spec.train.log_every == 0):
+            continue
+        state.epoch = loader.epoch
+        metrics = {"step": state.step, "epoch": state.epoch, **window.summary(),
+                   **state.counters(), "frozen_fingerprint": base_fingerprint}  # fmt: skip
+        cursors, rngs = _gather(loader.cursor()), _gather(torch.get_rng_state())
+        checkpoint, checkpoint_s = None, 0.0
+        if save:
+            start = time.perf_counter()
+            if rank == 0:
+                checkpoint = checkpointer.write(
+                    state, cursors=cursors, rng_states=rngs, ddp=ddp, optimizer=optimizer,
+                    scheduler=scheduler,
+                )  # fmt: skip
+            checkpoint_s = time.perf_counter() - start
+        # report_s: the previous report's duration; with a checkpoint and sync upload it
+        # includes the upload, the time training was blocked beyond the local write.
+        metrics.update(
+            checkpoint_s=checkpoint_s, report_s=last_report_s, peak_memory_mb=peak_memory_mb(device)
+        )
+        if metrics_log is not None:
+            metrics_log.append(metrics)
+        if rank == 0:
+            done = max(state.step - start_step, 1)
+            eta = (time.perf_counter() - run_start) / done * (spec.train.steps - state.step)
+            say(
+                f"step {state.step}/{spec.train.steps} loss {metrics['loss']:.4f} "
+                f"lr {result.lr:.2e} {metrics['samples_per_s']:.1f} samples/s "
+                f"eta {eta:.0f}s" + (" (checkpoint)" if checkpoint is not None else "")
+            )
+        report_start = time.perf_counter()
+        reporter.report(metrics, checkpoint, save=save, sync=interrupt.exit)
+        if interrupt.exit and state.step < spec.train.steps:
+            from smolvla_ray.checkpoint.discovery import checkpoint_dir_name
+
+            interrupts.exit_after_checkpoint(
+                step=state.step, checkpoint_dir=checkpoint_dir_name(state.step)
+            )
+        last_report_s = time.perf_counter() - report_start
+    if metrics_log is not None:
+        metrics_log.close()
+    return state
+
+
+def _metrics_log(spec: JobSpec, options: Mapping[str, Any]) -> MetricsLog:
+    from smolvla_ray.train.metrics import run_uri
+
+    return MetricsLog(
+        run_uri(spec.checkpoint.storage, spec.name),
+        options,
+        tensorboard=spec.observe.tensorboard,
+        mlflow_tracking_uri=spec.observe.mlflow_tracking_uri,
+        mlflow_experiment=spec.observe.mlflow_experiment,
+        run_name=spec.name,
+        params=spec.public_dict(),
+    )
+
+
+def _on_nonfinite(spec: JobSpec, state: TrainState, result) -> None:
+    """A step whose loss or gradient was not finite left the parameters untouched."""
+    if spec.failure.on_nonfinite == "stop":
+        raise RuntimeError(
+            f"non-finite loss {result.loss} or gradient norm {result.grad_norm} at step "
+            f"{state.step}; parameters were not updated. Set failure.on_nonfinite: skip to "
+            "skip such steps, or lower train.optimizer.lr"
+        )
+    state.skipped_steps += 1
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this worker: CUDA allocations on GPU, the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _check_replicas(ddp, policy, local_frozen: dict[str, str]) -> None:
+    """Fail when replicas drifted apart or a frozen tensor changed since the start."""
+    digests = _gather(tensors_digest(ddp.module.params))
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"trainable parameters differ across workers: digests {digests}")
+    changed = [k for k, v in frozen_fingerprint(policy).items() if local_frozen.get(k) != v]
+    if changed:
+        raise RuntimeError(f"frozen parameters changed during training: {changed[:5]}")
+
+
+def _gather(obj: Any) -> list[Any]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(value: Any) -> Any:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

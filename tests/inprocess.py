@@ -1,0 +1,74 @@
+"""Running the trainer in this process, without Ray: a single-process gloo group and a
+reporter that records every report and uploads rank 0's checkpoints to the run directory as
+Ray's would (manifest last, `checkpoint_<step>` names)."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch.distributed as dist
+
+from smolvla_ray.checkpoint.discovery import checkpoint_dir_name
+from smolvla_ray.checkpoint.writer import upload_checkpoint
+from smolvla_ray.spec import JobSpec
+from smolvla_ray.train.checkpointer import TrainState
+from smolvla_ray.train.metrics import run_uri
+from smolvla_ray.train.trainer import WorkerContext, train
+
+
+class LocalReporter:
+    """Records reports; uploads checkpoints into `<storage>/<name>/checkpoint_<step>`."""
+
+    def __init__(self, spec: JobSpec, *, stop_after: int | None = None) -> None:
+        self.run = run_uri(spec.checkpoint.storage, spec.name)
+        self.fs, _ = fsspec.core.url_to_fs(self.run, **spec.storage_options_plain())
+        self.reports: list[dict[str, Any]] = []
+        self.stop_after = stop_after
+
+    def report(
+        self, metrics: Mapping[str, Any], checkpoint: Path | None, *, save: bool, sync: bool
+    ) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint is not None:
+            _, root = fsspec.core.url_to_fs(self.run)
+            upload_checkpoint(checkpoint, self.fs, f"{root}/{checkpoint_dir_name(metrics['step'])}")
+            shutil.rmtree(checkpoint)
+        if self.stop_after is not None and metrics["step"] >= self.stop_after:
+            raise Killed(f"killed after the report of step {metrics['step']}")
+
+
+class Killed(RuntimeError):
+    """What a test raises to stop a run mid-way, as a killed worker would."""
+
+
+@contextlib.contextmanager
+def single_process_group() -> Iterator[None]:
+    """A gloo process group of one rank (DDP needs one), unless one exists already."""
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def train_in_process(
+    spec: JobSpec, *, stop_after: int | None = None, feature_cache: str | None = None
+) -> tuple[TrainState | None, LocalReporter]:
+    """Train `spec` here; with `stop_after`, the run is killed after that step's report."""
+    reporter = LocalReporter(spec, stop_after=stop_after)
+    context = WorkerContext(
+        storage_options=spec.storage_options_plain(), feature_cache=feature_cache
+    )
+    with single_process_group():
+        try:
+            return train(spec, reporter, context), reporter
+        except Killed:
+            return None, reporter
