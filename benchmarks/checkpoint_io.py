@@ -106,8 +106,9 @@ def checkpoint_cost(preset: str, options: dict) -> dict:
 
 def blocked_share(mode: str, options: dict, dataset: str, root: Path) -> dict:
     from smolvla_ray import driver
+    from smolvla_ray.run_layout import run_uri
     from smolvla_ray.spec import spec_from_dict
-    from smolvla_ray.train.metrics import read_metrics, run_uri
+    from smolvla_ray.train.metrics import read_metrics
 
     storage = f"s3://bench/runs-{mode}"
     spec = spec_from_dict(

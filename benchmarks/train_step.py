@@ -24,8 +24,9 @@ import ray
 
 from smolvla_ray import driver
 from smolvla_ray.data.synthetic import write_demo_dataset
+from smolvla_ray.run_layout import run_uri
 from smolvla_ray.spec import spec_from_dict
-from smolvla_ray.train.metrics import read_metrics, run_uri
+from smolvla_ray.train.metrics import read_metrics
 
 PHASES = ["step_s", "data_wait_s", "forward_s", "backward_s", "optimizer_s"]
 

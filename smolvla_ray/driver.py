@@ -13,10 +13,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import fsspec
-
 from smolvla_ray import hub
+from smolvla_ray.run_layout import WRITE_PROBE
 from smolvla_ray.spec import JobSpec
+from smolvla_ray.storage import absolute, filesystem, join
 
 if TYPE_CHECKING:
     from smolvla_ray.features import FeatureResolution
@@ -34,17 +34,11 @@ class StorageTarget:
 def storage_target(uri: str, storage_options: Mapping[str, Any]) -> StorageTarget:
     """Any fsspec URL as Ray Train storage (pyarrow's PyFileSystem over the fsspec fs)."""
     if "://" not in uri or uri.startswith("file://"):
-        return StorageTarget(os.path.abspath(uri.removeprefix("file://")), None)
+        return StorageTarget(str(absolute(uri)), None)
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    fs, path = filesystem(uri, storage_options)
     return StorageTarget(path, PyFileSystem(FSSpecHandler(fs)))
-
-
-def _absolute(uri: str | None) -> str | None:
-    if uri is None or "://" in uri:
-        return uri
-    return os.path.abspath(os.path.expanduser(uri))
 
 
 def resolve_local_paths(spec: JobSpec) -> JobSpec:
@@ -52,17 +46,17 @@ def resolve_local_paths(spec: JobSpec) -> JobSpec:
     workers run elsewhere. A hub id such as `lerobot/smolvla_base` is left alone."""
     pretrained = spec.policy.pretrained
     if pretrained and os.path.exists(pretrained):
-        pretrained = _absolute(pretrained)
-    uri = spec.data.uri if hub.is_hub_id(spec.data.uri) else _absolute(spec.data.uri)
-    data = {"uri": uri, "cache_dir": _absolute(spec.data.cache_dir)}
+        pretrained = absolute(pretrained)
+    uri = spec.data.uri if hub.is_hub_id(spec.data.uri) else absolute(spec.data.uri)
+    data = {"uri": uri, "cache_dir": absolute(spec.data.cache_dir)}
     return spec.model_copy(
         update={
             "policy": spec.policy.model_copy(update={"pretrained": pretrained}),
             "data": spec.data.model_copy(update=data),
             "checkpoint": spec.checkpoint.model_copy(
                 update={
-                    "storage": _absolute(spec.checkpoint.storage),
-                    "from_checkpoint": _absolute(spec.checkpoint.from_checkpoint),
+                    "storage": absolute(spec.checkpoint.storage),
+                    "from_checkpoint": absolute(spec.checkpoint.from_checkpoint),
                 }
             ),
         }
@@ -90,8 +84,8 @@ def preflight(spec: JobSpec) -> FeatureResolution:
 
 
 def _check_writable(uri: str, options: Mapping[str, Any]) -> None:
-    fs, root = fsspec.core.url_to_fs(uri, **options)
-    probe = f"{root.rstrip('/')}/.smolvla-write-probe"
+    fs, root = filesystem(uri, options)
+    probe = join(root, WRITE_PROBE)
     try:
         fs.makedirs(root, exist_ok=True)
         fs.pipe_file(probe, b"ok")
@@ -152,7 +146,7 @@ def run(
     import ray
 
     from smolvla_ray.observe.progress import MetricsWatcher, Progress
-    from smolvla_ray.train.metrics import run_uri
+    from smolvla_ray.run_layout import run_uri
 
     spec = resolve_local_paths(spec)
     if check:

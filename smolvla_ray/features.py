@@ -25,12 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from smolvla_ray.policy.config import ACTION, OBS_IMAGES, OBS_STATE, PolicyConfig, PolicyFeature
+from smolvla_ray.keys import ACTION, IMAGE_PREFIX, OBS_STATE
+from smolvla_ray.policy.config import PolicyConfig, PolicyFeature
+from smolvla_ray.storage import filesystem, join
 
 if TYPE_CHECKING:
     from smolvla_ray.spec import JobSpec
 
-IMAGE_PREFIX = f"{OBS_IMAGES}."
 # LeRobot's SmolVLAConfig.validate_features adds these input features, one per empty camera.
 EMPTY_CAMERA = f"{IMAGE_PREFIX}empty_camera_{{index}}"
 EMPTY_CAMERA_SHAPE = (3, 480, 640)
@@ -373,10 +374,8 @@ def read_pretrained_config(
             )
         return path.read_text()
     if "://" in source:
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(source, **dict(storage_options))
-        path = f"{root.rstrip('/')}/config.json"
+        fs, root = filesystem(source, storage_options)
+        path = join(root, "config.json")
         if not fs.exists(path):
             raise FileNotFoundError(
                 f"policy.pretrained={source!r} has no config.json: point it at a LeRobot "

@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import yaml
 
+from smolvla_ray import storage
 from smolvla_ray.spec import JobSpec, load_spec
 
 logger = logging.getLogger(__name__)
@@ -211,10 +212,10 @@ def upload_spec(spec: JobSpec, *, base: str | os.PathLike[str] = ".") -> dict[st
     data = spec.public_dict()
 
     def absolute(value: str | None, *, only_if_exists: bool = False) -> str | None:
-        if not value or "://" in value or value.startswith(("~", "$")):
+        if not value:
             return value
-        candidate = os.path.abspath(os.path.join(base, value))
-        if only_if_exists and not os.path.exists(candidate):
+        candidate = storage.absolute(value, base=base, here=False)
+        if only_if_exists and candidate != value and not os.path.exists(candidate):
             return value  # a hub id such as lerobot/smolvla_base
         return candidate
 

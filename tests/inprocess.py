@@ -13,11 +13,10 @@ from typing import Any
 import fsspec
 import torch.distributed as dist
 
-from smolvla_ray.checkpoint.discovery import checkpoint_dir_name
 from smolvla_ray.checkpoint.writer import upload_checkpoint
+from smolvla_ray.run_layout import checkpoint_dir_name, run_uri
 from smolvla_ray.spec import JobSpec
 from smolvla_ray.train.checkpointer import TrainState
-from smolvla_ray.train.metrics import run_uri
 from smolvla_ray.train.trainer import WorkerContext, train
 
 

@@ -22,11 +22,11 @@ from smolvla_ray.cache.store import (
     KEY_FILE,
     CacheStore,
     cache_key,
-    cache_root,
     key_inputs,
 )
 from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.policy.freezing import trainable_image_towers
+from smolvla_ray.run_layout import cache_root
 from smolvla_ray.spec import JobSpec
 
 ENCODE_BATCH = 32

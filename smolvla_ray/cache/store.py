@@ -25,7 +25,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import fsspec
 import torch
 from safetensors import safe_open
 from torch import Tensor
@@ -35,6 +34,7 @@ from smolvla_ray.data.meta import DatasetMeta
 from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.policy.fingerprint import combine_digests, safetensors_digests
 from smolvla_ray.policy.modeling import FEATURES_SUFFIX
+from smolvla_ray.storage import filesystem, join
 
 if TYPE_CHECKING:
     from smolvla_ray.features import FeatureResolution
@@ -81,8 +81,8 @@ def pretrained_weights_file(
         if hub.is_hub_id(source):
             return hub.model_file(source, WEIGHTS_NAME, revision=revision)
         raise FileNotFoundError(f"pretrained policy directory {source!r} does not exist")
-    fs, root = fsspec.core.url_to_fs(source, **dict(storage_options))
-    remote = f"{root.rstrip('/')}/{WEIGHTS_NAME}"
+    fs, root = filesystem(source, storage_options)
+    remote = join(root, WEIGHTS_NAME)
     if not fs.exists(remote):
         raise FileNotFoundError(f"{source}: no {WEIGHTS_NAME}")
     target = directory / WEIGHTS_NAME
@@ -187,20 +187,16 @@ def cache_key(inputs: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def cache_root(storage: str, key: str) -> str:
-    return f"{storage.rstrip('/')}/feature-cache/{key}"
-
-
 class CacheStore:
     """One cache directory at any fsspec URL."""
 
     def __init__(self, root: str, storage_options: Mapping[str, Any]) -> None:
         self.root = root
         self.storage_options = dict(storage_options)
-        self.fs, self.path = fsspec.core.url_to_fs(root, **self.storage_options)
+        self.fs, self.path = filesystem(root, self.storage_options)
 
     def _p(self, name: str) -> str:
-        return f"{self.path.rstrip('/')}/{name}"
+        return join(self.path, name)
 
     def shards(self) -> set[int]:
         """Episodes whose shard is in storage (finished uploads only)."""

@@ -11,25 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
-
-from smolvla_ray.checkpoint.format import MANIFEST, verify_checkpoint
-from smolvla_ray.checkpoint.retry import with_retries
+from smolvla_ray.checkpoint.format import MANIFEST, manifest_problem, verify_checkpoint
+from smolvla_ray.run_layout import checkpoint_step
+from smolvla_ray.storage import filesystem, join, with_retries
 
 log = logging.getLogger(__name__)
-CHECKPOINT_PREFIX = "checkpoint_"
-
-
-def checkpoint_dir_name(step: int) -> str:
-    """Directory name of the checkpoint at `step` (sortable)."""
-    return f"{CHECKPOINT_PREFIX}{step:09d}"
 
 
 @dataclass(frozen=True)
@@ -44,10 +36,6 @@ class CheckpointInfo:
     @property
     def valid(self) -> bool:
         return self.problem is None
-
-
-def _join(uri: str, name: str) -> str:
-    return f"{uri.rstrip('/')}/{name}"
 
 
 def _sha256_remote(fs, path: str) -> str:
@@ -66,11 +54,10 @@ def inspect_checkpoint(
 ) -> CheckpointInfo:
     """Check a checkpoint against its manifest where it is stored (sizes, and with
     `hashes` also sha256, streaming each file once)."""
-    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    step_match = re.search(rf"{CHECKPOINT_PREFIX}(\d+)$", root.rstrip("/"))
-    step = int(step_match.group(1)) if step_match else None
+    fs, root = filesystem(uri, storage_options or {})
+    step = checkpoint_step(root)
     try:
-        raw = with_retries(lambda: fs.cat_file(_join(root, MANIFEST)), what=f"read of {uri}")
+        raw = with_retries(lambda: fs.cat_file(join(root, MANIFEST)), what=f"read of {uri}")
         manifest = json.loads(raw)
         files = manifest["files"]
         step = int(manifest.get("step", step))
@@ -80,16 +67,8 @@ def inspect_checkpoint(
         return CheckpointInfo(uri, step, 0, f"manifest.json is malformed: {err}")
     sizes = {Path(p).name: int(d["size"]) for p, d in _listing(fs, root).items()}
     total = sum(entry["size"] for entry in files.values())
-    for name, entry in files.items():
-        if name not in sizes:
-            return CheckpointInfo(uri, step, total, f"{name} is missing")
-        if sizes[name] != entry["size"]:
-            return CheckpointInfo(
-                uri, step, total, f"{name} has {sizes[name]} bytes, manifest says {entry['size']}"
-            )
-        if hashes and _sha256_remote(fs, _join(root, name)) != entry["sha256"]:
-            return CheckpointInfo(uri, step, total, f"{name} does not match its sha256")
-    return CheckpointInfo(uri, step, total, None)
+    sha256_of = (lambda name: _sha256_remote(fs, join(root, name))) if hashes else None
+    return CheckpointInfo(uri, step, total, manifest_problem(files, sizes.get, sha256_of))
 
 
 def _listing(fs, root: str) -> dict[str, dict]:
@@ -104,7 +83,7 @@ def list_checkpoints(
     run_uri: str, storage_options: Mapping[str, Any] | None = None, *, hashes: bool = True
 ) -> list[CheckpointInfo]:
     """Every checkpoint of a run, oldest first, each verified against its manifest."""
-    fs, root = fsspec.core.url_to_fs(run_uri, **(storage_options or {}))
+    fs, root = filesystem(run_uri, storage_options or {})
     try:
         entries = with_retries(lambda: fs.ls(root, detail=True), what=f"listing of {run_uri}")
     except FileNotFoundError:
@@ -113,7 +92,7 @@ def list_checkpoints(
     infos = []
     for entry in entries:
         name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-        if entry.get("type") == "directory" and name.startswith(CHECKPOINT_PREFIX):
+        if entry.get("type") == "directory" and checkpoint_step(name) is not None:
             uri = f"{protocol}{entry['name'].rstrip('/')}" if protocol else entry["name"]
             infos.append(inspect_checkpoint(uri, storage_options, hashes=hashes))
     return sorted(infos, key=lambda info: (info.step is None, info.step or 0, info.uri))
@@ -136,8 +115,8 @@ def fetch_checkpoint(
     uri: str, destination: Path, storage_options: Mapping[str, Any] | None = None
 ) -> Path:
     """Copy a checkpoint to a local directory and verify it there."""
-    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    if not with_retries(lambda: fs.exists(_join(root, MANIFEST)), what=f"read of {uri}"):
+    fs, root = filesystem(uri, storage_options or {})
+    if not with_retries(lambda: fs.exists(join(root, MANIFEST)), what=f"read of {uri}"):
         raise FileNotFoundError(f"{uri} is not a checkpoint: it has no {MANIFEST}")
     destination.mkdir(parents=True, exist_ok=True)
     for path in _listing(fs, root):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,25 +140,40 @@ def write_checkpoint(
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
+def manifest_problem(
+    files: Mapping[str, Mapping[str, Any]],
+    size_of: Callable[[str], int | None],
+    sha256_of: Callable[[str], str] | None,
+) -> str | None:
+    """The one rule a checkpoint's files are checked by, wherever they are: each file the
+    manifest lists exists with its size and (when `sha256_of` is given) its sha256. None
+    when all match, else what is wrong. `size_of(name)` is None for a missing file."""
+    for name, entry in files.items():
+        size = size_of(name)
+        if size is None:
+            return f"{name} is missing"
+        if size != entry["size"]:
+            return f"{name} has {size} bytes, manifest says {entry['size']}"
+        if sha256_of is not None and sha256_of(name) != entry["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
 def verify_checkpoint(directory: Path) -> str | None:
-    """None when every file matches the manifest, else what is wrong."""
+    """None when every file of a local checkpoint matches the manifest, else what is wrong."""
     manifest_path = directory / MANIFEST
     if not manifest_path.exists():
         return "no manifest.json (the checkpoint was not finished)"
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
+        files = json.loads(manifest_path.read_text())["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         return f"manifest.json is malformed: {err}"
-    for name, entry in files.items():
+
+    def size_of(name: str) -> int | None:
         path = directory / name
-        if not path.exists():
-            return f"{name} is missing"
-        if path.stat().st_size != entry["size"]:
-            return f"{name} has {path.stat().st_size} bytes, manifest says {entry['size']}"
-        if sha256_file(path) != entry["sha256"]:
-            return f"{name} does not match its sha256 in the manifest"
-    return None
+        return path.stat().st_size if path.exists() else None
+
+    return manifest_problem(files, size_of, lambda name: sha256_file(directory / name))
 
 
 @dataclass

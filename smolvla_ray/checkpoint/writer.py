@@ -19,9 +19,9 @@ from smolvla_ray.checkpoint.format import (
     optimizer_tensors,
     write_checkpoint,
 )
-from smolvla_ray.checkpoint.retry import with_retries
 from smolvla_ray.policy.modeling import SmolVLAPolicy
 from smolvla_ray.spec import JobSpec
+from smolvla_ray.storage import join, with_retries
 
 
 class CheckpointWriter:
@@ -98,7 +98,7 @@ def upload_checkpoint(local: Path, fs, destination: str) -> None:
         raise RuntimeError(f"checkpoint {local} has no {MANIFEST}; refusing to upload it")
     with_retries(lambda: fs.makedirs(destination, exist_ok=True), what=f"creating {destination}")
     for path in [*files, local / MANIFEST]:
-        target = f"{destination.rstrip('/')}/{path.name}"
+        target = join(destination, path.name)
         with_retries(
             lambda path=path, target=target: fs.put_file(str(path), target),
             what=f"upload of {target}",

@@ -9,9 +9,9 @@ Imports here stay light (no torch, no av) so `import smolvla_ray.data` is cheap;
 submodules for the heavy parts.
 """
 
-from smolvla_ray.data.layout import DEFAULT_TOLERANCE_S, SUPPORTED_VERSIONS, camera_key
+from smolvla_ray.data.layout import DEFAULT_TOLERANCE_S, SUPPORTED_VERSIONS
 from smolvla_ray.data.meta import DatasetMeta, EpisodeMeta, check_cameras, load_meta
-from smolvla_ray.data.storage import FileCache, Storage, StorageUnreachableError
+from smolvla_ray.data.storage import FileCache, Storage, StorageUnavailableError
 
 __all__ = [
     "DEFAULT_TOLERANCE_S",
@@ -20,8 +20,7 @@ __all__ = [
     "EpisodeMeta",
     "FileCache",
     "Storage",
-    "StorageUnreachableError",
-    "camera_key",
+    "StorageUnavailableError",
     "check_cameras",
     "load_meta",
 ]

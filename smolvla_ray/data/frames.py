@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 
 from smolvla_ray.data import layout
 from smolvla_ray.data.meta import DatasetMeta, read_parquet, select_episodes
+from smolvla_ray.keys import ACTION, OBS_STATE
 
 _COLUMNS = ("index", "episode_index", "frame_index", "timestamp", "task_index")
 
@@ -42,7 +43,7 @@ class FrameTable:
 def load_frames(meta: DatasetMeta, episodes: Sequence[int] | range | None = None) -> FrameTable:
     """Read the frame rows of `episodes` (None = all) from the data parquet files."""
     chosen = select_episodes(meta, episodes)
-    for key in (layout.STATE_KEY, layout.ACTION_KEY):
+    for key in (OBS_STATE, ACTION):
         if key not in meta.features:
             raise ValueError(
                 f"{meta.storage.display(layout.INFO_PATH)} has no feature {key!r}; "
@@ -52,7 +53,7 @@ def load_frames(meta: DatasetMeta, episodes: Sequence[int] | range | None = None
     for e in chosen:
         by_file.setdefault(meta.episodes[e].data_file, []).append(e)
     per_episode: dict[int, dict[str, np.ndarray]] = {}
-    columns = [*_COLUMNS, layout.STATE_KEY, layout.ACTION_KEY]
+    columns = [*_COLUMNS, OBS_STATE, ACTION]
     for relative, wanted in by_file.items():
         try:
             table = read_parquet(meta.storage, relative, columns)
@@ -86,8 +87,8 @@ def load_frames(meta: DatasetMeta, episodes: Sequence[int] | range | None = None
         frame_index=np.concatenate([p["frame_index"] for p in parts]).astype(np.int64),
         timestamp=np.concatenate([p["timestamp"] for p in parts]).astype(np.float64),
         task_index=np.concatenate([p["task_index"] for p in parts]).astype(np.int64),
-        state=np.concatenate([p[layout.STATE_KEY] for p in parts]).astype(np.float32),
-        action=np.concatenate([p[layout.ACTION_KEY] for p in parts]).astype(np.float32),
+        state=np.concatenate([p[OBS_STATE] for p in parts]).astype(np.float32),
+        action=np.concatenate([p[ACTION] for p in parts]).astype(np.float32),
         episode_start=np.repeat(starts, lengths),
         episode_end=np.repeat(starts + lengths, lengths),
     )

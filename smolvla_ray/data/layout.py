@@ -39,14 +39,6 @@ INDEX_FEATURES: dict[str, dict] = {
     "task_index": {"dtype": "int64", "shape": [1], "names": None},
 }
 
-STATE_KEY = "observation.state"
-ACTION_KEY = "action"
-IMAGE_PREFIX = "observation.images."
 
 # LeRobot's `tolerance_s`: a frame is "at" a timestamp when within this many seconds.
 DEFAULT_TOLERANCE_S = 1e-4
-
-
-def camera_key(camera: str) -> str:
-    """Feature key of a camera name: `top` -> `observation.images.top` (keys pass through)."""
-    return camera if camera.startswith(IMAGE_PREFIX) else IMAGE_PREFIX + camera

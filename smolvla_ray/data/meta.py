@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from smolvla_ray.data import layout
 from smolvla_ray.data.stats import Stats, aggregate_stats, from_jsonable
 from smolvla_ray.data.storage import Storage
+from smolvla_ray.keys import camera_key
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def load_meta(url: str, *, storage_options: Mapping[str, Any] | None = None) -> 
     """Read `meta/` of the dataset at `url` (v3.0 or v2.1); fail clearly on bad input.
 
     Raises FileNotFoundError for a missing file, ValueError for malformed content or an
-    unsupported `codebase_version`, StorageUnreachableError when storage cannot be reached.
+    unsupported `codebase_version`, StorageUnavailableError when storage cannot be reached.
     """
     storage = Storage(url, dict(storage_options or {}))
     info = _load_info(storage)
@@ -105,7 +106,7 @@ def load_meta(url: str, *, storage_options: Mapping[str, Any] | None = None) -> 
 
 def check_cameras(meta: DatasetMeta, required_keys: Iterable[str]) -> None:
     """Raise ValueError naming each camera the policy needs that the dataset lacks."""
-    required = [layout.camera_key(k) for k in required_keys]
+    required = [camera_key(k) for k in required_keys]
     missing = [k for k in required if k not in meta.camera_keys]
     if missing:
         raise ValueError(

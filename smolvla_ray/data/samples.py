@@ -22,6 +22,7 @@ from smolvla_ray.data.frames import FrameTable, load_frames
 from smolvla_ray.data.meta import DatasetMeta, check_cameras, load_meta
 from smolvla_ray.data.storage import FileCache
 from smolvla_ray.data.video import VideoPool
+from smolvla_ray.keys import ACTION, OBS_STATE, camera_key
 
 DEFAULT_CHUNK_SIZE = 50
 _INHERITED_POOLS: list[VideoPool] = []  # see FrameDataset._video
@@ -57,7 +58,7 @@ class FrameDataset(Dataset):
             self.camera_keys = list(self.meta.camera_keys)
         else:
             check_cameras(self.meta, cameras)
-            self.camera_keys = [layout.camera_key(c) for c in cameras]
+            self.camera_keys = [camera_key(c) for c in cameras]
         self.frames: FrameTable = load_frames(self.meta, episodes)
         self.chunk_size = chunk_size
         self.tolerance_s = tolerance_s
@@ -80,8 +81,8 @@ class FrameDataset(Dataset):
         steps = row + np.arange(self.chunk_size)
         end = f.episode_end[row]
         sample: dict[str, Any] = {
-            layout.STATE_KEY: torch.from_numpy(f.state[row].copy()),
-            layout.ACTION_KEY: torch.from_numpy(f.action[np.minimum(steps, end - 1)]),
+            OBS_STATE: torch.from_numpy(f.state[row].copy()),
+            ACTION: torch.from_numpy(f.action[np.minimum(steps, end - 1)]),
             "action_is_pad": torch.from_numpy(steps >= end),
             "task": self.meta.tasks[f.task_index[row]],
             "index": torch.tensor(f.index[row]),

@@ -1,7 +1,7 @@
-"""Where dataset files live: fsspec filesystems from URLs, and a node-local video cache.
+"""Where dataset files live: a dataset root at any URL (`smolvla_ray.storage`), and a
+node-local video cache.
 
-Any fsspec URL is storage (`/path`, `file://`, `s3://`, `gs://`, `az://`, `memory://`). Parquet
-and JSON are small and read straight from storage; mp4 files are read many times per epoch
+Parquet and JSON are small and read straight from storage; mp4 files are read many times per epoch
 with seeks, so remote ones are copied once into a local cache that several loader processes
 on one node share (download to a temp file, atomic rename, a file lock per entry, and LRU
 eviction under a size bound).
@@ -19,19 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fsspec
 from fsspec.spec import AbstractFileSystem
+
+from smolvla_ray.storage import (
+    StorageUnavailableError,
+    filesystem,
+    is_local,
+    join,
+    looks_like_connection_error,
+)
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("SMOLVLA_RAY_CACHE", "~/.cache/smolvla_ray")).expanduser()
 DEFAULT_CACHE_MAX_BYTES = 20 * 1024**3
-
-# botocore's default retry policy turns a refused connection into ~10 s of retries per call;
-# these keep a dead endpoint a sub-second error. User-given `config_kwargs` win.
-_S3_FAIL_FAST = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}}
-
-
-class StorageUnreachableError(ConnectionError):
-    """The storage named by a URL could not be reached (endpoint down, DNS, refused)."""
 
 
 @dataclass(frozen=True)
@@ -49,27 +48,25 @@ class Storage:
     @property
     def fs(self) -> AbstractFileSystem:
         """The fsspec filesystem (fsspec caches instances, so this is cheap after the first)."""
-        return _url_to_fs(self.url, self.storage_options)[0]
+        return filesystem(self.url, self.storage_options)[0]
 
     @property
     def root(self) -> str:
         """The dataset root as a path inside `fs` (no protocol)."""
-        return _url_to_fs(self.url, self.storage_options)[1].rstrip("/")
+        return filesystem(self.url, self.storage_options)[1].rstrip("/")
 
     @property
     def is_local(self) -> bool:
         """True when files can be opened by path directly (no copy needed for PyAV)."""
-        protocol = self.fs.protocol
-        protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
-        return "file" in protocols or "local" in protocols
+        return is_local(self.fs)
 
     def path(self, relative: str) -> str:
         """Path of a file of the dataset inside `fs`."""
-        return f"{self.root}/{relative}"
+        return join(self.root, relative)
 
     def display(self, relative: str) -> str:
         """A file's URL for error messages (the user's URL plus the relative path)."""
-        return f"{self.url.rstrip('/')}/{relative}"
+        return join(self.url, relative)
 
     def read_bytes(self, relative: str) -> bytes:
         """Read a whole (small) file; missing files raise FileNotFoundError naming the URL."""
@@ -82,7 +79,7 @@ class Storage:
         except OSError as err:
             raise _unreachable(self, relative, err) from err
         except Exception as err:
-            if _looks_like_connection_error(err):
+            if looks_like_connection_error(err):
                 raise _unreachable(self, relative, err) from err
             raise
 
@@ -91,42 +88,18 @@ class Storage:
         try:
             return bool(self.fs.exists(self.path(relative)))
         except Exception as err:
-            if _looks_like_connection_error(err):
+            if looks_like_connection_error(err):
                 raise _unreachable(self, relative, err) from err
             raise
 
 
-def _unreachable(storage: Storage, relative: str, err: BaseException) -> StorageUnreachableError:
+def _unreachable(storage: Storage, relative: str, err: BaseException) -> StorageUnavailableError:
     endpoint = (storage.storage_options.get("client_kwargs") or {}).get("endpoint_url")
     where = f" (endpoint {endpoint})" if endpoint else ""
-    return StorageUnreachableError(
+    return StorageUnavailableError(
         f"cannot reach storage for {storage.display(relative)}{where}: {err}. "
         "Check the URL, the endpoint and the network, then retry."
     )
-
-
-def _looks_like_connection_error(err: BaseException) -> bool:
-    # botocore/aiohttp raise their own hierarchies; match by name so we need not import them.
-    names = {cls.__name__ for cls in type(err).__mro__}
-    return bool(
-        names
-        & {
-            "EndpointConnectionError",
-            "ConnectionError",
-            "ConnectTimeoutError",
-            "ClientConnectorError",
-            "ServerDisconnectedError",
-        }
-    )
-
-
-def _url_to_fs(url: str, storage_options: Mapping[str, Any]) -> tuple[AbstractFileSystem, str]:
-    options = dict(storage_options)
-    if url.startswith(("s3://", "s3a://")):
-        config = dict(_S3_FAIL_FAST)
-        config.update(options.get("config_kwargs") or {})
-        options["config_kwargs"] = config
-    return fsspec.core.url_to_fs(url, **options)
 
 
 def _lock_path(path: Path) -> Path:
@@ -167,7 +140,7 @@ class FileCache:
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{storage.display(relative)} does not exist") from err
         except Exception as err:
-            if _looks_like_connection_error(err) or isinstance(err, OSError):
+            if looks_like_connection_error(err) or isinstance(err, OSError):
                 raise _unreachable(storage, relative, err) from err
             raise
         key = hashlib.sha256(f"{storage.url}|{relative}|{size}".encode()).hexdigest()[:32]

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from smolvla_ray.data.layout import CodebaseVersion, camera_key
+from smolvla_ray.data.layout import CodebaseVersion
 from smolvla_ray.data.writer import Codec, EpisodeData, write_dataset
+from smolvla_ray.keys import camera_key
 
 TASKS: tuple[str, ...] = (
     "push the red cube to the left",

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from smolvla_ray.data import layout
 from smolvla_ray.data.stats import Stats, aggregate_stats, image_stats, to_jsonable, vector_stats
 from smolvla_ray.data.storage import Storage
+from smolvla_ray.keys import ACTION, OBS_STATE
 
 Codec = Literal["av1", "h264", "hevc"]
 GOP_SIZE = 2
@@ -210,8 +211,8 @@ def _frame_table(ep: EpisodeData, episode_index: int, start: int, task_index: in
     length = len(ep.state)
     frame_index = np.arange(length, dtype=np.int64)
     columns = {
-        layout.STATE_KEY: _fixed_list(ep.state),
-        layout.ACTION_KEY: _fixed_list(ep.action),
+        OBS_STATE: _fixed_list(ep.state),
+        ACTION: _fixed_list(ep.action),
         "timestamp": pa.array((frame_index / fps).astype(np.float32)),
         "frame_index": pa.array(frame_index),
         "episode_index": pa.array(np.full(length, episode_index, dtype=np.int64)),
@@ -221,7 +222,7 @@ def _frame_table(ep: EpisodeData, episode_index: int, start: int, task_index: in
     table = pa.table(columns)
     stats: dict[str, Stats] = {
         name: vector_stats(np.asarray(_column_numpy(table, name)))
-        for name in (layout.STATE_KEY, layout.ACTION_KEY, *layout.INDEX_FEATURES)
+        for name in (OBS_STATE, ACTION, *layout.INDEX_FEATURES)
     }
     for key, frames in ep.frames.items():
         stats[key] = image_stats(frames)
@@ -441,8 +442,8 @@ def _features(
         : ep.action.shape[1]
     ]
     features: dict[str, dict] = {
-        layout.STATE_KEY: {"dtype": "float32", "shape": [ep.state.shape[1]], "names": names},
-        layout.ACTION_KEY: {
+        OBS_STATE: {"dtype": "float32", "shape": [ep.state.shape[1]], "names": names},
+        ACTION: {
             "dtype": "float32",
             "shape": [ep.action.shape[1]],
             "names": action_names,

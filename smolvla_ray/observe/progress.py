@@ -16,11 +16,11 @@ import threading
 from collections.abc import Collection, Mapping
 from typing import Any, Literal, TextIO, get_args
 
-import fsspec
+from smolvla_ray.run_layout import METRICS_FILE
+from smolvla_ray.storage import filesystem, join
 
 ProgressMode = Literal["bar", "lines", "json", "quiet"]
 PROGRESS_MODES: tuple[str, ...] = get_args(ProgressMode)
-METRICS_FILE = "metrics.jsonl"  # = smolvla_ray.train.metrics.METRICS_FILE (that imports torch)
 
 _LINE = re.compile(
     r"\[smolvla-ray\] step (?P<step>\d+)/(?P<total>\d+) loss (?P<loss>\S+) "
@@ -165,9 +165,9 @@ def _read_lines(fs: Any, path: str) -> list[str]:
 
 def existing_records(run_uri: str, storage_options: Mapping[str, Any] | None) -> set[str]:
     """The lines of `<run_uri>/metrics.jsonl` now (an earlier run of the same job)."""
-    fs, root = fsspec.core.url_to_fs(run_uri, **(storage_options or {}))
+    fs, root = filesystem(run_uri, storage_options or {})
     try:
-        return set(_read_lines(fs, f"{root.rstrip('/')}/{METRICS_FILE}"))
+        return set(_read_lines(fs, join(root, METRICS_FILE)))
     except OSError:
         return set()
 
@@ -185,8 +185,8 @@ def watch_metrics(
     is set, then read once more. Lines in `skip` (default: those present when it starts,
     i.e. an earlier run of the same job) are not shown. Meant for a background thread while
     `fit()` blocks."""
-    fs, root = fsspec.core.url_to_fs(run_uri, **(storage_options or {}))
-    path = f"{root.rstrip('/')}/{METRICS_FILE}"
+    fs, root = filesystem(run_uri, storage_options or {})
+    path = join(root, METRICS_FILE)
     seen = set(existing_records(run_uri, storage_options) if skip is None else skip)
     while True:
         stopping = stop_event.wait(interval_s)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import fsspec
+from smolvla_ray.storage import filesystem, join
 
 PNG_NAME = "report.png"
 MARKDOWN_NAME = "report.md"
@@ -120,9 +120,9 @@ def _clock(seconds: float | None) -> str:
 
 def _read_spec(checkpoint_uri: str, storage_options: Mapping[str, Any]) -> dict | None:
     """The resolved spec (without secrets) that the checkpoint's state.json carries."""
-    fs, root = fsspec.core.url_to_fs(checkpoint_uri, **storage_options)
+    fs, root = filesystem(checkpoint_uri, storage_options)
     try:
-        state = json.loads(fs.cat_file(f"{root.rstrip('/')}/state.json"))
+        state = json.loads(fs.cat_file(join(root, "state.json")))
     except (FileNotFoundError, ValueError):
         return None
     return state.get("spec")

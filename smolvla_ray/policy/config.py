@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from smolvla_ray.keys import ACTION, OBS_IMAGES, OBS_STATE
+
 FeatureType = Literal["STATE", "VISUAL", "ACTION", "ENV", "LANGUAGE", "REWARD"]
 NormalizationMode = Literal["IDENTITY", "MEAN_STD", "MIN_MAX", "QUANTILES", "QUANTILE10"]
 
@@ -22,12 +24,6 @@ TINY_VLM_NAME = "smolvla-ray/tiny-smolvlm"
 # The tiny preset names its VLM by this directory's path so that LeRobot, given the same
 # config.json on this machine, builds the very same backbone and tokenizer.
 TINY_VLM_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_smolvlm"
-
-OBS_STATE = "observation.state"
-OBS_IMAGES = "observation.images"
-ACTION = "action"
-OBS_LANGUAGE_TOKENS = "observation.language.tokens"
-OBS_LANGUAGE_ATTENTION_MASK = "observation.language.attention_mask"
 
 
 class PolicyFeature(BaseModel):

@@ -19,14 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from smolvla_ray.keys import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS, OBS_STATE
 from smolvla_ray.policy.backbone import SmolVLMWithExpert
-from smolvla_ray.policy.config import (
-    ACTION,
-    OBS_LANGUAGE_ATTENTION_MASK,
-    OBS_LANGUAGE_TOKENS,
-    OBS_STATE,
-    PolicyConfig,
-)
+from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.policy.flow import (
     make_att_2d_masks,
     pad_vector,

@@ -13,12 +13,12 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import fsspec
 import torch
 from safetensors.torch import load_file, save_file
 
 from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.policy.processor import PRE_STATE, PolicyProcessor
+from smolvla_ray.storage import filesystem
 
 if TYPE_CHECKING:  # the model module calls into this one (SmolVLAPolicy.from_pretrained)
     from smolvla_ray.policy.modeling import PrefixMode, SmolVLAPolicy
@@ -54,7 +54,7 @@ def fetch_pretrained(
 
             return hub.model_snapshot(source, revision=revision)
         raise FileNotFoundError(f"pretrained policy directory {source!r} does not exist")
-    fs, root = fsspec.core.url_to_fs(source, **storage_options)
+    fs, root = filesystem(source, storage_options)
     if not fs.exists(f"{root}/{CONFIG_NAME}"):
         raise FileNotFoundError(f"{source}/{CONFIG_NAME} does not exist")
     target = Path(cache_dir)
@@ -128,7 +128,7 @@ def save_pretrained(policy: SmolVLAPolicy, target: str, **storage_options) -> No
     if _is_url(target) and not target.startswith("file://"):
         with tempfile.TemporaryDirectory(prefix="smolvla-save-") as tmp:
             _write_local(policy, Path(tmp))
-            fs, root = fsspec.core.url_to_fs(target, **storage_options)
+            fs, root = filesystem(target, storage_options)
             fs.makedirs(root, exist_ok=True)
             for path in Path(tmp).iterdir():
                 fs.put(str(path), f"{root}/{path.name}")

@@ -18,13 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from smolvla_ray.keys import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
 from smolvla_ray.policy.backbone import load_tokenizer, resolve_vlm_source
-from smolvla_ray.policy.config import (
-    ACTION,
-    OBS_LANGUAGE_ATTENTION_MASK,
-    OBS_LANGUAGE_TOKENS,
-    PolicyConfig,
-)
+from smolvla_ray.policy.config import PolicyConfig
 
 PRE_JSON = "policy_preprocessor.json"
 POST_JSON = "policy_postprocessor.json"

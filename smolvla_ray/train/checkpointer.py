@@ -22,8 +22,8 @@ from smolvla_ray.checkpoint.discovery import fetch_checkpoint, latest_valid_chec
 from smolvla_ray.checkpoint.format import LoadedCheckpoint, load_optimizer_state, read_checkpoint
 from smolvla_ray.checkpoint.writer import CheckpointWriter
 from smolvla_ray.policy.modeling import SmolVLAPolicy
+from smolvla_ray.run_layout import run_uri
 from smolvla_ray.spec import JobSpec
-from smolvla_ray.train.metrics import run_uri
 
 
 @dataclass

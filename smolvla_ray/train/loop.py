@@ -9,16 +9,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import ray.train
 import ray.train.torch
 import torch
 from ray.train import Checkpoint
 from ray.train.v2.api.report_config import CheckpointUploadMode
 
-from smolvla_ray.checkpoint.discovery import checkpoint_dir_name
 from smolvla_ray.checkpoint.writer import upload_checkpoint
+from smolvla_ray.run_layout import checkpoint_dir_name
 from smolvla_ray.spec import JobSpec
+from smolvla_ray.storage import filesystem
 from smolvla_ray.train.interrupt import Interrupts
 from smolvla_ray.train.trainer import WorkerContext, train
 
@@ -70,7 +70,7 @@ def checkpoint_upload_fn(
     """`ray.train.report(checkpoint_upload_fn=...)` for the run's storage: uploads with
     `upload_checkpoint` to where Ray Train expects the checkpoint (its experiment path on its
     storage filesystem), so Ray's retention and `Result.checkpoint` keep working."""
-    fs, _ = fsspec.core.url_to_fs(storage_uri, **storage_options)
+    fs, _ = filesystem(storage_uri, storage_options)
 
     def upload(checkpoint: Checkpoint, checkpoint_dir_name: str) -> Checkpoint:
         storage = ray.train.get_context().get_storage()

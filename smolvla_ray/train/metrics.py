@@ -15,22 +15,14 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-import fsspec
+from smolvla_ray.run_layout import METRICS_FILE, TENSORBOARD_DIR
+from smolvla_ray.storage import filesystem, join, with_retries
 
-from smolvla_ray.checkpoint.retry import with_retries
-
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 MLFLOW_RUN_URI_TAG = "smolvla_ray.run_uri"
 MLFLOW_CHECKPOINT_TAG = "smolvla_ray.final_checkpoint"
 # MLflow servers before 2.x accept 500 characters per param value.
 _MLFLOW_PARAM_CHARS = 500
 _MLFLOW_BATCH = 100
-
-
-def run_uri(storage: str, name: str) -> str:
-    """The run's directory: where Ray Train puts its checkpoints, and our metrics."""
-    return f"{storage.rstrip('/')}/{name}"
 
 
 def scalar_metrics(record: Mapping[str, Any]) -> dict[str, float]:
@@ -63,8 +55,8 @@ class JsonlSink:
     """`metrics.jsonl`: every record as one sorted-key JSON line, plus its wall time."""
 
     def __init__(self, uri: str, storage_options: Mapping[str, Any]) -> None:
-        self.fs, root = fsspec.core.url_to_fs(uri, **storage_options)
-        self.path = f"{root.rstrip('/')}/{METRICS_FILE}"
+        self.fs, root = filesystem(uri, storage_options)
+        self.path = join(root, METRICS_FILE)
         self.lines: list[str] = []
         if self.fs.exists(self.path):  # a resumed run continues its log
             self.lines = self.fs.cat_file(self.path).decode().splitlines()
@@ -91,8 +83,8 @@ class TensorBoardSink:
     every record, so TensorBoard can read them from any storage while the run goes on."""
 
     def __init__(self, uri: str, storage_options: Mapping[str, Any]) -> None:
-        self.fs, root = fsspec.core.url_to_fs(uri, **storage_options)
-        self.remote_dir = f"{root.rstrip('/')}/{TENSORBOARD_DIR}"
+        self.fs, root = filesystem(uri, storage_options)
+        self.remote_dir = join(root, TENSORBOARD_DIR)
         self._local = tempfile.TemporaryDirectory(prefix="smolvla-tb-")
         self._writer: Any = None
 
@@ -253,11 +245,11 @@ class MetricsLog:
     def close(self) -> None:
         """Finish every sink. The loop checkpoints at its last step, so the final checkpoint
         is the one of the last step logged."""
-        from smolvla_ray.checkpoint.discovery import checkpoint_dir_name
+        from smolvla_ray.run_layout import checkpoint_dir_name
 
         final = None
         if self.last_step is not None:
-            final = f"{self.uri.rstrip('/')}/{checkpoint_dir_name(self.last_step)}"
+            final = join(self.uri, checkpoint_dir_name(self.last_step))
         for sink in self.sinks:
             sink.close(final_checkpoint=final)
         self.sinks = []
@@ -265,8 +257,8 @@ class MetricsLog:
 
 def read_metrics(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[dict]:
     """The records of a run's `metrics.jsonl` (URI of the run directory)."""
-    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    path = f"{root.rstrip('/')}/{METRICS_FILE}"
+    fs, root = filesystem(uri, storage_options or {})
+    path = join(root, METRICS_FILE)
     if not fs.exists(path):
         raise FileNotFoundError(f"{uri}/{METRICS_FILE} does not exist")
     return [json.loads(line) for line in fs.cat_file(path).decode().splitlines() if line]

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from smolvla_ray.data.augment import AugmentSettings, augment_batch
-from smolvla_ray.policy.config import ACTION
+from smolvla_ray.keys import ACTION
 
 
 def _sample_seed(seed: int, step: int, index: int) -> int:

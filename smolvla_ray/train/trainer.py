@@ -202,7 +202,7 @@ def train(
         report_start = time.perf_counter()
         reporter.report(metrics, checkpoint, save=save, sync=interrupt.exit)
         if interrupt.exit and state.step < spec.train.steps:
-            from smolvla_ray.checkpoint.discovery import checkpoint_dir_name
+            from smolvla_ray.run_layout import checkpoint_dir_name
 
             interrupts.exit_after_checkpoint(
                 step=state.step, checkpoint_dir=checkpoint_dir_name(state.step)
@@ -214,7 +214,7 @@ def train(
 
 
 def _metrics_log(spec: JobSpec, options: Mapping[str, Any]) -> MetricsLog:
-    from smolvla_ray.train.metrics import run_uri
+    from smolvla_ray.run_layout import run_uri
 
     return MetricsLog(
         run_uri(spec.checkpoint.storage, spec.name),

@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 
 from smolvla_ray.checkpoint.discovery import fetch_checkpoint, list_checkpoints
 from smolvla_ray.checkpoint.format import read_checkpoint
+from smolvla_ray.run_layout import run_uri
 from smolvla_ray.spec import spec_from_dict
-from smolvla_ray.train.metrics import read_metrics, run_uri
+from smolvla_ray.train.metrics import read_metrics
 from tests.inprocess import train_in_process
 from tests.integration.conftest import tiny_spec_dict
 

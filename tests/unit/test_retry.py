@@ -11,13 +11,13 @@ from fsspec.implementations.local import LocalFileSystem
 
 from smolvla_ray.checkpoint.discovery import inspect_checkpoint
 from smolvla_ray.checkpoint.format import MANIFEST, TrainingState, write_checkpoint
-from smolvla_ray.checkpoint.retry import (
+from smolvla_ray.checkpoint.writer import upload_checkpoint
+from smolvla_ray.storage import (
     RETRY_BUDGET_ENV,
     StorageUnavailableError,
     retry_budget_s,
     with_retries,
 )
-from smolvla_ray.checkpoint.writer import upload_checkpoint
 
 
 class FlakyLocalFileSystem(LocalFileSystem):
@@ -109,7 +109,7 @@ def test_budget_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_upload_retries_each_file_and_writes_the_manifest_last(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("smolvla_ray.checkpoint.retry.FIRST_DELAY_S", 0.01)
+    monkeypatch.setattr("smolvla_ray.storage.FIRST_DELAY_S", 0.01)
     local = _checkpoint(tmp_path / "local")
     fs = FlakyLocalFileSystem(failures=2)
     upload_checkpoint(local, fs, str(tmp_path / "remote" / "checkpoint_000000003"))
@@ -124,7 +124,7 @@ def test_upload_cut_before_the_manifest_leaves_an_invalid_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(RETRY_BUDGET_ENV, "0.2")
-    monkeypatch.setattr("smolvla_ray.checkpoint.retry.FIRST_DELAY_S", 0.05)
+    monkeypatch.setattr("smolvla_ray.storage.FIRST_DELAY_S", 0.05)
     local = _checkpoint(tmp_path / "local")
     remote = tmp_path / "remote" / "checkpoint_000000003"
     fs = FlakyLocalFileSystem(fail_always_on=MANIFEST)

@@ -16,8 +16,9 @@ from smolvla_ray.build import open_dataset, resolve_dataset_features
 from smolvla_ray.cache.build import ensure_feature_cache
 from smolvla_ray.cache.store import CacheStore, cache_key, key_inputs
 from smolvla_ray.checkpoint.discovery import fetch_checkpoint, list_checkpoints
+from smolvla_ray.run_layout import run_uri
 from smolvla_ray.spec import SpecError, spec_from_dict
-from smolvla_ray.train.metrics import read_metrics, run_uri
+from smolvla_ray.train.metrics import read_metrics
 from tests.inprocess import train_in_process
 from tests.integration.conftest import tiny_spec_dict
 

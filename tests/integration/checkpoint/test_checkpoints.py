@@ -18,8 +18,9 @@ from smolvla_ray import driver
 from smolvla_ray.checkpoint.discovery import fetch_checkpoint, list_checkpoints
 from smolvla_ray.checkpoint.export import export_checkpoint, policy_from_checkpoint
 from smolvla_ray.policy import SmolVLAPolicy
+from smolvla_ray.run_layout import run_uri
 from smolvla_ray.spec import spec_from_dict
-from smolvla_ray.train.metrics import read_metrics, run_uri
+from smolvla_ray.train.metrics import read_metrics
 from tests.inprocess import train_in_process
 from tests.integration.conftest import tiny_spec_dict
 

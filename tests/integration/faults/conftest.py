@@ -78,15 +78,50 @@ class TwoNodeCluster:
     head: Node
     second: Node
     env: dict[str, str] = field(default_factory=dict)
+    # Set by a test that kills or drains the second node: the next test gets a fresh one.
+    second_spent: bool = False
 
     def train_worker_pids(self) -> dict[str, set[int]]:
         return {n.resource: n.train_worker_pids() for n in (self.head, self.second)}
+
+    def replace_second(self) -> None:
+        """Stop the second node's processes (whatever a test left of it) and start a new
+        node_b in the same cluster."""
+        self.second.stop()
+        self.second = _start_second(self.address, self.env)
+        self.second_spent = False
 
 
 def _start(command: list[str], env: dict[str, str]) -> None:
     started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     if started.returncode != 0:
         raise RuntimeError(f"ray start failed:\n{started.stdout[-3000:]}{started.stderr[-3000:]}")
+
+
+COMMON = [
+    "--num-cpus", "2", "--object-store-memory", str(200 * 1024**2),
+    "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
+]  # fmt: skip
+
+
+def _start_second(address: str, base: dict[str, str]) -> Node:
+    """`ray start --address` a node with resource node_b; its processes carry a new marker."""
+    second = Node("node_b", f"SMOLVLA_RAY_FAULTS_NODE={uuid.uuid4().hex}")
+    try:
+        _start(
+            [
+                str(RAY), "start", "--address", address,
+                "--resources", json.dumps({"node_b": 1}),
+                "--node-manager-port", str(free_port()),
+                "--object-manager-port", str(free_port()),
+                *COMMON,
+            ],
+            {**base, **dict([second.marker.split("=")])},
+        )  # fmt: skip
+    except BaseException:
+        second.stop()
+        raise
+    return second
 
 
 @contextlib.contextmanager
@@ -103,11 +138,7 @@ def two_node_cluster(env_extra: dict[str, str] | None = None) -> Iterator[TwoNod
         **(env_extra or {}),
     )
     head = Node("node_a", f"SMOLVLA_RAY_FAULTS_NODE={uuid.uuid4().hex}")
-    second = Node("node_b", f"SMOLVLA_RAY_FAULTS_NODE={uuid.uuid4().hex}")
-    common = [
-        "--num-cpus", "2", "--object-store-memory", str(200 * 1024**2),
-        "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
-    ]  # fmt: skip
+    cluster: TwoNodeCluster | None = None
     try:
         env = {**base, **dict([head.marker.split("=")])}
         _start(
@@ -117,33 +148,34 @@ def two_node_cluster(env_extra: dict[str, str] | None = None) -> Iterator[TwoNod
                 "--ray-client-server-port", str(free_port()),
                 "--node-manager-port", str(free_port()),
                 "--object-manager-port", str(free_port()),
-                *common,
+                *COMMON,
             ],
             env,
         )  # fmt: skip
-        env = {**base, **dict([second.marker.split("=")])}
-        _start(
-            [
-                str(RAY), "start", "--address", f"127.0.0.1:{port}",
-                "--resources", json.dumps({"node_b": 1}),
-                "--node-manager-port", str(free_port()),
-                "--object-manager-port", str(free_port()),
-                *common,
-            ],
-            env,
-        )  # fmt: skip
-        yield TwoNodeCluster(f"127.0.0.1:{port}", temp_dir, head, second, env=base)
+        address = f"127.0.0.1:{port}"
+        cluster = TwoNodeCluster(address, temp_dir, head, _start_second(address, base), env=base)
+        yield cluster
     finally:
-        pids = head.pids() | second.pids()
+        pids = head.pids() | (cluster.second.pids() if cluster else set())
         kill_pids(pids)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture
-def cluster() -> Iterator[TwoNodeCluster]:
-    """A fresh two-node cluster per test (fault tests kill parts of it)."""
-    with two_node_cluster() as running:
+@pytest.fixture(scope="module")
+def module_cluster() -> Iterator[TwoNodeCluster]:
+    """One two-node cluster for a test module. Storage retries are bounded to 8 s (the
+    storage-outage tests need a run to give up; the others never lose storage)."""
+    with two_node_cluster({"SMOLVLA_RAY_STORAGE_RETRY_S": "8"}) as running:
         yield running
+
+
+@pytest.fixture
+def cluster(module_cluster: TwoNodeCluster) -> TwoNodeCluster:
+    """The module's cluster, with a fresh second node if an earlier test killed or drained
+    it (a test that does sets `second_spent`; killed workers leave the cluster healthy)."""
+    if module_cluster.second_spent:
+        module_cluster.replace_second()
+    return module_cluster
 
 
 class StorageGate:

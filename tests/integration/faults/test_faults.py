@@ -1,6 +1,10 @@
 """Faults on a real two-node Ray cluster (head + `ray start --address` node on this machine)
-with checkpoints on the loopback S3 server: placement across nodes, a SIGKILLed worker, a
-SIGTERMed worker, a Ray preemption notice, a lost node, storage outages (short and for good).
+with checkpoints on the loopback S3 server: placement across nodes, storage outages (short
+and for good), a SIGKILLed worker, a SIGTERMed worker, a Ray preemption notice, a lost node.
+
+The module shares one cluster (tests/integration/faults/conftest.py): killed workers leave
+it healthy; the preemption and lost-node tests, last, mark its second node spent, and a
+later test would get a fresh one.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from smolvla_ray.checkpoint.discovery import fetch_checkpoint, list_checkpoints
-from smolvla_ray.train.metrics import run_uri
+from smolvla_ray.run_layout import run_uri
 from tests.integration.conftest import tiny_spec_dict
 from tests.integration.faults.conftest import (
     RAY,
@@ -25,9 +29,10 @@ from tests.integration.faults.conftest import (
     TwoNodeCluster,
     start_driver,
     storage_options,
-    two_node_cluster,
     wait_for,
 )
+
+pytestmark = pytest.mark.slow
 
 # Two workers, one per node: STRICT_SPREAD cannot put both on one node.
 SCALING = {
@@ -36,14 +41,15 @@ SCALING = {
     "placement_strategy": "STRICT_SPREAD",
 }
 TRAIN = {"log_every": 1, "scheduler": {"warmup_steps": 1, "decay_steps": 8}}
-# Steps take ~50 ms here: runs that a fault must hit mid-way get this many.
-LONG = 300
+# Steps take ~50 ms here: runs that a fault must hit mid-way get this many, checkpointing
+# every EVERY steps.
+LONG, EVERY = 300, 20
 
 
 def fault_spec(dataset: str, storage: str, name: str, options: dict, *, steps: int, **extra):
     checkpoint = {
         "storage": storage,
-        "every_steps": 2 if steps < LONG else 20,
+        "every_steps": 2 if steps < LONG else EVERY,
         "keep_last": 20,
         **extra.pop("checkpoint", {}),
     }
@@ -94,34 +100,73 @@ def s3_storage(s3_server, s3_bucket) -> tuple[str, dict]:
     return s3_server.url(s3_bucket, "runs"), s3_server.storage_options
 
 
-def test_two_workers_spread_across_two_nodes_train_to_the_end(
+# --- storage outages: the S3 endpoint the job sees is a gate in front of the server ---
+
+
+def _gated_storage(s3_server, bucket: str, gate: StorageGate) -> tuple[str, dict]:
+    options = storage_options(gate.endpoint)
+    options["config_kwargs"] = {"retries": {"max_attempts": 1}, "connect_timeout": 2}
+    return s3_server.url(bucket, "runs"), options
+
+
+def test_short_storage_outage_during_upload_is_ridden_out(
+    cluster: TwoNodeCluster, demo_dataset: str, s3_server, s3_bucket, storage_gate, tmp_path
+) -> None:
+    storage, options = _gated_storage(s3_server, s3_bucket, storage_gate)
+    spec = fault_spec(
+        demo_dataset, storage, "blip", options, steps=4, checkpoint={"upload_mode": "sync"}
+    )
+    # Down for 3 s when the step-2 checkpoint's manifest (the last file) is being uploaded.
+    storage_gate.trigger(r"PUT /[^ ]*checkpoint_000000002/manifest\.json", outage_s=3)
+    run = start_driver(cluster, spec, tmp_path)
+    assert run.wait(300) == 0, run.output()[-4000:]
+    assert storage_gate.triggered.is_set()
+    assert steps_of(storage, "blip", options) == [2, 4]
+
+
+def test_storage_gone_for_good_fails_clearly_and_lists_no_invalid_checkpoint(
+    cluster: TwoNodeCluster, demo_dataset: str, s3_server, s3_bucket, storage_gate, tmp_path
+) -> None:
+    storage, options = _gated_storage(s3_server, s3_bucket, storage_gate)
+    # sync: rank 0 waits on this upload, so the upload's error is the one the run fails
+    # with (async, training goes on and whatever touches storage next fails first).
+    spec = fault_spec(
+        demo_dataset, storage, "outage", options, steps=4, checkpoint={"upload_mode": "sync"}
+    )
+    storage_gate.trigger(r"PUT /[^ ]*checkpoint_000000002/manifest\.json", outage_s=None)
+    run = start_driver(cluster, spec, tmp_path)
+    assert run.wait(300) != 0
+    output = run.output()
+    assert "storage unavailable: upload of" in output and "manifest.json" in output, output[-4000:]
+    storage_gate.up()
+    # Every data file of step 2 landed, its manifest did not: listed, never as valid.
+    infos = list_checkpoints(run_uri(storage, "outage"), options)
+    assert [(i.step, i.valid) for i in infos] == [(2, False)], infos
+    assert "no manifest.json" in infos[0].problem
+
+
+# --- killed workers, then the second node drained and lost (the last two tests) ---
+
+
+def test_spread_across_two_nodes_and_a_sigkilled_worker_resumes_to_the_same_parameters(
     cluster: TwoNodeCluster, demo_dataset: str, s3_storage, tmp_path: Path
 ) -> None:
     storage, options = s3_storage
+    # The reference: an undisturbed run, one training worker on each node, to the end.
     stop = threading.Event()
     seen = watch_worker_nodes(cluster, stop)
-    run = start_driver(
-        cluster, fault_spec(demo_dataset, storage, "spread", options, steps=4), tmp_path
-    )
-    code = run.wait(300)
-    stop.set()
-    assert code == 0, run.output()[-4000:]
-    assert "2 worker(s) on cpu" in run.output()
-    assert seen["node_a"] and seen["node_b"], seen  # one training worker on each node
-    assert steps_of(storage, "spread", options) == [2, 4]
-
-
-def test_sigkilled_worker_resumes_to_the_same_parameters(
-    cluster: TwoNodeCluster, demo_dataset: str, s3_storage, tmp_path: Path
-) -> None:
-    storage, options = s3_storage
     reference = start_driver(
         cluster,
         fault_spec(demo_dataset, storage, "straight", options, steps=LONG),
         tmp_path,
         name="ref",
     )
-    assert reference.wait(300) == 0, reference.output()[-4000:]
+    code = reference.wait(300)
+    stop.set()
+    assert code == 0, reference.output()[-4000:]
+    assert "2 worker(s) on cpu" in reference.output()
+    assert seen["node_a"] and seen["node_b"], seen
+    assert steps_of(storage, "straight", options) == list(range(EVERY, LONG + 1, EVERY))
 
     spec = fault_spec(
         demo_dataset, storage, "killed", options, steps=LONG, failure={"max_failures": 1}
@@ -177,6 +222,7 @@ def test_preemption_notice_saves_a_checkpoint_and_training_goes_on(
     run = start_driver(cluster, spec, tmp_path)
     wait_for(lambda: _step_reached(run, 10), timeout_s=240, what="step 10", run=run)
     node_id = cluster.second.node_id()
+    cluster.second_spent = True  # drained: no new work is placed on it
     subprocess.run(
         [
             str(RAY), "drain-node", "--address", cluster.address, "--node-id", node_id,
@@ -201,6 +247,7 @@ def test_lost_node_without_spare_resources_fails_clearly(
     run = start_driver(cluster, spec, tmp_path)
     # The first checkpoint's report line: cheap to watch (steps are fast here).
     wait_for(lambda: "(checkpoint)" in run.output(), timeout_s=240, what="a checkpoint", run=run)
+    cluster.second_spent = True
     cluster.second.stop()
     assert run.wait(300) != 0
     output = run.output()
@@ -212,54 +259,3 @@ def test_lost_node_without_spare_resources_fails_clearly(
     # is never resumed from), but the ones before it verify.
     infos = list_checkpoints(run_uri(storage, "nodeloss"), options)
     assert any(i.valid for i in infos), infos
-
-
-# --- storage outages: the S3 endpoint the job sees is a gate in front of the server ---
-
-
-@pytest.fixture
-def gated_cluster() -> TwoNodeCluster:
-    with two_node_cluster({"SMOLVLA_RAY_STORAGE_RETRY_S": "8"}) as running:
-        yield running
-
-
-def _gated_storage(s3_server, bucket: str, gate: StorageGate) -> tuple[str, dict]:
-    options = storage_options(gate.endpoint)
-    options["config_kwargs"] = {"retries": {"max_attempts": 1}, "connect_timeout": 2}
-    return s3_server.url(bucket, "runs"), options
-
-
-def test_short_storage_outage_during_upload_is_ridden_out(
-    gated_cluster: TwoNodeCluster, demo_dataset: str, s3_server, s3_bucket, storage_gate, tmp_path
-) -> None:
-    storage, options = _gated_storage(s3_server, s3_bucket, storage_gate)
-    spec = fault_spec(
-        demo_dataset, storage, "blip", options, steps=4, checkpoint={"upload_mode": "sync"}
-    )
-    # Down for 3 s when the step-2 checkpoint's manifest (the last file) is being uploaded.
-    storage_gate.trigger(r"PUT /[^ ]*checkpoint_000000002/manifest\.json", outage_s=3)
-    run = start_driver(gated_cluster, spec, tmp_path)
-    assert run.wait(300) == 0, run.output()[-4000:]
-    assert storage_gate.triggered.is_set()
-    assert steps_of(storage, "blip", options) == [2, 4]
-
-
-def test_storage_gone_for_good_fails_clearly_and_lists_no_invalid_checkpoint(
-    gated_cluster: TwoNodeCluster, demo_dataset: str, s3_server, s3_bucket, storage_gate, tmp_path
-) -> None:
-    storage, options = _gated_storage(s3_server, s3_bucket, storage_gate)
-    # sync: rank 0 waits on this upload, so the upload's error is the one the run fails
-    # with (async, training goes on and whatever touches storage next fails first).
-    spec = fault_spec(
-        demo_dataset, storage, "outage", options, steps=4, checkpoint={"upload_mode": "sync"}
-    )
-    storage_gate.trigger(r"PUT /[^ ]*checkpoint_000000002/manifest\.json", outage_s=None)
-    run = start_driver(gated_cluster, spec, tmp_path)
-    assert run.wait(300) != 0
-    output = run.output()
-    assert "storage unavailable: upload of" in output and "manifest.json" in output, output[-4000:]
-    storage_gate.up()
-    # Every data file of step 2 landed, its manifest did not: listed, never as valid.
-    infos = list_checkpoints(run_uri(storage, "outage"), options)
-    assert [(i.step, i.valid) for i in infos] == [(2, False)], infos
-    assert "no manifest.json" in infos[0].problem

@@ -159,6 +159,7 @@ def demo_overrides(dataset: str, storage: str, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_submit_runs_to_success_and_is_listed(
     cluster: Cluster, small_dataset: str, tmp_path: Path
 ) -> None:
@@ -192,8 +193,14 @@ def test_submit_runs_to_success_and_is_listed(
         "spec_sha256": final.spec_sha256,
     }
     assert [uri.startswith("gcs://") for uri in details.runtime_env["py_modules"]] == [True]
+    # It trained on the cluster's own workers (the job's RAY_ADDRESS), not on a Ray of its own:
+    # the cluster's logs hold a Ray Train worker of this job (worker-<id>-<job id>-<pid>).
+    assert details.driver_info is not None
+    logs = cluster.temp_dir.glob(f"session_*/logs/worker-*-{details.driver_info.id}-*")
+    assert any(":actor_name:RayTrainWorker" in p.read_text(errors="replace") for p in logs)
 
 
+@pytest.mark.slow
 def test_stop_ends_a_running_job_as_stopped(
     cluster: Cluster, small_dataset: str, tmp_path: Path
 ) -> None:
@@ -215,6 +222,7 @@ def test_stop_ends_a_running_job_as_stopped(
     assert job_id in {j.job_id for j in jobs.list_jobs(cluster.address)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "error"),
     [
@@ -237,6 +245,7 @@ def test_bad_input_fails_before_anything_is_submitted(
     assert cluster.all_job_ids() == before
 
 
+@pytest.mark.slow
 def test_unreachable_address_and_unknown_job_name_the_fix(cluster: Cluster) -> None:
     address = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ConnectionError, match=f"{address}.*ray start --head.*8265"):
@@ -248,6 +257,7 @@ def test_unreachable_address_and_unknown_job_name_the_fix(cluster: Cluster) -> N
         jobs.list_jobs("ray://127.0.0.1:10001")
 
 
+@pytest.mark.slow
 def test_secrets_reach_neither_upload_metadata_logs_nor_checkpoints(
     cluster: Cluster, s3_server: S3Server, small_dataset: str, tmp_path: Path
 ) -> None:
@@ -296,6 +306,7 @@ def test_secrets_reach_neither_upload_metadata_logs_nor_checkpoints(
             assert secret not in text, f"{secret[:4]}... leaked into {where}"
 
 
+@pytest.mark.slow
 def test_token_auth(monkeypatch: pytest.MonkeyPatch) -> None:
     token = uuid.uuid4().hex + uuid.uuid4().hex
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}

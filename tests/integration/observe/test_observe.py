@@ -15,14 +15,9 @@ import pytest
 
 from smolvla_ray.observe.progress import MetricsWatcher, Progress
 from smolvla_ray.observe.report import FIGURE_DPI, FIGURE_INCHES, write_report
+from smolvla_ray.run_layout import TENSORBOARD_DIR, run_uri
 from smolvla_ray.spec import spec_from_dict
-from smolvla_ray.train.metrics import (
-    MLFLOW_CHECKPOINT_TAG,
-    TENSORBOARD_DIR,
-    read_metrics,
-    run_uri,
-    tensorboard_tag,
-)
+from smolvla_ray.train.metrics import MLFLOW_CHECKPOINT_TAG, read_metrics, tensorboard_tag
 from tests.inprocess import train_in_process
 from tests.integration.conftest import tiny_spec_dict
 

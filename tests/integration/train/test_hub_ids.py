@@ -16,9 +16,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from tests.hub import FakeHub, blob_id, commit_of, iter_lines, read_tree, write_cached_repo
 from tests.integration.conftest import tiny_spec_dict
 
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[3]
 MAIN, V2, DATA = commit_of("tiny main"), commit_of("tiny v2"), commit_of("demo main")
 
@@ -29,7 +32,7 @@ from smolvla_ray import driver
 from smolvla_ray.checkpoint.discovery import list_checkpoints
 from smolvla_ray.checkpoint.export import policy_from_checkpoint
 from smolvla_ray.spec import spec_from_dict
-from smolvla_ray.train.metrics import run_uri
+from smolvla_ray.run_layout import run_uri
 
 base = json.loads(sys.argv[1])
 
@@ -37,7 +40,7 @@ def spec(steps, **policy):
     return spec_from_dict({**base, "train": {**base["train"], "steps": steps},
                            "policy": {**base["policy"], **policy}})
 
-ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
 out = {"first": driver.run(spec(2)).metrics["step"]}
 out["resumed_from"] = driver.run(spec(3)).metrics["resumed_from_step"]  # the restart
 last = list_checkpoints(run_uri(base["checkpoint"]["storage"], base["name"]))[-1]

@@ -17,8 +17,9 @@ from smolvla_ray.checkpoint.export import export_checkpoint
 from smolvla_ray.checkpoint.format import read_checkpoint
 from smolvla_ray.features import FeatureResolution
 from smolvla_ray.policy import SmolVLAPolicy
+from smolvla_ray.run_layout import run_uri
 from smolvla_ray.spec import spec_from_dict
-from smolvla_ray.train.metrics import read_metrics, run_uri
+from smolvla_ray.train.metrics import read_metrics
 from tests.integration.conftest import tiny_spec_dict
 from tests.realshape import (
     ACTION_DIM,

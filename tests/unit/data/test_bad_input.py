@@ -12,8 +12,8 @@ import pytest
 from smolvla_ray.data.frames import load_frames
 from smolvla_ray.data.meta import load_meta
 from smolvla_ray.data.samples import FrameDataset
-from smolvla_ray.data.storage import StorageUnreachableError
 from smolvla_ray.data.video import VideoDecodeError
+from smolvla_ray.storage import StorageUnavailableError
 
 from .conftest import Demo
 
@@ -142,7 +142,7 @@ def test_unreachable_storage_fails_fast() -> None:
         "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "us-east-1"},
     }
     start = time.monotonic()
-    with pytest.raises(StorageUnreachableError, match=r"cannot reach storage.*127.0.0.1:9") as err:
+    with pytest.raises(StorageUnavailableError, match=r"cannot reach storage.*127.0.0.1:9") as err:
         load_meta("s3://some-bucket/dataset", storage_options=options)
     assert time.monotonic() - start < 15
     assert "secret" not in str(err.value) and "'s'" not in str(err.value)  # no credentials

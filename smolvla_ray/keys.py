@@ -1,0 +1,19 @@
+"""LeRobot's feature keys: one set for the policy, the datasets and the feature resolution.
+
+The same strings name a dataset's columns (`info.json` features), the policy's inputs and
+outputs (`config.json`), and the entries of a batch; LeRobot 0.6.1 uses exactly these.
+"""
+
+from __future__ import annotations
+
+OBS_STATE = "observation.state"
+OBS_IMAGES = "observation.images"
+IMAGE_PREFIX = f"{OBS_IMAGES}."
+ACTION = "action"
+OBS_LANGUAGE_TOKENS = "observation.language.tokens"
+OBS_LANGUAGE_ATTENTION_MASK = "observation.language.attention_mask"
+
+
+def camera_key(camera: str) -> str:
+    """Feature key of a camera name: `top` -> `observation.images.top` (keys pass through)."""
+    return camera if camera.startswith(IMAGE_PREFIX) else IMAGE_PREFIX + camera

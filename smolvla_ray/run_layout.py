@@ -1,0 +1,51 @@
+"""Names and places inside a run's storage, the way `data/layout.py` names a dataset's files.
+
+    <checkpoint.storage>/
+      <job name>/                     the run directory (`run_uri`)
+        checkpoint_000000100/         one checkpoint per saved step (`checkpoint_dir_name`)
+        metrics.jsonl                 rank 0's metric records
+        tensorboard/                  TensorBoard event files
+        (Ray Train's own run state)   Ray's bookkeeping, left alone
+      feature-cache/<key>/            frozen vision features, shared by runs (`cache_root`)
+
+Everything that reads or writes a run directory takes its names from here, so `checkpoints`,
+`report`, resume and retention agree on what is a checkpoint and what is not. Files of the
+run directory that are neither checkpoints nor metrics are control files (`CONTROL_FILES`)
+and are ignored by listings.
+"""
+
+from __future__ import annotations
+
+import re
+
+from smolvla_ray.storage import join
+
+CHECKPOINT_PREFIX = "checkpoint_"
+CHECKPOINT_DIR = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+FEATURE_CACHE_DIR = "feature-cache"
+WRITE_PROBE = ".smolvla-write-probe"
+# Files in the run directory that are neither checkpoints nor metrics; listings skip them.
+CONTROL_FILES: tuple[str, ...] = (WRITE_PROBE,)
+
+
+def run_uri(storage: str, name: str) -> str:
+    """The run's directory: where Ray Train puts its checkpoints, and our metrics."""
+    return join(storage, name)
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """Directory name of the checkpoint at `step` (sortable)."""
+    return f"{CHECKPOINT_PREFIX}{step:09d}"
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint directory name, None for anything else."""
+    match = CHECKPOINT_DIR.match(name.rstrip("/").rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
+
+
+def cache_root(storage: str, key: str) -> str:
+    """Where the feature cache with `key` lives under the storage root."""
+    return join(storage, FEATURE_CACHE_DIR, key)
