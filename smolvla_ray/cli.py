@@ -291,7 +291,8 @@ def logs(
 ) -> None:
     """Print a job's logs; with --follow, stream them (or show progress) until it ends."""
     from smolvla_ray import jobs
-    from smolvla_ray.observe.progress import PROGRESS_MODES, Progress, parse_progress_line
+    from smolvla_ray.observe.progress import PROGRESS_MODES, Progress
+    from smolvla_ray.progress_line import parse_progress_line
 
     if progress is not None and progress not in PROGRESS_MODES:
         _fail(f"--progress {progress!r} is not one of {', '.join(PROGRESS_MODES)}")

@@ -2,7 +2,7 @@
 
 `run(spec)` trains on an embedded local Ray (or `address=` an existing cluster) and blocks
 until the run ends. Everything that can be checked before starting is checked first
-(shared/DESIGN.md invariant 6): nothing starts, and no cluster resource is held, on bad input.
+(docs/design.md, invariant 6): nothing starts, and no cluster resource is held, on bad input.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Ray Jobs: submit a job spec to a Ray cluster, then follow, stop and list it.
 
 `submit` validates everything locally first (the spec, then `driver.preflight`: dataset,
-checkpoint, storage), so bad input never reaches the cluster (shared/DESIGN.md invariant 6).
+checkpoint, storage), so bad input never reaches the cluster (docs/design.md, invariant 6).
 The job it submits is `python -m smolvla_ray.cli run spec.yaml` in a working_dir holding the
 resolved spec (overrides applied, secrets dropped) and, with `ship_package`, this very
 `smolvla_ray` package in `py_modules`, so the cluster runs the code that was validated here.

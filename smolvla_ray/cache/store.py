@@ -1,7 +1,7 @@
 """The frozen-feature cache in storage: its key, its layout, and reading it during training.
 
 When the vision encoder and connector are frozen (and in eval mode) and no random
-augmentation is on, their output for a (frame, camera) never changes (shared/DESIGN.md
+augmentation is on, their output for a (frame, camera) never changes (docs/design.md
 invariant 3). The cache holds that output for every frame, one safetensors shard per
 episode, under `<checkpoint.storage>/feature-cache/<key>/`:
 

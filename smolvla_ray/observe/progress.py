@@ -10,7 +10,6 @@ No torch or ray here: the CLI imports it.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import threading
 from collections.abc import Collection, Mapping
@@ -22,36 +21,11 @@ from smolvla_ray.storage import filesystem, join
 ProgressMode = Literal["bar", "lines", "json", "quiet"]
 PROGRESS_MODES: tuple[str, ...] = get_args(ProgressMode)
 
-_LINE = re.compile(
-    r"\[smolvla-ray\] step (?P<step>\d+)/(?P<total>\d+) loss (?P<loss>\S+) "
-    r"lr (?P<lr>\S+) (?P<sps>\S+) samples/s eta (?P<eta>\S+?)s(?P<ckpt> \(checkpoint\))?"
-)
-
 
 def default_mode(stream: TextIO | None = None) -> ProgressMode:
     """`bar` on a terminal, `lines` otherwise (a log file or a pipe)."""
     stream = stream or sys.stdout
     return "bar" if stream.isatty() else "lines"
-
-
-def parse_progress_line(line: str) -> dict[str, Any] | None:
-    """A rank-0 progress line (anywhere in `line`, e.g. after Ray's `(RayTrainWorker pid=..)`
-    prefix) as a record for `Progress.update`; None for any other line."""
-    match = _LINE.search(line)
-    if match is None:
-        return None
-    try:
-        return {
-            "step": int(match["step"]),
-            "total_steps": int(match["total"]),
-            "loss": float(match["loss"]),
-            "lr": float(match["lr"]),
-            "samples_per_s": float(match["sps"]),
-            "eta_s": float(match["eta"]),
-            "checkpoint": match["ckpt"] is not None,
-        }
-    except ValueError:  # a field that looks right but is not a number
-        return None
 
 
 def _clock(seconds: float | None) -> str:

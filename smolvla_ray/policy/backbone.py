@@ -20,8 +20,8 @@ from smolvla_ray.policy.freezing import apply_modes
 
 
 def base_vlm_config() -> SmolVLMConfig:
-    """SmolVLM2-500M-Video-Instruct's architecture (REFERENCE.md section 2), in code, so the
-    `base` preset builds with no hub access."""
+    """SmolVLM2-500M-Video-Instruct's architecture (docs/design.md, "LeRobot facts"), in
+    code, so the `base` preset builds with no hub access."""
     return SmolVLMConfig(
         scale_factor=4,
         image_token_id=49190,

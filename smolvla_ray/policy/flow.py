@@ -1,4 +1,4 @@
-"""Flow-matching pieces shared by training and sampling (REFERENCE.md section 3)."""
+"""Flow-matching pieces shared by training and sampling (docs/design.md, "LeRobot facts")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LeRobot's freezing overrides, in one place (REFERENCE.md section 1).
+"""LeRobot's freezing overrides, in one place (docs/design.md, "LeRobot facts").
 
 Two mechanisms, both needed: `requires_grad`, set once at construction, and the train/eval
 mode of the frozen towers, re-applied on every `train()` call (`apply_modes`).

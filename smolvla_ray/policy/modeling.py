@@ -5,7 +5,7 @@ Besides LeRobot's joint forward (kept as the reference), it runs the *no-grad pr
 VLM parameter is trainable, image and language tokens never attend to the state or action
 tokens and depend on nothing trainable, so their per-layer keys/values are computed once
 under `torch.no_grad()` and only the state token and the actions carry an autograd graph
-(shared/DESIGN.md invariant 3). Losses and gradients equal the joint forward's.
+(docs/design.md, invariant 3). Losses and gradients equal the joint forward's.
 """
 
 from __future__ import annotations

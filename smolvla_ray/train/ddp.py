@@ -4,7 +4,7 @@ The module DDP wraps is a *view*: an `nn.ParameterList` holding the very Paramet
 of the policy that require grad, with the full policy kept as an unregistered attribute.
 DDP therefore broadcasts (at construction) and all-reduces (every step) exactly the
 trainable tensors; the frozen backbone, most of the model, never touches the network
-(shared/DESIGN.md invariant 2). The price: the frozen backbone must already be identical on
+(docs/design.md, invariant 2). The price: the frozen backbone must already be identical on
 every worker, which `smolvla_ray.policy.fingerprint.check_frozen_fingerprint` verifies
 before step 1.
 """

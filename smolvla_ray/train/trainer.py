@@ -29,6 +29,7 @@ from smolvla_ray.policy.fingerprint import (
     frozen_fingerprint,
     tensors_digest,
 )
+from smolvla_ray.progress_line import PREFIX, format_progress_line
 from smolvla_ray.spec import JobSpec
 from smolvla_ray.train.checkpointer import Checkpointer, TrainState
 from smolvla_ray.train.ddp import wrap_ddp
@@ -43,7 +44,7 @@ from smolvla_ray.train.window import MetricWindow
 def say(message: str) -> None:
     """One progress line to stdout (under Ray, forwarded to the driver). Not `print`: Ray
     Train patches it into a logger *and* the stream, doubling every line."""
-    sys.stdout.write(f"[smolvla-ray] {message}\n")
+    sys.stdout.write(f"{PREFIX} {message}\n")
     sys.stdout.flush()
 
 
@@ -194,11 +195,17 @@ def train(
         if rank == 0:
             done = max(state.step - start_step, 1)
             eta = (time.perf_counter() - run_start) / done * (spec.train.steps - state.step)
-            say(
-                f"step {state.step}/{spec.train.steps} loss {metrics['loss']:.4f} "
-                f"lr {result.lr:.2e} {metrics['samples_per_s']:.1f} samples/s "
-                f"eta {eta:.0f}s" + (" (checkpoint)" if checkpoint is not None else "")
+            line = format_progress_line(
+                step=state.step,
+                total_steps=spec.train.steps,
+                loss=metrics["loss"],
+                lr=result.lr,
+                samples_per_s=metrics["samples_per_s"],
+                eta_s=eta,
+                checkpoint=checkpoint is not None,
             )
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
         report_start = time.perf_counter()
         reporter.report(metrics, checkpoint, save=save, sync=interrupt.exit)
         if interrupt.exit and state.step < spec.train.steps:

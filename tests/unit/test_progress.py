@@ -8,14 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from smolvla_ray.observe.progress import (
-    MetricsWatcher,
-    Progress,
-    default_mode,
-    parse_progress_line,
-)
+from smolvla_ray.observe.progress import MetricsWatcher, Progress, default_mode
+from smolvla_ray.progress_line import format_progress_line, parse_progress_line
 
 LINE = "[smolvla-ray] step 10/60 loss 0.1234 lr 1.00e-04 12.3 samples/s eta 30s"
+
+
+def test_the_trainer_writes_what_the_parser_reads():
+    fields = {"step": 10, "total_steps": 60, "loss": 0.1234, "lr": 1e-4,
+              "samples_per_s": 12.3, "eta_s": 30.0}  # fmt: skip
+    assert format_progress_line(**fields, checkpoint=False) == LINE
+    line = format_progress_line(**fields, checkpoint=True)
+    assert parse_progress_line(line) == {**fields, "checkpoint": True}
 
 
 def test_parse_progress_line_reads_every_field():

@@ -1,5 +1,5 @@
-"""Freezing overrides: requires_grad and module modes exactly as REFERENCE.md section 1, for
-all 8 combinations, stable under repeated train()/eval().
+"""Freezing overrides: requires_grad and module modes exactly as LeRobot's (docs/design.md,
+"LeRobot facts"), for all 8 combinations, stable under repeated train()/eval().
 
 The expectations are written from the reference's rules, by parameter name, independently of
 the implementation.

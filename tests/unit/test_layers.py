@@ -1,0 +1,105 @@
+"""The import contract of docs/design.md: every module imports only from its own component
+or from components below it, so the data flow reads bottom-up and nothing imports upward.
+Function-level (lazy) imports count; `if TYPE_CHECKING:` imports do not (annotations only)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "smolvla_ray"
+
+# component -> rank; a module may import its own component or any of lower rank.
+RANKS = {
+    "base": 0,  # keys, storage, hub, run_layout, progress_line: no project imports above
+    "policy": 1,
+    "data": 1,
+    "spec": 2,  # the job spec: pydantic, torch-free; above the model and the data
+    "features": 3,
+    "checkpoint": 4,
+    "cache.store": 4,
+    "build": 4,
+    "train": 5,  # the trainer and its Ray adapter
+    "cache.build": 6,  # driver side: decides and builds the feature cache
+    "observe": 6,
+    "driver": 7,  # driver, jobs, cli
+}
+BASE = {"keys", "storage", "hub", "run_layout", "progress_line", "__init__"}
+TOP = {"driver", "jobs", "cli"}
+
+
+def component(module: str) -> str:
+    parts = module.split(".")[1:]
+    if not parts or parts[0] in BASE:
+        return "base"
+    if parts[0] in TOP:
+        return "driver"
+    if parts[0] == "cache":
+        return "cache.build" if parts[1:2] == ["build"] else "cache.store"
+    return parts[0]
+
+
+def imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for n in ast.walk(node)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "smolvla_ray":
+                found |= {f"smolvla_ray.{a.name}" for a in node.names}
+            elif node.module.startswith("smolvla_ray."):
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("smolvla_ray.")}
+    return found
+
+
+def modules() -> dict[str, Path]:
+    return {
+        ".".join(("smolvla_ray", *p.relative_to(PACKAGE).with_suffix("").parts)): p
+        for p in PACKAGE.rglob("*.py")
+    }
+
+
+def test_every_component_is_ranked() -> None:
+    assert {component(m) for m in modules()} <= set(RANKS)
+
+
+def test_nothing_imports_upward_or_sideways() -> None:
+    violations = []
+    for module, path in sorted(modules().items()):
+        mine = component(module)
+        for target in sorted(imports(path)):
+            theirs = component(target)
+            if theirs != mine and RANKS[theirs] >= RANKS[mine]:
+                violations.append(f"{module} ({mine}) imports {target} ({theirs})")
+    assert not violations, "\n".join(violations)
+
+
+def test_no_import_cycles_between_modules() -> None:
+    known = modules()
+    graph = {m: {t for t in imports(p) if t in known and t != m} for m, p in known.items()}
+    graph = {m: {t for t in ts if not t.endswith("__init__")} for m, ts in graph.items()}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join([*stack[stack.index(nxt) :], nxt]))
+            elif nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "\n".join(cycles)
