@@ -338,6 +338,21 @@ def dataset_url(uri: str, revision: str | None = None) -> str:
     return f"hf://datasets/{repo_id}@{commit}"
 
 
+_SNAPSHOT = re.compile(
+    r"/datasets--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})/?$"
+)
+
+
+def canonical_dataset_url(url: str) -> str:
+    """`hf://datasets/owner/name@commit` for a dataset snapshot in a Hugging Face cache
+    (whatever `HF_HOME` it sits in), else `url` unchanged: the identity of a hub dataset
+    does not depend on where a node keeps its cache."""
+    match = _SNAPSHOT.search(url)
+    if match is None:
+        return url
+    return f"hf://datasets/{match['owner']}/{match['name']}@{match['commit']}"
+
+
 def model_commit(pretrained: str | None, revision: str | None) -> str | None:
     """The commit a hub `policy.pretrained` resolves to; None for a path, URL or preset."""
     if not is_hub_id(pretrained):

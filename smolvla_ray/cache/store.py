@@ -30,6 +30,7 @@ from safetensors import safe_open
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from smolvla_ray import hub
 from smolvla_ray.data.meta import DatasetMeta
 from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.policy.fingerprint import combine_digests, safetensors_digests
@@ -76,7 +77,6 @@ def pretrained_weights_file(
             if not path.is_file():
                 raise FileNotFoundError(f"{source}: no {WEIGHTS_NAME}")
             return path
-        from smolvla_ray import hub
 
         if hub.is_hub_id(source):
             return hub.model_file(source, WEIGHTS_NAME, revision=revision)
@@ -175,7 +175,7 @@ def key_inputs(
         # The precision the encoder ran in (float32 today); the storage dtype is `dtype`.
         "encode_precision": "float32",
         "dataset": {
-            "url": storage.url,
+            "url": hub.canonical_dataset_url(storage.url),
             "info": hashlib.sha256(json.dumps(meta.info, sort_keys=True).encode()).hexdigest(),
             "episodes": hashlib.sha256(json.dumps(episodes).encode()).hexdigest(),
             "video_sizes": sizes,

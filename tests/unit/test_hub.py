@@ -270,3 +270,13 @@ def test_hub_ids_are_told_from_paths_and_urls(tmp_path: Path, monkeypatch) -> No
     assert hub.dataset_repo("hf://datasets/me/demo@v1") == ("me/demo", "v1")
     assert hub.dataset_repo("hf://datasets/me/demo/") == ("me/demo", None)
     assert hub.dataset_repo("s3://b/me/demo") is None
+
+
+def test_a_cached_dataset_snapshot_is_keyed_by_repo_and_commit_not_by_path() -> None:
+    from smolvla_ray.hub import canonical_dataset_url
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    for home in ("/root/.cache/huggingface/hub", "/mnt/nodeB/hf/hub"):
+        url = f"{home}/datasets--lerobot--svla_so101_pickplace/snapshots/{commit}"
+        assert canonical_dataset_url(url) == f"hf://datasets/lerobot/svla_so101_pickplace@{commit}"
+    assert canonical_dataset_url("s3://bucket/datasets/libero") == "s3://bucket/datasets/libero"
