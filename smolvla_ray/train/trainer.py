@@ -22,17 +22,21 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from smolvla_ray.build import build_policy, open_dataset
+from smolvla_ray.data.meta import DatasetMeta
 from smolvla_ray.policy.fingerprint import (
     check_frozen_fingerprint,
     frozen_fingerprint,
     tensors_digest,
 )
+from smolvla_ray.policy.modeling import SmolVLAPolicy
 from smolvla_ray.progress_line import PREFIX, format_progress_line
+from smolvla_ray.run_layout import checkpoint_dir_name, run_uri
 from smolvla_ray.spec import JobSpec
 from smolvla_ray.train.checkpointer import Checkpointer, TrainState
-from smolvla_ray.train.ddp import wrap_ddp
+from smolvla_ray.train.ddp import CommCounter, wrap_ddp
 from smolvla_ray.train.interrupt import Decision
 from smolvla_ray.train.metrics import MetricsLog
 from smolvla_ray.train.optim import build_optimizer, build_scheduler
@@ -98,30 +102,12 @@ def train(
     interrupts = interrupts or NoInterrupts()
     rank, device, options = context.rank, context.device, context.storage_options
 
-    # Build: policy, frozen-backbone checks, DDP over the trainable view, optimizer.
-    meta = open_dataset(spec, storage_options=options)
-    policy = build_policy(spec, meta, storage_options=options).to(device)
-    policy.train()
-    base_fingerprint = check_frozen_fingerprint(policy)  # of the float32 base, as export's
-    if spec.resolved_frozen_dtype() == "bf16" and policy.model.vlm_is_frozen():
-        # Frozen weights in bf16 halve their memory; autocast keeps the math consistent.
-        policy.model.vlm_with_expert.vlm.to(torch.bfloat16)
-    local_frozen = frozen_fingerprint(policy)
-    ddp, comm = wrap_ddp(policy, device=device)
-    opt = spec.train.optimizer
-    optimizer = build_optimizer(
-        ddp.module.params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
-        weight_decay=opt.weight_decay,
-    )  # fmt: skip
-    sched = spec.train.scheduler
-    scheduler = build_scheduler(
-        optimizer, kind=sched.type, warmup_steps=sched.warmup_steps,
-        decay_steps=sched.decay_steps, decay_lr=sched.decay_lr, total_steps=spec.train.steps,
-    )  # fmt: skip
+    w = _build(spec, context)  # policy, DDP over its trainable view, optimizer, schedule
+    ddp, optimizer, scheduler = w.ddp, w.optimizer, w.scheduler
 
     # Resume: rank 0 finds the checkpoint, every rank restores it.
     checkpointer = Checkpointer(
-        spec, policy, base_fingerprint=base_fingerprint, storage_options=options
+        spec, w.policy, base_fingerprint=w.base_fingerprint, storage_options=options
     )
     state, cursor = TrainState(), None
     source = _broadcast(checkpointer.resume_source() if rank == 0 else None)
@@ -132,12 +118,12 @@ def train(
             say(f"resuming at step {state.step} from {source}")
 
     loader = build_loader(
-        spec, meta, policy, rank=rank, world_size=context.world_size, cursor=cursor,
+        spec, w.meta, w.policy, rank=rank, world_size=context.world_size, cursor=cursor,
         storage_options=options, feature_cache=context.feature_cache,
     )  # fmt: skip
     if rank == 0:
         trainable = sum(p.numel() for p in ddp.module.params)
-        total = sum(p.numel() for p in policy.parameters())
+        total = sum(p.numel() for p in w.policy.parameters())
         say(
             f"{context.world_size} worker(s) on {device.type}; parameters: {total:,} total, "
             f"{trainable:,} trainable, {total - trainable:,} frozen"
@@ -155,16 +141,16 @@ def train(
         data_wait = time.perf_counter() - wait_start
         result = train_step(
             ddp, micro, optimizer=optimizer, scheduler=scheduler, step=state.step,
-            seed=spec.train.seed, grad_clip_norm=opt.grad_clip_norm, device=device,
+            seed=spec.train.seed, grad_clip_norm=spec.train.optimizer.grad_clip_norm, device=device,
             autocast_dtype=autocast_dtype, augment=spec.data.augment,
         )  # fmt: skip
         state.step += 1
         if not result.finite:
             _on_nonfinite(spec, state, result)
-        window.add(result, data_wait_s=data_wait, comm_bytes=comm.take())
+        window.add(result, data_wait_s=data_wait, comm_bytes=w.comm.take())
         check = spec.train.check_replicas_every
         if check and (state.step % check == 0 or state.step == spec.train.steps):
-            _check_replicas(ddp, policy, local_frozen)
+            _check_replicas(ddp, w.policy, w.local_frozen)
 
         interrupt = interrupts.poll()  # agreed by all ranks
         save = checkpointer.should_save(state.step, interrupt=interrupt.checkpoint)
@@ -174,7 +160,7 @@ def train(
             continue
         state.epoch = loader.epoch
         metrics = {"step": state.step, "epoch": state.epoch, **window.summary(),
-                   **state.counters(), "frozen_fingerprint": base_fingerprint}  # fmt: skip
+                   **state.counters(), "frozen_fingerprint": w.base_fingerprint}  # fmt: skip
         cursors, rngs = _gather(loader.cursor()), _gather(torch.get_rng_state())
         checkpoint, checkpoint_s = None, 0.0
         if save:
@@ -209,8 +195,6 @@ def train(
         report_start = time.perf_counter()
         reporter.report(metrics, checkpoint, save=save, sync=interrupt.exit)
         if interrupt.exit and state.step < spec.train.steps:
-            from smolvla_ray.run_layout import checkpoint_dir_name
-
             interrupts.exit_after_checkpoint(
                 step=state.step, checkpoint_dir=checkpoint_dir_name(state.step)
             )
@@ -220,9 +204,46 @@ def train(
     return state
 
 
-def _metrics_log(spec: JobSpec, options: Mapping[str, Any]) -> MetricsLog:
-    from smolvla_ray.run_layout import run_uri
+@dataclass
+class _Worker:
+    """What `train` builds before it resumes."""
 
+    meta: DatasetMeta
+    policy: SmolVLAPolicy
+    ddp: DistributedDataParallel
+    comm: CommCounter
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    base_fingerprint: str  # of the float32 base, as export rebuilds and checks it
+    local_frozen: dict[str, str]  # this worker's frozen tensors as held (maybe bf16)
+
+
+def _build(spec: JobSpec, context: WorkerContext) -> _Worker:
+    """The policy with the freezing overrides (the frozen backbone checked equal on every
+    worker), DDP over its trainable view, AdamW and the schedule."""
+    meta = open_dataset(spec, storage_options=context.storage_options)
+    policy = build_policy(spec, meta, storage_options=context.storage_options)
+    policy = policy.to(context.device)
+    policy.train()
+    base_fingerprint = check_frozen_fingerprint(policy)
+    if spec.resolved_frozen_dtype() == "bf16" and policy.model.vlm_is_frozen():
+        # Frozen weights in bf16 halve their memory; autocast keeps the math consistent.
+        policy.model.vlm_with_expert.vlm.to(torch.bfloat16)
+    local_frozen = frozen_fingerprint(policy)
+    ddp, comm = wrap_ddp(policy, device=context.device)
+    opt, sched = spec.train.optimizer, spec.train.scheduler
+    optimizer = build_optimizer(
+        ddp.module.params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
+        weight_decay=opt.weight_decay,
+    )  # fmt: skip
+    scheduler = build_scheduler(
+        optimizer, kind=sched.type, warmup_steps=sched.warmup_steps,
+        decay_steps=sched.decay_steps, decay_lr=sched.decay_lr, total_steps=spec.train.steps,
+    )  # fmt: skip
+    return _Worker(meta, policy, ddp, comm, optimizer, scheduler, base_fingerprint, local_frozen)
+
+
+def _metrics_log(spec: JobSpec, options: Mapping[str, Any]) -> MetricsLog:
     return MetricsLog(
         run_uri(spec.checkpoint.storage, spec.name),
         options,
