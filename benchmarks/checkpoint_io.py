@@ -159,7 +159,7 @@ def main() -> None:
 
         from smolvla_ray.data.synthetic import write_demo_dataset
 
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         with tempfile.TemporaryDirectory() as tmp:
             dataset = write_demo_dataset(str(Path(tmp) / "ds"), num_episodes=4)
             blocking = {m: blocked_share(m, options, dataset, Path(tmp)) for m in ("async", "sync")}

@@ -74,7 +74,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     batches = {"tiny": 8, "base": 2}
-    ray.init(num_cpus=4 if not args.gpu else None, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=4 if not args.gpu else None,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -152,7 +152,7 @@ def run(
     if check:
         preflight(spec)
     spec = hub.pin(spec)  # workers, restarts and exports see the same commits
-    if spec.observe.mlflow_tracking_uri and address is None:
+    if spec.observe.mlflow_tracking_uri and ray_address(address) == "local":
         import importlib.util
 
         if importlib.util.find_spec("mlflow") is None:  # local workers share this environment

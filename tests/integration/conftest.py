@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_local() -> Iterator[None]:
-    """A private embedded Ray with room for two CPU workers plus Ray Train's controller.
+    """A private embedded Ray with room for two CPU workers plus Ray Train's controller,
+    shut down after the last integration test (later tests check nothing started Ray).
 
     `address="local"`: always a new Ray of its own, never a cluster that runs on this
     machine (a `ray start` of another test or user), whatever RAY_ADDRESS says."""

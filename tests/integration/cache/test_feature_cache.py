@@ -1,6 +1,6 @@
 """The frozen-feature cache on the loopback S3 server: training from it equals training from
-video (the trainer in-process, the cache built as `driver.run` builds it); the key follows
-weights, preprocessing and data; builds resume; misuse fails clearly."""
+video (the trainer in-process, the cache built by Ray tasks as `driver.run` builds it); the
+key follows weights, preprocessing and data; builds resume; misuse fails clearly."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ from smolvla_ray.spec import SpecError, spec_from_dict
 from smolvla_ray.train.metrics import read_metrics
 from tests.inprocess import train_in_process
 from tests.integration.conftest import tiny_spec_dict
+
+# The cache is built by Ray tasks: on the session's private Ray, never one ray.remote() would
+# start or find by itself.
+pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def spec_for(dataset, storage, name, mode, options, **extra):

@@ -13,7 +13,7 @@ from smolvla_ray.policy import PolicyConfig, SmolVLAPolicy
 from smolvla_ray.policy.fingerprint import check_frozen_fingerprint
 from smolvla_ray.train.ddp import wrap_ddp
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 
 def tiny_policy(seed: int) -> SmolVLAPolicy:

@@ -29,19 +29,21 @@ from tests.realshape import (
     write_libero_shaped_dataset,
 )
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 CAM = "observation.images."
 
 
 def test_base_shaped_checkpoint_finetunes_on_other_cameras_and_widths(tmp_path: Path) -> None:
     base = write_base_shaped_checkpoint(tmp_path / "smolvla_base")
-    dataset = write_libero_shaped_dataset(tmp_path / "libero")
+    dataset = write_libero_shaped_dataset(tmp_path / "libero", episodes=2, length=30)
     spec = spec_from_dict(
         tiny_spec_dict(
             dataset, tmp_path / "runs", "real",
             policy={"pretrained": base, "preset": None},
             data={"rename_map": RENAME_MAP, "feature_cache": "on"},
-            train={"steps": 40, "log_every": 5, "optimizer": {"lr": 1e-3}},
+            # One worker with the batch of two (2 workers = 1 with double batch, test_train_loop).
+            train={"steps": 40, "log_every": 5, "batch_size": 8, "optimizer": {"lr": 1e-3}},
+            scaling={"num_workers": 1},
         )
     )  # fmt: skip
     resolution = driver.preflight(spec)
