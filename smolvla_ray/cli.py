@@ -76,11 +76,11 @@ def validate(
     """Check a job spec (schema and cross-field rules) without starting anything."""
     job = _load(spec, set_)
     typer.echo(f"{spec}: valid job spec {job.name!r}")
-    from smolvla_ray.features import FeatureMismatch, resolve_local
+    from smolvla_ray.features import resolve_local
 
     try:
         resolution, skipped = resolve_local(job)
-    except (FeatureMismatch, ValueError, OSError) as err:
+    except (ValueError, OSError) as err:  # FeatureMismatch is a ValueError
         _fail(str(err))
     if resolution is not None:
         typer.echo(f"features (dataset -> policy):\n{resolution.table()}")

@@ -377,8 +377,9 @@ class SmolVLAPolicy(nn.Module):
                 img = resize_with_pad(img, height, width, pad_value=0)
             images.append(img * 2.0 - 1.0)
             masks.append(self._image_mask(batch, key, img))
-        for _ in missing:  # covered by empty_cameras: -1 images, masked out
-            cached_mode = any(f"{k}{FEATURES_SUFFIX}" in batch for k in self.config.image_features)
+        # Covered by empty_cameras: -1 images (or, from the cache, their features), masked out.
+        cached_mode = any(f"{k}{FEATURES_SUFFIX}" in batch for k in self.config.image_features)
+        for _ in missing:
             images.append(
                 self._empty_camera_features(images[0])
                 if cached_mode

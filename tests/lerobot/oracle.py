@@ -18,6 +18,18 @@ from lerobot.processor.converters import policy_action_to_transition, transition
 from safetensors.torch import load_file, save_file
 
 
+def load_processors(pretrained: Path):
+    """LeRobot's own pre- and postprocessor pipelines as saved in `pretrained`."""
+    pre = PolicyProcessorPipeline.from_pretrained(str(pretrained), "policy_preprocessor.json")
+    post = PolicyProcessorPipeline.from_pretrained(
+        str(pretrained),
+        "policy_postprocessor.json",
+        to_transition=policy_action_to_transition,
+        to_output=transition_to_policy_action,
+    )
+    return pre, post
+
+
 def main(workdir: Path) -> None:
     pretrained = workdir / "pretrained_model"
     inputs = load_file(str(workdir / "inputs.safetensors"))
@@ -37,13 +49,7 @@ def main(workdir: Path) -> None:
     policy.reset()
     out["actions"] = policy.predict_action_chunk(dict(batch), noise=inputs["_noise"]).contiguous()
 
-    pre = PolicyProcessorPipeline.from_pretrained(str(pretrained), "policy_preprocessor.json")
-    post = PolicyProcessorPipeline.from_pretrained(
-        str(pretrained),
-        "policy_postprocessor.json",
-        to_transition=policy_action_to_transition,
-        to_output=transition_to_policy_action,
-    )
+    pre, post = load_processors(pretrained)
     raw = {"observation.state": inputs["_raw_state"], "task": tasks}
     for key, value in inputs.items():
         if key.startswith("observation.images."):

@@ -14,21 +14,14 @@ from pathlib import Path
 
 import torch
 from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
-from lerobot.processor import PolicyProcessorPipeline
-from lerobot.processor.converters import policy_action_to_transition, transition_to_policy_action
+from oracle import load_processors
 from safetensors.torch import load_file, save_file
 
 
 def main(workdir: Path) -> None:
     pretrained = workdir / "pretrained_model"
     policy = SmolVLAPolicy.from_pretrained(str(pretrained), strict=True).eval()
-    pre = PolicyProcessorPipeline.from_pretrained(str(pretrained), "policy_preprocessor.json")
-    post = PolicyProcessorPipeline.from_pretrained(
-        str(pretrained),
-        "policy_postprocessor.json",
-        to_transition=policy_action_to_transition,
-        to_output=transition_to_policy_action,
-    )
+    pre, post = load_processors(pretrained)  # the script's directory is on sys.path
     inputs = load_file(str(workdir / "raw.safetensors"))
     raw = {k: v for k, v in inputs.items() if not k.startswith("_")}
     raw["task"] = json.loads((workdir / "task.json").read_text())
