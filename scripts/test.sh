@@ -2,9 +2,16 @@
 # Set up (idempotent) and run the whole test suite, then lint and check formatting.
 # --fast: the inner loop, without the long Ray/cluster tests (marker `slow`) and the LeRobot
 # comparisons (marker `lerobot`). Every other argument goes to pytest.
+# Test files run in SMOLVLA_TEST_WORKERS parallel pytest processes (default 2; 0 = none):
+# most of a Ray test is waiting on processes, so two overlap well even on two cores. A file
+# stays on one process, so its module-scoped clusters start once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+workers="${SMOLVLA_TEST_WORKERS:-2}"
 args=()
+if [ "$workers" != "0" ]; then
+  args+=(-n "$workers" --dist loadfile)
+fi
 for arg in "$@"; do
   if [ "$arg" = "--fast" ]; then
     args+=(-m "not slow and not lerobot")

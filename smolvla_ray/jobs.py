@@ -413,7 +413,10 @@ def _sync_iter(make: Callable[[], AsyncIterator[str]]) -> Generator[str, None, N
 def stop(job_id: str, address: str | None) -> bool:
     """Ask the job to stop (it ends as STOPPED); False if it had already ended."""
     client = _client(address)
-    _details(client, job_id, resolve_address(address))
+    details = _details(client, job_id, resolve_address(address))
+    if details.status.is_terminal():
+        # Ray answers True while the ended job's supervisor actor is still being torn down.
+        return False
     return bool(client.stop_job(job_id))
 
 

@@ -24,6 +24,23 @@ import pytest
 from tests.processes import free_port
 
 
+# The longest test files, started first so that the two parallel test processes (see
+# scripts/test.sh) do not end with one of them alone on a long file.
+LONGEST_FIRST = (
+    "tests/integration/faults/",
+    "tests/integration/jobs/",
+    "tests/integration/test_ray_attach.py",
+    "tests/integration/train/test_hub_ids.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        found = (i for i, p in enumerate(LONGEST_FIRST) if item.nodeid.startswith(p))
+        return next(found, len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: the order within each file is kept
+
 @dataclass(frozen=True)
 class S3Server:
     """A running S3-compatible server: where it is and how fsspec/s3fs reaches it."""
