@@ -6,6 +6,7 @@ validation stay instant. Exit codes: 0 success, 2 invalid input, 1 failure.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
@@ -19,7 +20,9 @@ app = typer.Typer(
 
 
 def _fail(message: str, *, code: int = 2) -> None:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    from smolvla_ray.storage import mask_userinfo
+
+    typer.secho(f"error: {mask_userinfo(message)}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
 
 
@@ -44,12 +47,23 @@ def demo_dataset(
     camera_names = [c.strip() for c in cameras.split(",") if c.strip()]
     if not camera_names:
         _fail("--cameras is empty; name at least one camera, e.g. --cameras top,wrist")
+    from smolvla_ray.keys import camera_name_problem
+
+    for name in camera_names:
+        if problem := camera_name_problem(name):
+            _fail(f"--cameras: {problem}")
     from smolvla_ray.data.synthetic import write_demo_dataset
 
     layout: Literal["v3.0", "v2.1"] = format  # type: ignore[assignment]
-    written = write_demo_dataset(
-        out, format=layout, num_episodes=episodes, cameras=camera_names, codec=codec, fps=fps
-    )
+    target = Path(out)
+    if "://" not in out and target.exists() and not target.is_dir():
+        _fail(f"{out} is a file; give a new directory to write the dataset to")
+    try:
+        written = write_demo_dataset(
+            out, format=layout, num_episodes=episodes, cameras=camera_names, codec=codec, fps=fps
+        )
+    except FileExistsError as err:
+        _fail(str(err))
     typer.echo(f"wrote {written}")
 
 
@@ -180,6 +194,7 @@ def checkpoints(
     """List a run's checkpoints with step, size and whether they verify."""
     from smolvla_ray.checkpoint.discovery import list_checkpoints
 
+    _check_url(uri, "the run directory")
     infos = list_checkpoints(uri, _storage_options(), hashes=verify)
     if not infos:
         _fail(f"no checkpoints under {uri}", code=1)
@@ -188,6 +203,16 @@ def checkpoints(
         status = "verified" if info.valid else f"INVALID: {info.problem}"
         step = "?" if info.step is None else str(info.step)
         typer.echo(f"{step:>9}  {info.num_bytes:>12,}  {status:<10}  {info.uri}")
+    if not any(info.valid for info in infos):
+        _fail(f"no checkpoint under {uri} verifies: none can be resumed from or exported", code=1)
+
+
+def _check_url(url: str, what: str) -> None:
+    """Exit 2 on a URL no filesystem can open (a typo'd scheme), before anything is read."""
+    from smolvla_ray.storage import url_problem
+
+    if problem := url_problem(url):
+        _fail(f"{what} {url!r}: {problem}")
 
 
 @app.command()
@@ -200,6 +225,9 @@ def report(
     """Render a run's loss, learning rate and throughput (PNG) and a markdown summary."""
     from smolvla_ray.observe.report import write_report
 
+    _check_url(uri, "the run directory")
+    if Path(out).is_file():
+        _fail(f"--out {out} is a file; give a directory for report.png and report.md")
     try:
         written = write_report(uri, out, _storage_options())
     except (FileNotFoundError, ValueError) as err:
@@ -213,8 +241,12 @@ def export(
     out: Annotated[str, typer.Argument(help="Directory or URL for the pretrained_model/.")],
 ) -> None:
     """Merge base weights and a checkpoint into a LeRobot pretrained_model/ directory."""
-    from smolvla_ray.checkpoint.export import export_checkpoint
+    from smolvla_ray.checkpoint.export import destination_problem, export_checkpoint
 
+    _check_url(checkpoint, "the checkpoint")
+    _check_url(out, "the destination")
+    if problem := destination_problem(out, _storage_options()):
+        _fail(problem)
     try:
         export_checkpoint(checkpoint, out, _storage_options())
     except (FileNotFoundError, ValueError) as err:

@@ -67,18 +67,38 @@ def preflight(spec: JobSpec) -> FeatureResolution:
     """Fail before starting on what can be known now: the dataset reachable, the pretrained
     policy's config.json readable, the dataset's features resolvable against the policy's
     (cameras, rename map, widths), storage writable. Returns the feature resolution."""
-    from smolvla_ray.data.meta import load_meta
+    from smolvla_ray.build import episode_selection
+    from smolvla_ray.checkpoint.discovery import inspect_checkpoint
+    from smolvla_ray.data.meta import check_readable, load_meta, select_episodes
     from smolvla_ray.features import read_pretrained_config, resolve_spec
+    from smolvla_ray.keys import ACTION, OBS_STATE
+    from smolvla_ray.policy.weights_file import weights_problem
 
     hub.check_ids(spec)  # hub ids and revisions exist (offline: are in the cache)
     options = spec.storage_options_plain()
     meta = load_meta(hub.dataset_url(spec.data.uri, spec.data.revision), storage_options=options)
+    try:
+        episodes = select_episodes(meta, episode_selection(spec))
+    except ValueError as err:
+        raise ValueError(f"data.episodes: {err}") from None
+    check_readable(meta, episodes, needs_stats=[OBS_STATE, ACTION])
+    source = spec.checkpoint.from_checkpoint
+    if source:
+        info = inspect_checkpoint(absolute(source), options, hashes=False)
+        if not info.valid:
+            raise ValueError(
+                f"checkpoint.from_checkpoint={source!r} cannot be started from: {info.problem}"
+            )
     text = None
     if spec.policy.pretrained:
         text = read_pretrained_config(
             spec.policy.pretrained, options, revision=spec.policy.revision
         )
     _, resolution = resolve_spec(spec, text, meta.features)
+    if spec.policy.pretrained:
+        problem = weights_problem(spec.policy.pretrained, options)
+        if problem:
+            raise ValueError(f"policy.pretrained: {problem}; copy the pretrained_model/ again")
     _check_writable(spec.checkpoint.storage, options)
     return resolution
 

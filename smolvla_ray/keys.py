@@ -17,3 +17,17 @@ OBS_LANGUAGE_ATTENTION_MASK = "observation.language.attention_mask"
 def camera_key(camera: str) -> str:
     """Feature key of a camera name: `top` -> `observation.images.top` (keys pass through)."""
     return camera if camera.startswith(IMAGE_PREFIX) else IMAGE_PREFIX + camera
+
+
+def camera_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a camera name, or None. A camera name becomes a path component
+    (`videos/observation.images.<name>/...`), so it is a plain word: letters, digits, `_`,
+    `-` and single dots, nothing that climbs out of its directory."""
+    if not name or not name.strip():
+        return "a camera name must not be empty"
+    bad = sorted({c for c in name if not (c.isascii() and (c.isalnum() or c in "_-."))})
+    if bad:
+        return f"camera {name!r} has {''.join(bad)!r}; use letters, digits, '_', '-' and '.'"
+    if name.startswith(".") or name.endswith(".") or ".." in name:
+        return f"camera {name!r} must not start or end with '.' or hold '..'"
+    return None

@@ -49,3 +49,27 @@ def checkpoint_step(name: str) -> int | None:
 def cache_root(storage: str, key: str) -> str:
     """Where the feature cache with `key` lives under the storage root."""
     return join(storage, FEATURE_CACHE_DIR, key)
+
+
+def metrics_lines(text: str, where: str) -> list[str]:
+    """The complete records of a `metrics.jsonl` text, one JSON object per line.
+
+    A torn last line (a writer killed mid-write on storage without atomic writes) is
+    dropped: the record is logged again when the run resumes. Any other line that is not a
+    JSON object is corruption and raises ValueError naming `where` and the line."""
+    import json
+
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    for number, line in enumerate(lines, start=1):
+        try:
+            ok = isinstance(json.loads(line), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            if number == len(lines):
+                return lines[:-1]
+            raise ValueError(
+                f"{where}: line {number} is not a metrics record ({line[:60]!r}); delete that "
+                "line, or the file to start the log afresh"
+            )
+    return lines

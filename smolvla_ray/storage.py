@@ -1,6 +1,8 @@
 """Storage: any fsspec URL (`/path`, `file://`, `s3://`, `gs://`, `az://`, `memory://`, `hf://`),
 as one set of rules every part of the project uses.
 
+- `url_problem(url)`: an unknown scheme (a typo), or a backend runs cannot keep checkpoints on;
+- `mask_userinfo(text)`: `user:password@` in any URL masked, wherever a URL is shown or kept;
 - `filesystem(url, options)`: the fsspec filesystem and the path inside it (S3 clients fail
   fast on a dead endpoint instead of botocore's long default retries);
 - `join(uri, *parts)`: a child URL or path (never a hand-made f-string);
@@ -19,8 +21,10 @@ access, a bad argument) are raised at once.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -34,6 +38,56 @@ T = TypeVar("T")
 # botocore's default retry policy turns a refused connection into ~10 s of retries per call;
 # these keep a dead endpoint a sub-second error. User-given `config_kwargs` win.
 _S3_FAIL_FAST = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}}
+
+
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
+# Storage Ray Train cannot keep a run in: its checkpoints are uploaded by worker processes
+# and read back by the driver, so an in-process filesystem loses them; http(s) is read-only.
+_NOT_FOR_CHECKPOINTS = {
+    "memory": "memory:// lives inside one process and Ray's workers cannot share it",
+    "http": "http(s) storage is read-only",
+    "https": "http(s) storage is read-only",
+}
+
+
+def url_problem(url: str, *, checkpoints: bool = False) -> str | None:
+    """Why `url` is not usable storage, or None: empty, an unknown fsspec protocol (with the
+    near misses), or with `checkpoints` a backend a run's checkpoints cannot live on."""
+    if not url.strip():
+        return "must not be empty; give a local path or an fsspec URL like s3://b/p"
+    for part in url.split("::"):
+        match = _URL_SCHEME.match(part)
+        if match is None:
+            continue
+        scheme = match.group(1).lower()
+        known = set(fsspec.available_protocols())
+        if scheme not in known:
+            close = difflib.get_close_matches(scheme, sorted(known), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(c + '://' for c in close)}?" if close else ""
+            return f"unknown URL scheme {scheme + '://'!r}{hint}"
+        if checkpoints and scheme in _NOT_FOR_CHECKPOINTS:
+            return f"{_NOT_FOR_CHECKPOINTS[scheme]}; keep runs on a path, s3://, gs:// or az://"
+    return None
+
+
+_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s'\"]+@")
+
+
+def mask_userinfo(text: str) -> str:
+    """`text` with the userinfo of every URL in it (`user:password@`, `token@`) masked to
+    `***@`, for every message, file and record a URL may reach."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def mask_secrets_in(value: Any) -> Any:
+    """`mask_userinfo` over every string of a JSON-like value."""
+    if isinstance(value, str):
+        return mask_userinfo(value)
+    if isinstance(value, dict):
+        return {k: mask_secrets_in(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [mask_secrets_in(v) for v in value]
+    return value
 
 
 class StorageUnavailableError(ConnectionError):

@@ -23,7 +23,6 @@ import pytest
 
 from tests.processes import free_port
 
-
 # The longest test files, started first so that the two parallel test processes (see
 # scripts/test.sh) do not end with one of them alone on a long file.
 LONGEST_FIRST = (
@@ -40,6 +39,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return next(found, len(LONGEST_FIRST))
 
     items.sort(key=rank)  # stable: the order within each file is kept
+
 
 @dataclass(frozen=True)
 class S3Server:

@@ -62,13 +62,16 @@ def inspect_checkpoint(
         files = manifest["files"]
         step = int(manifest.get("step", step))
     except FileNotFoundError:
+        if not fs.exists(root):
+            return CheckpointInfo(uri, step, 0, "it does not exist")
         return CheckpointInfo(uri, step, 0, "no manifest.json (unfinished checkpoint)")
     except (ValueError, KeyError, TypeError) as err:
         return CheckpointInfo(uri, step, 0, f"manifest.json is malformed: {err}")
     sizes = {Path(p).name: int(d["size"]) for p, d in _listing(fs, root).items()}
-    total = sum(entry["size"] for entry in files.values())
     sha256_of = (lambda name: _sha256_remote(fs, join(root, name))) if hashes else None
-    return CheckpointInfo(uri, step, total, manifest_problem(files, sizes.get, sha256_of))
+    problem = manifest_problem(files, sizes.get, sha256_of, present=sizes)
+    total = sum(entry["size"] for entry in files.values()) if problem is None else 0
+    return CheckpointInfo(uri, step, total, problem)
 
 
 def _listing(fs, root: str) -> dict[str, dict]:

@@ -21,6 +21,8 @@ from smolvla_ray.policy.fingerprint import frozen_sha256
 from smolvla_ray.policy.modeling import SmolVLAPolicy
 from smolvla_ray.policy.pretrained import check_state_dict_keys
 from smolvla_ray.policy.processor import PolicyProcessor
+from smolvla_ray.run_layout import checkpoint_step
+from smolvla_ray.storage import absolute, filesystem
 
 
 def policy_from_checkpoint(
@@ -66,10 +68,29 @@ def policy_from_checkpoint(
     return policy
 
 
+def destination_problem(out: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """Why `out` cannot receive an export, or None: a file, or a place inside a checkpoint
+    (whose manifest would no longer verify)."""
+    fs, path = filesystem(absolute(out), storage_options)
+    parts = path.rstrip("/").split("/")
+    inside = next((p for p in parts if checkpoint_step(p) is not None), None)
+    if inside:
+        return (
+            f"{out} is inside the checkpoint {inside}; export to a directory of its own, "
+            "e.g. ./pretrained_model"
+        )
+    if fs.isfile(path):
+        return f"{out} is a file; give a directory to write the pretrained_model/ to"
+    return None
+
+
 def export_checkpoint(
     checkpoint_uri: str, out: str, storage_options: Mapping[str, Any] | None = None
 ) -> SmolVLAPolicy:
     """Write the checkpoint's policy as a LeRobot `pretrained_model/` at `out`."""
+    problem = destination_problem(out, storage_options)
+    if problem:
+        raise ValueError(problem)
     policy = policy_from_checkpoint(checkpoint_uri, storage_options)
     policy.save_pretrained(out, **dict(storage_options or {}))
     return policy

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
 RNG = "rng.safetensors"
 MANIFEST = "manifest.json"
+# What every checkpoint holds; a manifest that leaves one out does not verify.
+REQUIRED_FILES = (TRAINABLE, OPTIMIZER, RNG, STATE)
 
 
 @dataclass
@@ -144,11 +146,24 @@ def manifest_problem(
     files: Mapping[str, Mapping[str, Any]],
     size_of: Callable[[str], int | None],
     sha256_of: Callable[[str], str] | None,
+    present: Iterable[str] = (),
 ) -> str | None:
-    """The one rule a checkpoint's files are checked by, wherever they are: each file the
-    manifest lists exists with its size and (when `sha256_of` is given) its sha256. None
-    when all match, else what is wrong. `size_of(name)` is None for a missing file."""
+    """The one rule a checkpoint's files are checked by, wherever they are: the manifest
+    lists every required file and every file `present` in the directory (dotfiles aside:
+    storage systems' own markers), and each listed file exists with its size and (when
+    `sha256_of` is given) its sha256. None when all match, else what is wrong.
+    `size_of(name)` is None for a missing file."""
+    if not isinstance(files, Mapping):
+        return "manifest.json is malformed: its files are not a mapping"
+    unlisted = [n for n in REQUIRED_FILES if n not in files]
+    unlisted += sorted(
+        n for n in present if n not in files and n != MANIFEST and not n.startswith(".")
+    )
+    if unlisted:
+        return f"the manifest does not list {', '.join(unlisted)}"
     for name, entry in files.items():
+        if not isinstance(entry, Mapping) or not {"size", "sha256"} <= entry.keys():
+            return f"manifest.json is malformed: the entry of {name} lacks size or sha256"
         size = size_of(name)
         if size is None:
             return f"{name} is missing"
@@ -173,7 +188,8 @@ def verify_checkpoint(directory: Path) -> str | None:
         path = directory / name
         return path.stat().st_size if path.exists() else None
 
-    return manifest_problem(files, size_of, lambda name: sha256_file(directory / name))
+    present = [p.name for p in directory.iterdir() if p.is_file()]
+    return manifest_problem(files, size_of, lambda name: sha256_file(directory / name), present)
 
 
 @dataclass

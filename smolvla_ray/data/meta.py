@@ -19,6 +19,7 @@ from smolvla_ray.data import layout
 from smolvla_ray.data.stats import Stats, aggregate_stats, from_jsonable
 from smolvla_ray.data.storage import Storage
 from smolvla_ray.keys import camera_key
+from smolvla_ray.storage import StorageUnavailableError
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,39 @@ def select_episodes(meta: DatasetMeta, episodes: Sequence[int] | range | None = 
     if not chosen:
         raise ValueError("episode selection is empty; list at least one episode")
     return chosen
+
+
+def check_readable(
+    meta: DatasetMeta, episodes: Sequence[int], *, needs_stats: Iterable[str], sample: int = 8
+) -> None:
+    """What a run would otherwise find out on its workers, checked before it starts: the
+    statistics the policy normalizes with, and the parquet footers of up to `sample` data
+    files the run reads (first, last, and evenly between: a truncated or half-copied file
+    fails here, naming itself). Raises ValueError."""
+    missing = [k for k in needs_stats if k not in meta.stats]
+    if missing:
+        raise ValueError(
+            f"{meta.storage.display(layout.STATS_PATH)} has no statistics for {missing}: the "
+            "policy normalizes them with the dataset's mean and std. Recompute the dataset's "
+            "meta/stats.json (LeRobot's compute_stats), or copy it with the dataset"
+        )
+    files = list(dict.fromkeys(meta.episodes[i].data_file for i in episodes))
+    if len(files) > sample:
+        step = (len(files) - 1) / (sample - 1)
+        files = [files[round(i * step)] for i in range(sample)]
+    for relative in files:
+        try:
+            with meta.storage.fs.open(meta.storage.path(relative), "rb") as f:
+                pq.read_metadata(f)
+        except FileNotFoundError:
+            raise ValueError(f"{meta.storage.display(relative)} is missing") from None
+        except (OSError, ValueError) as err:
+            if isinstance(err, StorageUnavailableError):
+                raise
+            raise ValueError(
+                f"{meta.storage.display(relative)} is not a readable parquet file ({err}); "
+                "the dataset is truncated or corrupt: copy it again"
+            ) from None
 
 
 def read_json(storage: Storage, relative: str) -> Any:

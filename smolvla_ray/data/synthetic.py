@@ -16,7 +16,7 @@ import numpy as np
 
 from smolvla_ray.data.layout import CodebaseVersion
 from smolvla_ray.data.writer import Codec, EpisodeData, write_dataset
-from smolvla_ray.keys import camera_key
+from smolvla_ray.keys import camera_key, camera_name_problem
 
 TASKS: tuple[str, ...] = (
     "push the red cube to the left",
@@ -164,6 +164,9 @@ def write_demo_dataset(
         raise ValueError(f"num_episodes={num_episodes} must be at least 1")
     if not cameras:
         raise ValueError("cameras is empty; name at least one camera, e.g. ('top', 'wrist')")
+    for name in cameras:
+        if problem := camera_name_problem(name):
+            raise ValueError(problem)
     if fps < 1:
         raise ValueError(f"fps={fps} must be a positive integer")
     if height % 2 or width % 2:

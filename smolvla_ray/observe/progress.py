@@ -15,7 +15,7 @@ import threading
 from collections.abc import Collection, Mapping
 from typing import Any, Literal, TextIO, get_args
 
-from smolvla_ray.run_layout import METRICS_FILE
+from smolvla_ray.run_layout import METRICS_FILE, metrics_lines
 from smolvla_ray.storage import filesystem, join
 
 ProgressMode = Literal["bar", "lines", "json", "quiet"]
@@ -132,9 +132,20 @@ class Progress:
 
 def _read_lines(fs: Any, path: str) -> list[str]:
     try:
-        return [ln for ln in fs.cat_file(path).decode().splitlines() if ln]
+        text = fs.cat_file(path).decode(errors="replace")
     except FileNotFoundError:
         return []
+    try:
+        return metrics_lines(text, path)
+    except ValueError:  # a corrupt line: the display skips what it cannot read
+        return [ln for ln in text.splitlines() if _is_record(ln)]
+
+
+def _is_record(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def existing_records(run_uri: str, storage_options: Mapping[str, Any] | None) -> set[str]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smolvla_ray.storage import filesystem, join
+from smolvla_ray.storage import filesystem, join, mask_userinfo
 
 PNG_NAME = "report.png"
 MARKDOWN_NAME = "report.md"
@@ -221,7 +221,7 @@ def write_report(
     png, markdown = out / PNG_NAME, out / MARKDOWN_NAME
     title = f"{summary['name']}: {summary['steps']} steps"
     plotted = render_png(records, png, title=title)
-    markdown.write_text(render_markdown(summary, png_name=PNG_NAME))
+    markdown.write_text(mask_userinfo(render_markdown(summary, png_name=PNG_NAME)))
     return Report(png=png, markdown=markdown, plotted=plotted, summary=summary)
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.policy.processor import PRE_STATE, PolicyProcessor
+from smolvla_ray.policy.weights_file import WEIGHTS_NAME
 from smolvla_ray.storage import filesystem
 
 if TYPE_CHECKING:  # the model module calls into this one (SmolVLAPolicy.from_pretrained)
@@ -26,7 +27,6 @@ if TYPE_CHECKING:  # the model module calls into this one (SmolVLAPolicy.from_pr
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 def _is_url(source: str) -> bool:
@@ -110,7 +110,10 @@ def load_pretrained(
         weights_path = directory / WEIGHTS_NAME
         if not weights_path.exists():
             raise FileNotFoundError(f"{source}: no {WEIGHTS_NAME}")
-        state = load_file(str(weights_path))
+        try:
+            state = load_file(str(weights_path))
+        except Exception as err:  # safetensors' own errors name no file
+            raise ValueError(f"{source}/{WEIGHTS_NAME} is unreadable: {err}") from err
         # The checkpoint holds every VLM tensor, so `load_vlm_weights` (true in smolvla_base's
         # config.json) fetches nothing here; LeRobot fetches them and then overwrites them.
         policy = policy_class(config, prefix_mode=prefix_mode, fetch_vlm_weights=False)

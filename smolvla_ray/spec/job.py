@@ -32,6 +32,7 @@ from smolvla_ray.spec.sections import (
     ScalingSpec,
     TrainSpec,
 )
+from smolvla_ray.storage import mask_secrets_in
 
 ENV_STORAGE_OPTIONS = "SMOLVLA_STORAGE_OPTIONS"
 MASK = "**********"
@@ -226,7 +227,7 @@ class JobSpec(BaseModel):
         It validates back into a JobSpec; credentials then come from the environment."""
         data = self.model_dump(mode="json")
         data["storage_options"] = _reveal(self.storage_options, drop_secrets=True)
-        return data
+        return mask_secrets_in(data)  # user:password@ inside any URL, e.g. endpoint_url
 
 
 def _join_alternatives(messages: list[str]) -> str:

@@ -20,6 +20,34 @@ from smolvla_ray.spec.job import (
 )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the
+    last silently, so a typo'd second `lr:` would win without a word)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None,
+                f"key {key!r} appears twice (lines {seen[key] + 1} and "
+                f"{key_node.start_mark.line + 1}); keep one",
+                key_node.start_mark,
+            )  # fmt: skip
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML as a job spec reads it: safe, duplicate keys refused."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
+
+
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of a job spec (what `smolvla-ray schema` prints)."""
     return {
@@ -34,11 +62,15 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     A path must exist in the schema; below mapping-typed fields (policy.overrides,
     storage_options, scaling.resources_per_worker) any key may be added."""
     result = copy.deepcopy(dict(data))
+    given: set[str] = set()
     for item in overrides:
         key, sep, raw = item.partition("=")
         path = key.strip().split(".")
         if not sep or not all(path):
             raise SpecError(f"--set {item!r}: expected key.path=value, e.g. train.steps=50")
+        if ".".join(path) in given:
+            raise SpecError(f"--set {key.strip()} is given twice; keep one")
+        given.add(".".join(path))
         model: Any = JobSpec
         for depth, part in enumerate(path):
             if model == "dict":
@@ -51,7 +83,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
                 raise SpecError(f"--set {key}: no field {part!r}; {hint}")
             model = schema_child(model.model_fields[part].annotation)
         try:
-            value = yaml.safe_load(raw)
+            value = parse_yaml(raw)
         except yaml.YAMLError as err:
             raise SpecError(f"--set {key}: {raw!r} is not a valid YAML value ({err})") from None
         node = result
@@ -83,7 +115,13 @@ def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Jo
     if file.is_dir():
         raise SpecError(f"job spec {str(file)!r} is a directory; give a .yaml file")
     try:
-        data = yaml.safe_load(file.read_text())
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(
+            f"{file} is not UTF-8 text (byte {err.start}); save the job spec as UTF-8"
+        ) from None
+    try:
+        data = parse_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -9,7 +9,6 @@ import difflib
 import re
 from typing import Annotated, Any, Literal
 
-import fsspec
 from pydantic import (
     BaseModel,
     ByteSize,
@@ -21,13 +20,14 @@ from pydantic import (
     model_validator,
 )
 
+from smolvla_ray.keys import camera_name_problem
 from smolvla_ray.policy.config import PolicyConfig
+from smolvla_ray.storage import url_problem
 
 # Inputs stay out of pydantic's own messages: a rejected spec may hold credentials.
 SECTION_CONFIG = ConfigDict(
-    extra="forbid", hide_input_in_errors=True, use_attribute_docstrings=True
+    extra="forbid", hide_input_in_errors=True, use_attribute_docstrings=True, allow_inf_nan=False
 )
-_URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
 _OWN_FIELDS = (
     "freeze_vision_encoder", "train_expert_only", "train_state_proj", "chunk_size", "n_action_steps"
 )  # fmt: skip
@@ -58,23 +58,13 @@ _NOT_IMPLEMENTED: dict[str, tuple[Any, str]] = {
 
 
 def _check_uri(value: str | None, *, writable: bool = False) -> str | None:
-    """Reject an empty string or an unknown fsspec protocol (e.g. a typo like `s4://`)."""
+    """Reject an empty string, an unknown fsspec protocol (a typo like `s4://`), and for
+    run storage a backend Ray Train cannot write checkpoints through."""
     if value is None:
         return None
-    if not value.strip():
-        raise ValueError("must not be empty; give a local path or an fsspec URL like s3://b/p")
-    for part in value.split("::"):
-        match = _URI_SCHEME.match(part)
-        if match is None:
-            continue
-        scheme = match.group(1).lower()
-        known = set(fsspec.available_protocols())
-        if scheme not in known:
-            close = difflib.get_close_matches(scheme, sorted(known), n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(c + '://' for c in close)}?" if close else ""
-            raise ValueError(f"unknown URL scheme {scheme + '://'!r}{hint}")
-        if writable and scheme in ("http", "https"):
-            raise ValueError("http(s) storage is read-only; use s3://, gs://, az:// or a path")
+    problem = url_problem(value, checkpoints=writable)
+    if problem:
+        raise ValueError(problem)
     return value
 
 
@@ -264,6 +254,12 @@ class DataSpec(BaseModel):
     def _uri(cls, value: str) -> str:
         return _check_uri(value) or value
 
+    @field_validator("feature_cache", mode="before")
+    @classmethod
+    def _on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads unquoted on/off (as the docs write them) as true/false.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     @field_validator("episodes")
     @classmethod
     def _episodes(cls, value: list[int] | EpisodeRange | None) -> list[int] | EpisodeRange | None:
@@ -306,6 +302,9 @@ class DataSpec(BaseModel):
             if name.startswith("observation.images."):
                 short = name.removeprefix("observation.images.")
                 raise ValueError(f"camera {name!r}: give the camera name only, {short!r}")
+            problem = camera_name_problem(name)
+            if problem:
+                raise ValueError(problem)
         if len(set(value)) != len(value):
             raise ValueError(f"cameras {value} names a camera twice; list each once")
         return value
@@ -409,7 +408,7 @@ class CheckpointSpec(BaseModel):
 
     model_config = SECTION_CONFIG
     storage: str
-    """Storage URI for the run: path, file://, s3://, gs://, az://, memory://."""
+    """Storage URI for the run: path, file://, s3://, gs://, az://, or a shared filesystem."""
     every_steps: int | None = Field(None, ge=1)
     """Checkpoint every this many steps; None = only at the end."""
     keep_last: int = Field(3, ge=1)

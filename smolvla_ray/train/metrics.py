@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from smolvla_ray.run_layout import METRICS_FILE, TENSORBOARD_DIR
+from smolvla_ray.run_layout import METRICS_FILE, TENSORBOARD_DIR, metrics_lines
 from smolvla_ray.storage import filesystem, join, with_retries
 
 MLFLOW_RUN_URI_TAG = "smolvla_ray.run_uri"
@@ -59,7 +59,8 @@ class JsonlSink:
         self.path = join(root, METRICS_FILE)
         self.lines: list[str] = []
         if self.fs.exists(self.path):  # a resumed run continues its log
-            self.lines = self.fs.cat_file(self.path).decode().splitlines()
+            text = self.fs.cat_file(self.path).decode(errors="replace")
+            self.lines = metrics_lines(text, self.path)
 
     def log(self, record: Mapping[str, Any]) -> None:
         step = record["step"]
@@ -261,4 +262,5 @@ def read_metrics(uri: str, storage_options: Mapping[str, Any] | None = None) -> 
     path = join(root, METRICS_FILE)
     if not fs.exists(path):
         raise FileNotFoundError(f"{uri}/{METRICS_FILE} does not exist")
-    return [json.loads(line) for line in fs.cat_file(path).decode().splitlines() if line]
+    lines = metrics_lines(fs.cat_file(path).decode(errors="replace"), f"{uri}/{METRICS_FILE}")
+    return [json.loads(line) for line in lines]

@@ -479,12 +479,12 @@ def test_load_spec_with_overrides(tmp_path):
             policy: {preset: tiny}
             data: {uri: ./d}
             train: {steps: 10, batch_size: 2}
-            checkpoint: {storage: memory://runs}
+            checkpoint: {storage: s3://bucket/runs}
             """
         )
     )
     spec = load_spec(path, ["train.steps=20"])
-    assert spec.train.steps == 20 and spec.checkpoint.storage == "memory://runs"
+    assert spec.train.steps == 20 and spec.checkpoint.storage == "s3://bucket/runs"
 
 
 def test_load_spec_missing_file(tmp_path):

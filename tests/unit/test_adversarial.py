@@ -1,0 +1,368 @@
+"""Bad input as a hostile new user gives it: every case exits with its code and a message
+that names the problem, with no traceback, no password echoed, Ray never started and
+nothing written where the user did not ask.
+
+Each case builds its input in a fresh directory (`Case.make`), runs the CLI in-process and
+checks (exit code, message fragments). `run` cases also check that the run's storage was
+not created (preflight fails before even the write probe) and that Ray was not started.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from smolvla_ray.cli import app
+
+runner = CliRunner()
+SECRET = "hunter2secret"
+
+
+@dataclass
+class Env:
+    """What a case can build on: a scratch directory and a dataset copy of its own."""
+
+    tmp: Path
+    demo: str
+
+    def dataset(self) -> Path:
+        copy = self.tmp / "dataset"
+        if not copy.exists():
+            shutil.copytree(self.demo, copy)
+        return copy
+
+    def spec(self, **sections) -> dict:
+        spec = {
+            "name": "adversarial",
+            "policy": {"preset": "tiny"},
+            "data": {"uri": str(self.dataset()), "num_loader_workers": 0},
+            "train": {"steps": 2, "batch_size": 2},
+            "checkpoint": {"storage": str(self.tmp / "runs")},
+        }
+        for section, values in sections.items():
+            spec[section] = {**spec.get(section, {}), **values}
+        return spec
+
+    def write(self, data: dict | str | bytes, name: str = "spec.yaml") -> str:
+        path = self.tmp / name
+        if isinstance(data, bytes):
+            path.write_bytes(data)
+        else:
+            path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+        return str(path)
+
+    def fake_checkpoint(self, manifest: dict | None) -> Path:
+        directory = self.tmp / "runs" / "old" / "checkpoint_000000004"
+        directory.mkdir(parents=True)
+        for name in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors"):
+            (directory / name).write_bytes(b"x" * 16)
+        (directory / "state.json").write_text("{}")
+        if manifest is not None:
+            (directory / "manifest.json").write_text(json.dumps(manifest))
+        return directory
+
+
+@dataclass
+class Case:
+    make: Callable[[Env], list[str]]  # the CLI arguments, after building the input
+    code: int
+    words: tuple[str, ...]
+
+
+def run_with(**sections) -> Callable[[Env], list[str]]:
+    return lambda env: ["run", env.write(env.spec(**sections))]
+
+
+def validate_with(**sections) -> Callable[[Env], list[str]]:
+    return lambda env: ["validate", env.write(env.spec(**sections))]
+
+
+def yaml_text(text: str) -> Callable[[Env], list[str]]:
+    def make(env: Env) -> list[str]:
+        return ["validate", env.write(text.replace("DATA", str(env.dataset())))]
+
+    return make
+
+
+def truncate(relative: str, keep: int) -> Callable[[Env], list[str]]:
+    def make(env: Env) -> list[str]:
+        path = env.dataset() / relative
+        path.write_bytes(path.read_bytes()[:keep])
+        return ["run", env.write(env.spec())]
+
+    return make
+
+
+def remove(relative: str) -> Callable[[Env], list[str]]:
+    def make(env: Env) -> list[str]:
+        (env.dataset() / relative).unlink()
+        return ["run", env.write(env.spec())]
+
+    return make
+
+
+def pretrained_cut_short(env: Env) -> list[str]:
+    from smolvla_ray.data.synthetic import STATE_DIM
+    from smolvla_ray.policy import PolicyConfig
+    from smolvla_ray.policy.modeling import SmolVLAPolicy
+
+    base = env.tmp / "base"
+    cameras = {"top": (3, 96, 128), "wrist": (3, 96, 128)}
+    config = PolicyConfig.preset("tiny").with_features(
+        state_dim=STATE_DIM, action_dim=STATE_DIM, cameras=cameras
+    )
+    SmolVLAPolicy(config).save_pretrained(str(base))
+    weights = base / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    spec = env.spec(policy={"preset": None, "pretrained": str(base)})
+    return ["run", env.write(spec)]
+
+
+def from_checkpoint(manifest: dict | None) -> Callable[[Env], list[str]]:
+    def make(env: Env) -> list[str]:
+        source = env.fake_checkpoint(manifest)
+        return ["run", env.write(env.spec(checkpoint={"from_checkpoint": str(source)}))]
+
+    return make
+
+
+def checkpoints_of(manifest: dict | None) -> Callable[[Env], list[str]]:
+    def make(env: Env) -> list[str]:
+        env.fake_checkpoint(manifest)
+        return ["checkpoints", str(env.tmp / "runs" / "old"), "--no-verify"]
+
+    return make
+
+
+def metrics_file(text: str) -> Callable[[Env], list[str]]:
+    def make(env: Env) -> list[str]:
+        run = env.tmp / "runs" / "old"
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text(text)
+        return ["report", str(run), "--out", str(env.tmp / "report")]
+
+    return make
+
+
+def onto_file(command: str) -> Callable[[Env], list[str]]:
+    def make(env: Env) -> list[str]:
+        target = env.tmp / "target.txt"
+        target.write_text("keep me")
+        if command == "export":
+            return ["export", str(env.fake_checkpoint(None)), str(target)]
+        if command == "report":
+            return ["report", str(env.tmp / "runs" / "none"), "--out", str(target)]
+        return ["demo-dataset", str(target), "--episodes", "1"]
+
+    return make
+
+
+RECORD = '{"step": 1, "loss": 0.5, "lr": 0.001, "time": 1.0}'
+GOOD_MANIFEST = {"files": {}}
+
+CASES: dict[str, Case] = {
+    # --- the spec file and --set ---
+    "spec not UTF-8": Case(lambda e: ["validate", e.write(b"name: \xff\xfe\n")], 2,
+                           ("not UTF-8",)),
+    "spec missing": Case(lambda e: ["validate", str(e.tmp / "nope.yaml")], 2, ("does not exist",)),
+    "spec is a directory": Case(lambda e: ["validate", str(e.tmp)], 2, ("is a directory",)),
+    "spec empty": Case(lambda e: ["validate", e.write("")], 2, ("is empty",)),
+    "spec a list": Case(lambda e: ["validate", e.write("- a\n- b\n")], 2, ("mapping",)),
+    "spec bad YAML": Case(lambda e: ["validate", e.write("name: [unclosed\n")], 2,
+                          ("invalid YAML", "line")),
+    "duplicate key": Case(
+        yaml_text("name: a\nname: b\npolicy: {preset: tiny}\ndata: {uri: DATA}\n"
+                  "train: {steps: 2, batch_size: 2}\ncheckpoint: {storage: /tmp/x}\n"),
+        2, ("'name' appears twice", "lines 1 and 2"),
+    ),
+    "duplicate nested key": Case(
+        yaml_text("name: a\npolicy: {preset: tiny}\ndata: {uri: DATA}\n"
+                  "train:\n  steps: 2\n  batch_size: 2\n  optimizer:\n    lr: 0.1\n    lr: 0.2\n"
+                  "checkpoint: {storage: /tmp/x}\n"),
+        2, ("'lr' appears twice",),
+    ),
+    "--set given twice": Case(
+        lambda e: ["validate", e.write(e.spec()), "--set", "train.steps=5", "--set",
+                   "train.steps=6"], 2, ("train.steps is given twice",),
+    ),
+    "--set duplicate key in a value": Case(
+        lambda e: ["validate", e.write(e.spec()), "--set",
+                   "data.rename_map={observation.images.a: observation.images.b, "
+                   "observation.images.a: observation.images.c}"],
+        2, ("appears twice",),
+    ),
+    "--set unknown field": Case(
+        lambda e: ["validate", e.write(e.spec()), "--set", "train.stepz=5"], 2,
+        ("no field 'stepz'", "steps"),
+    ),
+    "unknown section field": Case(validate_with(train={"step": 3}), 2, ("train.step",)),
+    "lr infinite": Case(validate_with(train={"optimizer": {"lr": float("inf")}}), 2,
+                        ("train.optimizer.lr", "finite")),
+    "lr nan": Case(validate_with(train={"optimizer": {"lr": float("nan")}}), 2,
+                   ("train.optimizer.lr",)),
+    "grad clip infinite": Case(
+        validate_with(train={"optimizer": {"grad_clip_norm": float("inf")}}), 2,
+        ("grad_clip_norm",),
+    ),
+    "zero steps": Case(validate_with(train={"steps": 0}), 2, ("train.steps",)),
+    "camera climbing out": Case(validate_with(data={"cameras": ["../../x"]}), 2,
+                                ("camera '../../x'",)),
+    "camera with a slash": Case(validate_with(data={"cameras": ["a/b"]}), 2, ("'/'",)),
+    "storage memory://": Case(validate_with(checkpoint={"storage": "memory://runs"}), 2,
+                              ("memory://", "Ray's workers")),
+    "storage http": Case(validate_with(checkpoint={"storage": "https://example.com/r"}), 2,
+                         ("read-only",)),
+    "storage typo scheme": Case(validate_with(checkpoint={"storage": "s4://b/runs"}), 2,
+                                ("unknown URL scheme", "s3://")),
+    "dataset typo scheme": Case(validate_with(data={"uri": "gz://b/d"}), 2,
+                                ("unknown URL scheme",)),
+    "mlflow password": Case(
+        validate_with(observe={"mlflow_tracking_uri": f"http://me:{SECRET}@mlflow:5000"}), 2,
+        ("MLFLOW_TRACKING_PASSWORD",),
+    ),
+    "feature_cache typo": Case(validate_with(data={"feature_cache": "maybe"}), 2,
+                               ("feature_cache",)),
+    # --- run: everything knowable before Ray starts ---
+    "episodes list out of range": Case(run_with(data={"episodes": [0, 99]}), 2,
+                                       ("data.episodes", "[99]", "0..3")),
+    "episodes range out of range": Case(run_with(data={"episodes": {"start": 2, "stop": 50}}),
+                                        2, ("data.episodes", "out of range")),
+    "dataset missing": Case(run_with(data={"uri": "/nonexistent/dataset"}), 2,
+                            ("info.json",)),
+    "info.json broken": Case(
+        lambda e: [(e.dataset() / "meta/info.json").write_text("{"), "run",
+                   e.write(e.spec())][1:], 2, ("info.json", "not valid JSON"),
+    ),
+    "stats.json missing": Case(remove("meta/stats.json"), 2, ("statistics", "observation.state")),
+    "data parquet truncated": Case(truncate("data/chunk-000/file-000.parquet", 100), 2,
+                                   ("file-000.parquet", "not a readable parquet")),
+    "pretrained missing": Case(run_with(policy={"preset": None, "pretrained": "/no/such/dir"}),
+                               2, ("/no/such/dir",)),
+    "pretrained weights cut short": Case(pretrained_cut_short, 2,
+                                         ("model.safetensors", "bytes")),
+    "from_checkpoint missing": Case(
+        run_with(checkpoint={"from_checkpoint": "/no/such/checkpoint_000000004"}), 2,
+        ("from_checkpoint", "does not exist"),
+    ),
+    "from_checkpoint unfinished": Case(from_checkpoint(None), 2,
+                                       ("from_checkpoint", "no manifest.json")),
+    "from_checkpoint manifest lists nothing": Case(from_checkpoint(GOOD_MANIFEST), 2,
+                                                   ("does not list", "trainable.safetensors")),
+    "storage is a file": Case(
+        lambda e: [(e.tmp / "afile").write_text("x"), "run",
+                   e.write(e.spec(checkpoint={"storage": str(e.tmp / "afile")}))][1:],
+        2, ("not writable",),
+    ),
+    "run --progress typo": Case(lambda e: ["run", e.write(e.spec()), "--progress", "fancy"], 2,
+                                ("--progress 'fancy'",)),
+    # --- the other commands ---
+    "demo-dataset camera climbing out": Case(
+        lambda e: ["demo-dataset", str(e.tmp / "d"), "--cameras", "../../x"], 2,
+        ("camera '../../x'",),
+    ),
+    "demo-dataset onto a dataset": Case(lambda e: ["demo-dataset", str(e.dataset())], 2,
+                                        ("already exists",)),
+    "demo-dataset onto a file": Case(onto_file("demo-dataset"), 2, ("is a file",)),
+    "demo-dataset format": Case(lambda e: ["demo-dataset", str(e.tmp / "d"), "--format", "v9"],
+                                2, ("--format 'v9'",)),
+    "checkpoints unknown scheme": Case(lambda e: ["checkpoints", "foo://bar"], 2,
+                                       ("unknown URL scheme 'foo://'",)),
+    "checkpoints none": Case(lambda e: ["checkpoints", str(e.tmp / "empty")], 1,
+                             ("no checkpoints",)),
+    "checkpoints manifest omits files": Case(checkpoints_of(GOOD_MANIFEST), 1,
+                                             ("INVALID", "does not list")),
+    "export onto a file": Case(onto_file("export"), 2, ("is a file",)),
+    "export into a checkpoint": Case(
+        lambda e: ["export", str(e.fake_checkpoint(None)),
+                   str(e.tmp / "runs/old/checkpoint_000000004/pretrained_model")],
+        2, ("inside the checkpoint checkpoint_000000004",),
+    ),
+    "export unknown scheme": Case(lambda e: ["export", "foo://c", str(e.tmp / "out")], 2,
+                                  ("unknown URL scheme",)),
+    "report onto a file": Case(onto_file("report"), 2, ("is a file",)),
+    "report without metrics": Case(lambda e: ["report", str(e.tmp / "runs" / "none"),
+                                              "--out", str(e.tmp / "r")], 1,
+                                   ("metrics.jsonl does not exist",)),
+    "report corrupt metrics line": Case(metrics_file(f"{RECORD}\nnot json\n{RECORD}\n"), 1,
+                                        ("metrics.jsonl: line 2",)),
+    "submit address with a password": Case(
+        lambda e: ["submit", e.write(e.spec()), "--address",
+                   f"http://me:{SECRET}@127.0.0.1:9"], 1, ("127.0.0.1:9",),
+    ),
+}  # fmt: skip
+
+
+def test_at_least_forty_cases() -> None:
+    assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_exits_with_a_clear_message(name: str, tmp_path: Path, demo_dataset) -> None:
+    import ray
+
+    case = CASES[name]
+    env = Env(tmp_path, demo_dataset)
+    args = case.make(env)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = runner.invoke(app, args)
+    output = " ".join(result.output.split())  # the terminal wraps long messages
+    assert result.exit_code == case.code, (result.exit_code, output, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception  # no traceback
+    for word in case.words:
+        assert word in output, (word, output)
+    assert SECRET not in output
+    assert not ray.is_initialized()
+    if args[0] == "run" and case.code == 2:
+        assert not (tmp_path / "runs" / "adversarial").exists()  # not even the write probe
+    if args[0] in ("validate", "checkpoints", "report") or "onto" in name:
+        created = sorted(p.name for p in tmp_path.iterdir())
+        assert created == before, (before, created)  # nothing written
+
+
+def test_yaml_as_users_write_it(tmp_path: Path, demo_dataset) -> None:
+    """`feature_cache: off`, unquoted as the docs show it, is `off` (YAML reads false)."""
+    from smolvla_ray.spec import load_spec
+
+    path = tmp_path / "spec.yaml"
+    for word, expected in [("off", "off"), ("on", "on"), ("auto", "auto")]:
+        path.write_text(
+            f"name: a\npolicy: {{preset: tiny}}\ndata: {{uri: {demo_dataset}, feature_cache: "
+            f"{word}}}\ntrain: {{steps: 2, batch_size: 2}}\ncheckpoint: {{storage: {tmp_path}}}\n"
+        )
+        assert load_spec(path).data.feature_cache == expected
+
+
+def test_metrics_tolerate_a_torn_last_line(tmp_path: Path) -> None:
+    from smolvla_ray.train.metrics import JsonlSink, read_metrics
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(f'{RECORD}\n{{"step": 2, "lo')
+    assert [r["step"] for r in read_metrics(str(run))] == [1]
+    sink = JsonlSink(str(run), {})  # a resumed run appends after the complete records
+    sink.log({"step": 2, "loss": 0.4})
+    assert [r["step"] for r in read_metrics(str(run))] == [1, 2]
+
+
+def test_secrets_in_urls_are_masked_in_the_public_spec(tmp_path: Path) -> None:
+    from smolvla_ray.spec import spec_from_dict
+
+    spec = spec_from_dict(
+        {
+            "name": "a",
+            "policy": {"preset": "tiny"},
+            "data": {"uri": "s3://b/d"},
+            "train": {"steps": 2, "batch_size": 2},
+            "checkpoint": {"storage": "s3://b/runs"},
+            "storage_options": {"endpoint_url": f"http://me:{SECRET}@minio:9000"},
+        }
+    )
+    public = json.dumps(spec.public_dict())
+    assert SECRET not in public and "http://***@minio:9000" in public
