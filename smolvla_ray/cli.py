@@ -148,16 +148,33 @@ def run(
         _fail(str(err))
     if mode != "json":
         typer.echo(f"features (dataset -> policy):\n{resolution.table()}", err=True)
+    from smolvla_ray.stop import RunStopped
+
     try:
         result = driver.run(job, address=address, check=False, progress=mode)  # type: ignore[arg-type]
-    except KeyboardInterrupt:
-        typer.secho("interrupted: stopping the run", err=True, fg=typer.colors.YELLOW)
-        import ray
-
-        ray.shutdown()
+    except RunStopped as stopped:
+        metrics = stopped.result.metrics or {}
+        checkpoint = stopped.result.checkpoint
+        typer.secho(
+            f"job {job.name!r} stopped at step {metrics.get('step')} of {job.train.steps}; "
+            f"checkpoint: {checkpoint.path if checkpoint else 'none'}. Run the same command "
+            "to resume.",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
+        raise typer.Exit(stopped.exit_code) from None
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        _end_ray()
+        typer.secho(
+            f"aborted; last complete checkpoint: {_last_checkpoint(job)}",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
         raise typer.Exit(130) from None
     except Exception as err:  # the job failed; its error says why
         _fail(f"job {job.name!r} failed: {err}", code=1)
+    finally:
+        _end_ray()
     metrics = result.metrics or {}
     if mode == "json":  # scripts read stdout: the end is one more JSON object
         import json
@@ -171,6 +188,45 @@ def run(
         f"{metrics.get('loss', float('nan')):.4f}; checkpoint: "
         f"{result.checkpoint.path if result.checkpoint else 'none'}"
     )
+
+
+def _end_ray() -> None:
+    """Shut down this process's Ray (its local workers with it), then delete the scratch
+    directories of processes that are gone (`smolvla_ray.scratch`)."""
+    import ray
+
+    from smolvla_ray.scratch import sweep
+
+    was_local = ray.is_initialized() and _is_local_ray()
+    ray.shutdown()
+    sweep(settle_s=10.0 if was_local else 0.0)
+
+
+def _is_local_ray() -> bool:
+    """Whether this process's Ray is a private one it started (its workers end with it)."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().gcs_address is not None and bool(
+            ray._private.worker.global_worker.node.is_head()
+        )
+    except Exception:
+        return False
+
+
+def _last_checkpoint(job) -> str:
+    """The newest checkpoint of `job`'s run whose manifest verifies by size, or 'none'."""
+    from smolvla_ray.checkpoint.discovery import list_checkpoints
+    from smolvla_ray.run_layout import run_uri
+    from smolvla_ray.storage import absolute
+
+    try:
+        uri = run_uri(absolute(job.checkpoint.storage), job.name)
+        valid = [c for c in list_checkpoints(uri, job.storage_options_plain(), hashes=False)
+                 if c.valid]  # fmt: skip
+    except OSError as err:
+        return f"unknown (storage: {err})"
+    return valid[-1].uri if valid else "none"
 
 
 def _storage_options() -> dict:

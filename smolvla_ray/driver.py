@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,13 @@ from typing import TYPE_CHECKING, Any
 from smolvla_ray import hub
 from smolvla_ray.run_layout import WRITE_PROBE
 from smolvla_ray.spec import JobSpec
+from smolvla_ray.stop import (
+    RunStopped,
+    abort_on_signals,
+    call_off_main_thread,
+    graceful_stop,
+    signals_ignored,
+)
 from smolvla_ray.storage import absolute, filesystem, join
 
 if TYPE_CHECKING:
@@ -117,8 +125,11 @@ def _check_writable(uri: str, options: Mapping[str, Any]) -> None:
         ) from err
 
 
-def build_trainer(spec: JobSpec, *, feature_cache: str | None = None):  # -> TorchTrainer
-    """The TorchTrainer for `spec` (gloo on CPU, NCCL on GPU)."""
+def build_trainer(
+    spec: JobSpec, *, feature_cache: str | None = None, stop_key: str | None = None
+):  # -> TorchTrainer
+    """The TorchTrainer for `spec` (gloo on CPU, NCCL on GPU); `stop_key`: where the
+    driver's stop request is written (see `smolvla_ray.stop`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -144,7 +155,7 @@ def build_trainer(spec: JobSpec, *, feature_cache: str | None = None):  # -> Tor
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(spec, feature_cache=feature_cache),
+        train_loop_config=loop_config(spec, feature_cache=feature_cache, stop_key=stop_key),
         scaling_config=scaling,
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
@@ -186,17 +197,25 @@ def run(
     if not ray.is_initialized():
         # JSON mode is for scripts: keep workers' output off stdout (it stays in Ray's logs).
         to_driver = not (isinstance(display, Progress) and display.mode == "json")
-        ray.init(address=ray_address(address), include_dashboard=False, log_to_driver=to_driver)
+        with signals_ignored():  # a local Ray's processes leave Ctrl-C to this driver
+            ray.init(address=ray_address(address), include_dashboard=False, log_to_driver=to_driver)
     from smolvla_ray.cache.build import ensure_feature_cache
 
-    feature_cache = ensure_feature_cache(spec, spec.storage_options_plain())
-    trainer = build_trainer(spec, feature_cache=feature_cache)
-    if not isinstance(display, Progress):
-        with resource_wait(spec):
-            return trainer.fit()
+    stop_key = f"{spec.name}/{uuid.uuid4().hex}"
+    with abort_on_signals():
+        feature_cache = ensure_feature_cache(spec, spec.storage_options_plain())
+        trainer = build_trainer(spec, feature_cache=feature_cache, stop_key=stop_key)
     uri = run_uri(spec.checkpoint.storage, spec.name)
-    with MetricsWatcher(uri, spec.storage_options_plain(), display), resource_wait(spec):
-        return trainer.fit()
+    watcher = (
+        MetricsWatcher(uri, spec.storage_options_plain(), display)
+        if isinstance(display, Progress)
+        else contextlib.nullcontext()
+    )
+    with watcher, resource_wait(spec), graceful_stop(stop_key) as stopping:
+        result = call_off_main_thread(trainer.fit)
+    if stopping.signum is not None and (result.metrics or {}).get("step") != spec.train.steps:
+        raise RunStopped(result, stopping.signum)
+    return result
 
 
 def ray_address(address: str | None) -> str:

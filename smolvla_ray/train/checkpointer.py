@@ -9,7 +9,6 @@ fingerprint) is refused, since its trained tensors mean nothing on another backb
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from smolvla_ray.checkpoint.format import LoadedCheckpoint, load_optimizer_state
 from smolvla_ray.checkpoint.writer import CheckpointWriter
 from smolvla_ray.policy.modeling import SmolVLAPolicy
 from smolvla_ray.run_layout import run_uri
+from smolvla_ray.scratch import make_scratch_dir, scratch_tempdir
 from smolvla_ray.spec import JobSpec
 
 
@@ -78,7 +78,7 @@ class Checkpointer:
     def restore(self, uri: str, ddp, optimizer, scheduler, *, rank: int) -> Restored:
         """Load `uri`'s trainable tensors, optimizer, scheduler and this rank's RNG into
         place, after checking it was trained on this run's base."""
-        with tempfile.TemporaryDirectory(prefix="smolvla-resume-") as tmp:
+        with scratch_tempdir("resume") as tmp:
             loaded = read_checkpoint(fetch_checkpoint(uri, Path(tmp), self.storage_options))
         current = base_identity(self.spec, self.base_fingerprint)
         check_resume_base(loaded.state.base, current, checkpoint_uri=uri)
@@ -103,7 +103,7 @@ class Checkpointer:
         """A new local directory holding this step's checkpoint (the reporter uploads it and
         deletes it)."""
         return self.writer.write(
-            Path(tempfile.mkdtemp(prefix="smolvla-ckpt-")),
+            make_scratch_dir("ckpt"),
             step=state.step,
             epoch=state.epoch,
             cursors=cursors,

@@ -1,6 +1,13 @@
-"""Checkpoint before a worker is taken away: SIGTERM and Ray's preemption notices.
+"""Checkpoint before a worker is taken away, or the user stops the run: SIGTERM, Ray's
+preemption notices, and the driver's stop request.
 
-Two signals mean "this worker is going away soon":
+Three events make the workers checkpoint at the end of the current step:
+
+- **A stop request** from the driver (Ctrl-C or SIGTERM to `smolvla-ray run`, `ray job
+  stop`): the driver writes `stop_key` into Ray's key-value store (`request_stop`); rank 0
+  reads it at most once a second. Every rank saves, the upload is synchronous (so every
+  earlier asynchronous upload has landed too), and the training function returns: the run
+  ends as finished at that step, and the same command resumes it.
 
 - **SIGTERM** to a worker process (Kubernetes deleting a pod, `kill`, a node shutting
   down). Ray's own handler would exit the process at once; ours records the signal, the loop
@@ -13,7 +20,7 @@ Two signals mean "this worker is going away soon":
   when the node actually goes, counting against `FailureConfig.max_preemption_failures`
   (separately from `max_failures`), and the run resumes from that checkpoint.
 
-Both are per-worker events, but every rank must call `ray.train.report` equally often, so
+These are per-worker events, but every rank must call `ray.train.report` equally often, so
 `Interrupts.poll` all-reduces the flags: every rank agrees on the same step.
 
 Python runs signal handlers only in a process's main thread and only lets that thread
@@ -28,6 +35,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,30 +114,62 @@ def _local_preemption() -> bool:
         return False
 
 
+STOP_NAMESPACE = "smolvla_ray_stop"
+
+
+def request_stop(stop_key: str, reason: str) -> None:
+    """Ask the run's workers to checkpoint and end (the driver, on Ctrl-C or SIGTERM)."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(stop_key, reason.encode(), namespace=STOP_NAMESPACE)
+
+
+def _stop_requested(stop_key: str) -> bool:
+    try:
+        from ray.experimental import internal_kv
+
+        return internal_kv._internal_kv_get(stop_key, namespace=STOP_NAMESPACE) is not None
+    except Exception:  # outside Ray, or the GCS briefly away: ask again next time
+        return False
+
+
 @dataclass(frozen=True)
 class Decision:
     """What every rank agreed on after a step."""
 
     checkpoint: bool  # save a checkpoint now
-    exit: bool  # and stop after it (SIGTERM); False: keep training (preemption notice)
+    exit: bool  # and stop after it (SIGTERM, stop request); False: keep training (preemption)
     reason: str
+    stop: bool = False  # the run ends here as finished (the user's stop request)
 
 
 class Interrupts:
     """The SIGTERM/preemption state of one worker and the cross-rank agreement on it."""
 
-    def __init__(self, *, device: torch.device) -> None:
+    def __init__(self, *, device: torch.device, stop_key: str | None = None, rank: int = 0) -> None:
         self.device = device
         self.installed = install_sigterm_handler()
         self._preemption_handled = False
+        self.stop_key = stop_key if rank == 0 else None  # rank 0 asks; the all-reduce tells
+        self._next_stop_check = 0.0
+
+    def _stop(self) -> bool:
+        if self.stop_key is None or time.monotonic() < self._next_stop_check:
+            return False
+        self._next_stop_check = time.monotonic() + 1.0  # a GCS call at most once a second
+        return _stop_requested(self.stop_key)
 
     def poll(self) -> Decision:
         """Called by every rank after every step (a tiny all-reduce): checkpoint now?"""
         preempted = _local_preemption() and not self._preemption_handled
-        flags = torch.tensor([float(_SIGTERM.is_set()), float(preempted)], device=self.device)
+        flags = torch.tensor(
+            [float(_SIGTERM.is_set()), float(preempted), float(self._stop())], device=self.device
+        )
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        sigterm, preemption = (bool(v) for v in flags.tolist())
+        sigterm, preemption, stop = (bool(v) for v in flags.tolist())
+        if stop:
+            return Decision(checkpoint=True, exit=True, reason="stop request", stop=True)
         if sigterm:
             return Decision(checkpoint=True, exit=True, reason="SIGTERM")
         if preemption:

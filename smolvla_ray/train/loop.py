@@ -37,7 +37,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         feature_cache=loop_config.get("feature_cache"),
     )
     reporter = RayReporter(spec, storage_options)
-    train(spec, reporter, context, interrupts=Interrupts(device=device))
+    interrupts = Interrupts(device=device, stop_key=loop_config.get("stop_key"), rank=context.rank)
+    train(spec, reporter, context, interrupts=interrupts)
 
 
 class RayReporter:
@@ -81,12 +82,15 @@ def checkpoint_upload_fn(
     return upload
 
 
-def loop_config(spec: JobSpec, *, feature_cache: str | None = None) -> dict[str, Any]:
+def loop_config(
+    spec: JobSpec, *, feature_cache: str | None = None, stop_key: str | None = None
+) -> dict[str, Any]:
     """The train_loop_config for `spec`: the spec without secrets (Ray records this config
-    in its run state) and a reference to the storage options in Ray's object store, which
-    workers read from memory."""
+    in its run state), a reference to the storage options in Ray's object store, which
+    workers read from memory, and the key the driver's stop request is written under."""
     return {
         "spec": spec.public_dict(),
         "storage_options_ref": ray.put(spec.storage_options_plain()),
         "feature_cache": feature_cache,
+        "stop_key": stop_key,
     }

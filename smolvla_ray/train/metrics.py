@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 from smolvla_ray.run_layout import METRICS_FILE, TENSORBOARD_DIR, metrics_lines
+from smolvla_ray.scratch import scratch_tempdir
 from smolvla_ray.storage import filesystem, join, with_retries
 
 MLFLOW_RUN_URI_TAG = "smolvla_ray.run_uri"
@@ -86,7 +86,7 @@ class TensorBoardSink:
     def __init__(self, uri: str, storage_options: Mapping[str, Any]) -> None:
         self.fs, root = filesystem(uri, storage_options)
         self.remote_dir = join(root, TENSORBOARD_DIR)
-        self._local = tempfile.TemporaryDirectory(prefix="smolvla-tb-")
+        self._local = scratch_tempdir("tensorboard")
         self._writer: Any = None
 
     def log(self, record: Mapping[str, Any]) -> None:

@@ -194,6 +194,10 @@ def train(
             sys.stdout.flush()
         report_start = time.perf_counter()
         reporter.report(metrics, checkpoint, save=save, sync=interrupt.exit)
+        if interrupt.stop:  # the user's stop request: the run ends here, resumable
+            if rank == 0:
+                say(f"stopped on request at step {state.step}: {checkpoint_dir_name(state.step)}")
+            break
         if interrupt.exit and state.step < spec.train.steps:
             interrupts.exit_after_checkpoint(
                 step=state.step, checkpoint_dir=checkpoint_dir_name(state.step)

@@ -24,8 +24,8 @@ RANKS = {
     "observe": 6,
     "driver": 7,  # driver, jobs, cli
 }
-BASE = {"keys", "storage", "hub", "run_layout", "progress_line", "__init__"}
-TOP = {"driver", "jobs", "cli"}
+BASE = {"keys", "storage", "hub", "run_layout", "progress_line", "scratch", "__init__"}
+TOP = {"driver", "jobs", "cli", "stop"}
 
 
 def component(module: str) -> str:

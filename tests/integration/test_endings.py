@@ -1,0 +1,160 @@
+"""How `smolvla-ray run` ends when the user stops it: a real `run` process on its own
+private local Ray, signalled the way a terminal and a process manager do.
+
+- Ctrl-C (SIGINT to the whole process group): the step in progress finishes, its checkpoint
+  is uploaded, every earlier checkpoint is kept, the run says where it stands, exit 130;
+  the same command resumes from there.
+- SIGTERM to the `run` process: the same, exit 143.
+- A second Ctrl-C aborts at once, naming the last complete checkpoint, exit 130.
+
+No ending leaves a scratch directory behind: the processes get a TMPDIR of their own, which
+must hold nothing of ours afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from smolvla_ray.checkpoint.discovery import list_checkpoints
+from tests.integration.conftest import tiny_spec_dict
+from tests.processes import kill_pids, marked_pids
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+STEPS, EVERY = 400, 5
+
+
+class RunProcess:
+    """`smolvla-ray run SPEC` in a session of its own (a terminal's process group)."""
+
+    def __init__(self, spec: Path, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "smolvla_ray.cli", "run", str(spec), "--progress", "lines"],
+                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
+            )  # fmt: skip
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for_step(self, step: int, timeout_s: float = 240) -> None:
+        pattern = re.compile(r"step\s+(\d+)/")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            seen = [int(m) for m in pattern.findall(self.output())]
+            if seen and max(seen) >= step:
+                return
+            assert self.proc.poll() is None, self.output()[-4000:]
+            time.sleep(0.2)
+        raise AssertionError(f"no step {step} in {timeout_s}s:\n{self.output()[-4000:]}")
+
+    def wait(self, timeout_s: float = 240) -> int:
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise AssertionError(f"run did not end:\n{self.output()[-4000:]}") from None
+
+
+@pytest.fixture
+def setting(tmp_path: Path, demo_dataset: str):
+    """A spec, an environment with its own TMPDIR and Ray temp dir, and cleanup of every
+    process the test started."""
+    marker = f"SMOLVLA_RAY_ENDINGS_TEST={os.getpid()}-{time.monotonic_ns()}"
+    scratch = Path(tempfile.mkdtemp(prefix="sre-", dir="/tmp"))  # short: Ray's sockets
+    (scratch / "tmp").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        dict([marker.split("=")]),
+        TMPDIR=str(scratch / "tmp"),
+        RAY_TMPDIR=str(scratch),
+        RAY_DEDUP_LOGS="0",
+        PYTHONPATH=str(REPO),
+    )
+    storage = tmp_path / "runs"
+    spec = tiny_spec_dict(
+        demo_dataset, storage, "endings",
+        train={"steps": STEPS, "log_every": 1},
+        scaling={"num_workers": 2},
+        checkpoint={"every_steps": EVERY, "keep_last": 1000, "upload_mode": "async"},
+    )  # fmt: skip
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    yield path, env, storage / "endings", scratch / "tmp", tmp_path
+    kill_pids(marked_pids(marker))
+
+
+def saved_steps(run_dir: Path) -> tuple[list[int], list[int]]:
+    infos = list_checkpoints(str(run_dir), hashes=True)
+    return [i.step for i in infos if i.valid], [i.step for i in infos if not i.valid]
+
+
+def assert_no_scratch_left(tmpdir: Path) -> None:
+    """Nothing of ours under TMPDIR but the (empty) scratch root."""
+    root = tmpdir / f"smolvla-ray-{os.getuid()}"
+    left = [p for p in tmpdir.iterdir() if "smolvla" in p.name and p != root]
+    left += list(root.iterdir()) if root.exists() else []
+    assert not left, left
+
+
+def stopped_at(output: str) -> int:
+    match = re.search(r"stopped at step (\d+) of", output)
+    assert match, output[-4000:]
+    return int(match.group(1))
+
+
+def test_ctrl_c_and_sigterm_keep_every_checkpoint_and_resume(setting) -> None:
+    spec, env, run_dir, tmpdir, tmp_path = setting
+    # Ctrl-C in a terminal: SIGINT to the whole process group.
+    first = RunProcess(spec, env, tmp_path / "first.log")
+    first.wait_for_step(3 * EVERY + 2)
+    os.killpg(first.proc.pid, signal.SIGINT)
+    assert first.wait() == 130, first.output()[-4000:]
+    out = first.output()
+    at = stopped_at(out)
+    assert "SIGINT: stopping after the current step" in out
+    valid, invalid = saved_steps(run_dir)
+    expected = [s for s in range(EVERY, at + 1, EVERY)]
+    assert valid == sorted(set(expected) | {at}) and not invalid, (valid, invalid, at)
+    assert f"checkpoint_{at:09d}" in out
+    assert_no_scratch_left(tmpdir)
+
+    # SIGTERM to the run process alone (a process manager): the same, exit 143.
+    second = RunProcess(spec, env, tmp_path / "second.log")
+    second.wait_for_step(at + EVERY + 2)
+    os.kill(second.proc.pid, signal.SIGTERM)
+    assert second.wait() == 143, second.output()[-4000:]
+    out = second.output()
+    assert f"resuming at step {at}" in out, out[-4000:]
+    again = stopped_at(out)
+    assert again > at
+    valid, invalid = saved_steps(run_dir)
+    assert again in valid and not invalid and valid[-1] == again, (valid, invalid)
+    assert_no_scratch_left(tmpdir)
+
+
+def test_a_second_ctrl_c_aborts_naming_the_last_checkpoint(setting) -> None:
+    spec, env, run_dir, tmpdir, tmp_path = setting
+    run = RunProcess(spec, env, tmp_path / "abort.log")
+    run.wait_for_step(2 * EVERY + 1)
+    os.killpg(run.proc.pid, signal.SIGINT)
+    time.sleep(1)  # two signals at once are one to Python
+    os.killpg(run.proc.pid, signal.SIGINT)
+    assert run.wait() == 130, run.output()[-4000:]
+    out = " ".join(run.output().split())
+    assert "aborting now" in out and "last complete checkpoint:" in out, out[-3000:]
+    named = re.search(r"last complete checkpoint: (\S+)", out).group(1)
+    valid, _ = saved_steps(run_dir)
+    assert valid and named.endswith(f"checkpoint_{valid[-1]:09d}"), (named, valid)
+    assert_no_scratch_left(tmpdir)
