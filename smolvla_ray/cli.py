@@ -144,7 +144,8 @@ def run(
 
     try:
         resolution = driver.preflight(job)
-    except (ValueError, OSError) as err:  # bad dataset, checkpoint or storage: input errors
+        driver.check_address(address)
+    except (ValueError, OSError) as err:  # bad dataset, checkpoint, storage, address: input
         _fail(str(err))
     if mode != "json":
         typer.echo(f"features (dataset -> policy):\n{resolution.table()}", err=True)
@@ -264,11 +265,23 @@ def checkpoints(
 
 
 def _check_url(url: str, what: str) -> None:
-    """Exit 2 on a URL no filesystem can open (a typo'd scheme), before anything is read."""
-    from smolvla_ray.storage import url_problem
+    """Exit 2 on a URL no filesystem can open (a typo'd scheme), before anything is read;
+    exit 1 on a storage endpoint that does not answer. Storage calls of these commands
+    give up after the connect bound, not the training run's longer retry budget."""
+    import os
+
+    from smolvla_ray.storage import RETRY_BUDGET_ENV, url_problem
+    from smolvla_ray.waits import check_endpoint, connect_timeout_s
 
     if problem := url_problem(url):
         _fail(f"{what} {url!r}: {problem}")
+    if "://" in url:
+        try:
+            check_endpoint(_storage_options())
+        except ConnectionError as err:
+            _fail(str(err), code=1)
+        # A command (not a training run): one process, one command; the environment is ours.
+        os.environ.setdefault(RETRY_BUDGET_ENV, str(connect_timeout_s()))
 
 
 @app.command()

@@ -25,6 +25,7 @@ from smolvla_ray.stop import (
     signals_ignored,
 )
 from smolvla_ray.storage import absolute, filesystem, join
+from smolvla_ray.waits import check_endpoint, reachable
 
 if TYPE_CHECKING:
     from smolvla_ray.features import FeatureResolution
@@ -84,6 +85,7 @@ def preflight(spec: JobSpec) -> FeatureResolution:
 
     hub.check_ids(spec)  # hub ids and revisions exist (offline: are in the cache)
     options = spec.storage_options_plain()
+    check_endpoint(options)
     meta = load_meta(hub.dataset_url(spec.data.uri, spec.data.revision), storage_options=options)
     try:
         episodes = select_episodes(meta, episode_selection(spec))
@@ -108,7 +110,21 @@ def preflight(spec: JobSpec) -> FeatureResolution:
         if problem:
             raise ValueError(f"policy.pretrained: {problem}; copy the pretrained_model/ again")
     _check_writable(spec.checkpoint.storage, options)
+    tracking = spec.observe.mlflow_tracking_uri
+    if tracking and tracking.startswith(("http://", "https://")):
+        port = 443 if tracking.startswith("https") else 80
+        reachable(tracking, default_port=port, what="observe.mlflow_tracking_uri: MLflow")
     return resolution
+
+
+def check_address(address: str | None) -> None:
+    """A named cluster (host:port, ray://) must answer before `run` waits on it: Ray's own
+    connect retries take minutes."""
+    chosen = ray_address(address)
+    if chosen in ("local", "auto"):
+        return
+    port = 10001 if chosen.startswith("ray://") else 6379
+    reachable(chosen, default_port=port, what="the Ray cluster")
 
 
 def _check_writable(uri: str, options: Mapping[str, Any]) -> None:

@@ -41,6 +41,7 @@ import yaml
 
 from smolvla_ray import storage
 from smolvla_ray.spec import JobSpec, load_spec
+from smolvla_ray.waits import retry_transient
 
 logger = logging.getLogger(__name__)
 
@@ -288,15 +289,20 @@ def submit(
     client = _client(address)
     with tempfile.TemporaryDirectory(prefix="smolvla-ray-submit-") as workdir:
         (Path(workdir) / SPEC_FILE).write_text(text)
-        job_id = client.submit_job(
-            entrypoint=ENTRYPOINT,
-            submission_id=submission_id(spec.name),
-            runtime_env=_runtime_env(workdir, runtime_env, ship_package),
-            metadata={
-                MARKER_KEY: MARKER_VALUE,
-                "name": spec.name,
-                "spec_sha256": hashlib.sha256(text.encode()).hexdigest(),
-            },
+        job_id = retry_transient(
+            lambda: client.submit_job(
+                entrypoint=ENTRYPOINT,
+                submission_id=submission_id(spec.name),
+                runtime_env=_runtime_env(workdir, runtime_env, ship_package),
+                metadata={
+                    MARKER_KEY: MARKER_VALUE,
+                    "name": spec.name,
+                    "spec_sha256": hashlib.sha256(text.encode()).hexdigest(),
+                },
+            ),
+            # A cluster that has just started answers 500 until its job agent is up.
+            transient=lambda err: "No available agent" in str(err),
+            what="job submission",
         )
     if wait:
         final = wait_for(job_id, address)

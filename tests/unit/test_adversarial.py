@@ -10,9 +10,10 @@ not created (preflight fails before even the write probe) and that Ray was not s
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ class Env:
 
     tmp: Path
     demo: str
+    environ: dict = field(default_factory=dict)  # set while the command runs
 
     def dataset(self) -> Path:
         copy = self.tmp / "dataset"
@@ -292,6 +294,26 @@ CASES: dict[str, Case] = {
                                    ("metrics.jsonl does not exist",)),
     "report corrupt metrics line": Case(metrics_file(f"{RECORD}\nnot json\n{RECORD}\n"), 1,
                                         ("metrics.jsonl: line 2",)),
+    # --- bounded waits: a dead service fails fast, in one line ---
+    "run on a dead cluster address": Case(
+        lambda e: ["run", e.write(e.spec()), "--address", "127.0.0.1:9"], 2,
+        ("the Ray cluster at 127.0.0.1:9 does not answer",),
+    ),
+    "run with a dead MLflow": Case(
+        run_with(observe={"mlflow_tracking_uri": "http://127.0.0.1:9"}), 2,
+        ("MLflow at 127.0.0.1:9 does not answer",),
+    ),
+    "run with a dead storage endpoint": Case(
+        lambda e: ["run", e.write({**e.spec(checkpoint={"storage": "s3://b/runs"}),
+                                   "storage_options": {"endpoint_url": "http://127.0.0.1:9"}})],
+        2, ("storage endpoint", "127.0.0.1:9 does not answer"),
+    ),
+    "checkpoints on a dead storage endpoint": Case(
+        lambda e: [e.environ.update(SMOLVLA_STORAGE_OPTIONS='{"endpoint_url": '
+                                    '"http://127.0.0.1:9"}'),
+                   "checkpoints", "s3://b/runs/x"][1:],
+        1, ("storage endpoint", "does not answer"),
+    ),
     "submit address with a password": Case(
         lambda e: ["submit", e.write(e.spec()), "--address",
                    f"http://me:{SECRET}@127.0.0.1:9"], 1, ("127.0.0.1:9",),
@@ -304,14 +326,20 @@ def test_at_least_forty_cases() -> None:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_exits_with_a_clear_message(name: str, tmp_path: Path, demo_dataset) -> None:
+def test_bad_input_exits_with_a_clear_message(
+    name: str, tmp_path: Path, demo_dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import ray
 
     case = CASES[name]
     env = Env(tmp_path, demo_dataset)
+    monkeypatch.delenv("SMOLVLA_STORAGE_OPTIONS", raising=False)  # a case may set it
+    monkeypatch.setenv(
+        "SMOLVLA_RAY_STORAGE_RETRY_S", os.environ.get("SMOLVLA_RAY_STORAGE_RETRY_S", "120")
+    )
     args = case.make(env)
     before = sorted(p.name for p in tmp_path.iterdir())
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, args, env=env.environ)
     output = " ".join(result.output.split())  # the terminal wraps long messages
     assert result.exit_code == case.code, (result.exit_code, output, result.exception)
     assert isinstance(result.exception, SystemExit), result.exception  # no traceback
@@ -366,3 +394,36 @@ def test_secrets_in_urls_are_masked_in_the_public_spec(tmp_path: Path) -> None:
     )
     public = json.dumps(spec.public_dict())
     assert SECRET not in public and "http://***@minio:9000" in public
+
+
+def test_transient_answers_are_retried_within_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster that has just started answers "No available agent" until its job agent is
+    up: `submit` retries that, and only that, within SMOLVLA_RAY_CONNECT_TIMEOUT_S."""
+    import time
+
+    from smolvla_ray.waits import retry_transient
+
+    def transient(err: Exception) -> bool:
+        return "No available agent" in str(err)
+
+    answers = iter([RuntimeError("500: No available agent to submit job")] * 2 + ["job-1"])
+
+    def call() -> str:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert retry_transient(call, transient=transient, what="submit") == "job-1"
+    with pytest.raises(ValueError, match="bad spec"):  # not transient: at once
+        retry_transient(lambda: (_ for _ in ()).throw(ValueError("bad spec")),
+                        transient=transient, what="submit")  # fmt: skip
+    monkeypatch.setenv("SMOLVLA_RAY_CONNECT_TIMEOUT_S", "1.5")
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="No available agent"):
+
+        def never() -> str:
+            raise RuntimeError("No available agent")
+
+        retry_transient(never, transient=transient, what="submit")
+    assert time.monotonic() - start < 3

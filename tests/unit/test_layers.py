@@ -24,7 +24,9 @@ RANKS = {
     "observe": 6,
     "driver": 7,  # driver, jobs, cli
 }
-BASE = {"keys", "storage", "hub", "run_layout", "progress_line", "scratch", "__init__"}
+BASE = {
+    "keys", "storage", "hub", "run_layout", "progress_line", "scratch", "waits", "__init__"
+}  # fmt: skip
 TOP = {"driver", "jobs", "cli", "stop"}
 
 
