@@ -16,102 +16,39 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from smolvla_ray.checkpoint.discovery import list_checkpoints
 from tests.integration.conftest import tiny_spec_dict
-from tests.processes import kill_pids, marked_pids
+from tests.runproc import (
+    RunProcess,
+    assert_no_scratch_left,
+    private_ray_env,
+    saved_steps,
+    stopped_at,
+)
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 400, 5
-
-
-class RunProcess:
-    """`smolvla-ray run SPEC` in a session of its own (a terminal's process group)."""
-
-    def __init__(self, spec: Path, env: dict[str, str], log: Path) -> None:
-        self.log = log
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "smolvla_ray.cli", "run", str(spec), "--progress", "lines"],
-                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
-            )  # fmt: skip
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for_step(self, step: int, timeout_s: float = 240) -> None:
-        pattern = re.compile(r"step\s+(\d+)/")
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            seen = [int(m) for m in pattern.findall(self.output())]
-            if seen and max(seen) >= step:
-                return
-            assert self.proc.poll() is None, self.output()[-4000:]
-            time.sleep(0.2)
-        raise AssertionError(f"no step {step} in {timeout_s}s:\n{self.output()[-4000:]}")
-
-    def wait(self, timeout_s: float = 240) -> int:
-        try:
-            return self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            raise AssertionError(f"run did not end:\n{self.output()[-4000:]}") from None
 
 
 @pytest.fixture
 def setting(tmp_path: Path, demo_dataset: str):
     """A spec, an environment with its own TMPDIR and Ray temp dir, and cleanup of every
     process the test started."""
-    marker = f"SMOLVLA_RAY_ENDINGS_TEST={os.getpid()}-{time.monotonic_ns()}"
-    scratch = Path(tempfile.mkdtemp(prefix="sre-", dir="/tmp"))  # short: Ray's sockets
-    (scratch / "tmp").mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(
-        dict([marker.split("=")]),
-        TMPDIR=str(scratch / "tmp"),
-        RAY_TMPDIR=str(scratch),
-        RAY_DEDUP_LOGS="0",
-        PYTHONPATH=str(REPO),
-    )
-    storage = tmp_path / "runs"
-    spec = tiny_spec_dict(
-        demo_dataset, storage, "endings",
-        train={"steps": STEPS, "log_every": 1},
-        scaling={"num_workers": 2},
-        checkpoint={"every_steps": EVERY, "keep_last": 1000, "upload_mode": "async"},
-    )  # fmt: skip
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    yield path, env, storage / "endings", scratch / "tmp", tmp_path
-    kill_pids(marked_pids(marker))
-
-
-def saved_steps(run_dir: Path) -> tuple[list[int], list[int]]:
-    infos = list_checkpoints(str(run_dir), hashes=True)
-    return [i.step for i in infos if i.valid], [i.step for i in infos if not i.valid]
-
-
-def assert_no_scratch_left(tmpdir: Path) -> None:
-    """Nothing of ours under TMPDIR but the (empty) scratch root."""
-    root = tmpdir / f"smolvla-ray-{os.getuid()}"
-    left = [p for p in tmpdir.iterdir() if "smolvla" in p.name and p != root]
-    left += list(root.iterdir()) if root.exists() else []
-    assert not left, left
-
-
-def stopped_at(output: str) -> int:
-    match = re.search(r"stopped at step (\d+) of", output)
-    assert match, output[-4000:]
-    return int(match.group(1))
+    with private_ray_env() as (env, tmpdir):
+        spec = tiny_spec_dict(
+            demo_dataset, tmp_path / "runs", "endings",
+            train={"steps": STEPS, "log_every": 1},
+            scaling={"num_workers": 2},
+            checkpoint={"every_steps": EVERY, "keep_last": 1000, "upload_mode": "async"},
+        )  # fmt: skip
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        yield path, env, tmp_path / "runs" / "endings", tmpdir, tmp_path
 
 
 def test_ctrl_c_and_sigterm_keep_every_checkpoint_and_resume(setting) -> None:
