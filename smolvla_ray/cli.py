@@ -159,17 +159,17 @@ def run(
     except Exception as err:  # the job failed; its error says why
         _fail(f"job {job.name!r} failed: {err}", code=1)
     metrics = result.metrics or {}
+    checkpoint = driver.final_checkpoint(job, result)  # the newest valid, one that exists
     if mode == "json":  # scripts read stdout: the end is one more JSON object
         import json
 
-        checkpoint = result.checkpoint.path if result.checkpoint else None
         end = {"event": "finished", "job": job.name, "step": metrics.get("step")}
         typer.echo(json.dumps({**end, "loss": metrics.get("loss"), "checkpoint": checkpoint}))
         return
     typer.echo(
         f"job {job.name!r} finished at step {metrics.get('step')} with loss "
         f"{metrics.get('loss', float('nan')):.4f}; checkpoint: "
-        f"{result.checkpoint.path if result.checkpoint else 'none'}"
+        f"{checkpoint or 'none'}"
     )
 
 
