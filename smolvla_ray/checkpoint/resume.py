@@ -211,11 +211,13 @@ def check_resume_spec(spec: JobSpec, storage_options: Mapping[str, Any]) -> list
     the run's newest checkpoint whose files have their manifest's sizes (hashes are the
     trainer's). Raises ResumeRefused; returns the announcements (nothing to resume: [])."""
     run = run_uri(spec.checkpoint.storage, spec.name)
-    valid = [i for i in list_checkpoints(run, storage_options, hashes=False) if i.valid]
-    if not valid:
-        return []
-    newest = valid[-1].uri
-    pinned = hub.pin(spec)  # the run records hub revisions as the commits they named
-    return check_resume_changes(
-        recorded_spec(newest, storage_options), pinned, checkpoint_uri=newest
-    )
+    for info in reversed(list_checkpoints(run, storage_options, hashes=False)):
+        if not info.valid:
+            continue
+        try:
+            recorded = recorded_spec(info.uri, storage_options)
+        except (ValueError, KeyError, TypeError):  # altered in place: the trainer skips it
+            continue
+        pinned = hub.pin(spec)  # the run records hub revisions as the commits they named
+        return check_resume_changes(recorded, pinned, checkpoint_uri=info.uri)
+    return []
