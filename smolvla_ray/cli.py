@@ -155,10 +155,9 @@ def run(
         result = driver.run(job, address=address, check=False, progress=mode)  # type: ignore[arg-type]
     except RunStopped as stopped:
         metrics = stopped.result.metrics or {}
-        checkpoint = stopped.result.checkpoint
         typer.secho(
             f"job {job.name!r} stopped at step {metrics.get('step')} of {job.train.steps}; "
-            f"checkpoint: {checkpoint.path if checkpoint else 'none'}. Run the same command "
+            f"checkpoint: {_last_checkpoint(job, stopped.result)}. Run the same command "
             "to resume.",
             err=True,
             fg=typer.colors.YELLOW,
@@ -177,17 +176,17 @@ def run(
     finally:
         _end_ray()
     metrics = result.metrics or {}
+    checkpoint = driver.final_checkpoint(job, result)  # the newest valid, one that exists
     if mode == "json":  # scripts read stdout: the end is one more JSON object
         import json
 
-        checkpoint = result.checkpoint.path if result.checkpoint else None
         end = {"event": "finished", "job": job.name, "step": metrics.get("step")}
         typer.echo(json.dumps({**end, "loss": metrics.get("loss"), "checkpoint": checkpoint}))
         return
     typer.echo(
         f"job {job.name!r} finished at step {metrics.get('step')} with loss "
         f"{metrics.get('loss', float('nan')):.4f}; checkpoint: "
-        f"{result.checkpoint.path if result.checkpoint else 'none'}"
+        f"{checkpoint or 'none'}"
     )
 
 
@@ -215,19 +214,14 @@ def _is_local_ray() -> bool:
         return False
 
 
-def _last_checkpoint(job) -> str:
-    """The newest checkpoint of `job`'s run whose manifest verifies by size, or 'none'."""
-    from smolvla_ray.checkpoint.discovery import list_checkpoints
-    from smolvla_ray.run_layout import run_uri
-    from smolvla_ray.storage import absolute
+def _last_checkpoint(job, result=None) -> str:
+    """The newest checkpoint of `job`'s run that verifies by size, or 'none'."""
+    from smolvla_ray import driver
 
     try:
-        uri = run_uri(absolute(job.checkpoint.storage), job.name)
-        valid = [c for c in list_checkpoints(uri, job.storage_options_plain(), hashes=False)
-                 if c.valid]  # fmt: skip
+        return driver.final_checkpoint(job, result) or "none"
     except OSError as err:
         return f"unknown (storage: {err})"
-    return valid[-1].uri if valid else "none"
 
 
 def _storage_options() -> dict:

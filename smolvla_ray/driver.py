@@ -78,6 +78,7 @@ def preflight(spec: JobSpec) -> FeatureResolution:
     (cameras, rename map, widths), storage writable. Returns the feature resolution."""
     from smolvla_ray.build import episode_selection
     from smolvla_ray.checkpoint.discovery import inspect_checkpoint
+    from smolvla_ray.checkpoint.resume import check_resume_spec
     from smolvla_ray.data.meta import check_readable, load_meta, select_episodes
     from smolvla_ray.features import read_pretrained_config, resolve_spec
     from smolvla_ray.keys import ACTION, OBS_STATE
@@ -114,6 +115,8 @@ def preflight(spec: JobSpec) -> FeatureResolution:
     if tracking and tracking.startswith(("http://", "https://")):
         port = 443 if tracking.startswith("https") else 80
         reachable(tracking, default_port=port, what="observe.mlflow_tracking_uri: MLflow")
+    # A resume that changes what cannot change fails here, before Ray (docs/job-spec.md).
+    check_resume_spec(resolve_local_paths(spec), options)
     return resolution
 
 
@@ -125,6 +128,41 @@ def check_address(address: str | None) -> None:
         return
     port = 10001 if chosen.startswith("ray://") else 6379
     reachable(chosen, default_port=port, what="the Ray cluster")
+
+
+def repair_run_dir(spec: JobSpec) -> None:
+    """Before Ray Train starts: move its stale bookkeeping aside when it names checkpoints
+    that are missing or invalid (else Ray refuses to start, or its retention deletes the new
+    checkpoints), saying so in one line. See checkpoint/recovery.py."""
+    import sys
+
+    from smolvla_ray.checkpoint.recovery import recover_run_dir
+    from smolvla_ray.run_layout import run_uri
+
+    line = recover_run_dir(
+        run_uri(spec.checkpoint.storage, spec.name),
+        spec.storage_options_plain(),
+        fallback=spec.checkpoint.from_checkpoint,
+    )
+    if line is not None:
+        sys.stderr.write(f"[smolvla-ray] {line}\n")
+        sys.stderr.flush()
+
+
+def final_checkpoint(spec: JobSpec, result: Any) -> str | None:
+    """The checkpoint a finished run names: the run's newest valid one (what a resume or an
+    export would use), else the one Ray's `result` holds."""
+    from smolvla_ray.checkpoint.discovery import list_checkpoints
+    from smolvla_ray.run_layout import run_uri
+
+    spec = resolve_local_paths(spec)
+    run = run_uri(spec.checkpoint.storage, spec.name)
+    options = {**spec.storage_options_plain(), "use_listings_cache": False}
+    valid = [i for i in list_checkpoints(run, options, hashes=False) if i.valid]
+    if valid:
+        return valid[-1].uri
+    checkpoint = getattr(result, "checkpoint", None)
+    return checkpoint.path if checkpoint is not None else None
 
 
 def _check_writable(uri: str, options: Mapping[str, Any]) -> None:
@@ -198,6 +236,7 @@ def run(
     spec = resolve_local_paths(spec)
     if check:
         preflight(spec)
+    repair_run_dir(spec)  # Ray's stale checkpoint bookkeeping moved aside (recovery.py)
     spec = hub.pin(spec)  # workers, restarts and exports see the same commits
     if spec.observe.mlflow_tracking_uri and ray_address(address) == "local":
         import importlib.util

@@ -5,7 +5,10 @@
         checkpoint_000000100/         one checkpoint per saved step (`checkpoint_dir_name`)
         metrics.jsonl                 rank 0's metric records
         tensorboard/                  TensorBoard event files
-        (Ray Train's own run state)   Ray's bookkeeping, left alone
+        checkpoint_manager_snapshot.json
+                                      Ray Train's own bookkeeping (`RAY_RUN_STATE`): left
+                                      alone, except that a stale one is moved aside to
+                                      `<name>.stale-<time>` (checkpoint/recovery.py)
       feature-cache/<key>/            frozen vision features, shared by runs (`cache_root`)
 
 Everything that reads or writes a run directory takes its names from here, so `checkpoints`,
@@ -26,6 +29,10 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 FEATURE_CACHE_DIR = "feature-cache"
 WRITE_PROBE = ".smolvla-write-probe"
+# Ray Train V2's checkpoint bookkeeping in the run directory
+# (ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME; a test checks it).
+RAY_RUN_STATE = "checkpoint_manager_snapshot.json"
+STALE_SUFFIX = ".stale-"
 # Files in the run directory that are neither checkpoints nor metrics; listings skip them.
 CONTROL_FILES: tuple[str, ...] = (WRITE_PROBE,)
 

@@ -4,13 +4,16 @@ the written directory to its reporter, which uploads it.
 
 Resume discovery is the run directory's newest checkpoint whose manifest verifies, else
 `checkpoint.from_checkpoint`; a checkpoint trained on another base (commit or frozen
-fingerprint) is refused, since its trained tensors mean nothing on another backbone.
+fingerprint) is refused, since its trained tensors mean nothing on another backbone. Spec
+changes since the checkpoint follow one table (`checkpoint/resume.py`): refused on a resume
+of the run's own checkpoint, otherwise applied (the optimizer's hyperparameters are set on
+the restored optimizer) and announced.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ import torch
 from smolvla_ray.checkpoint.base import base_identity, check_resume_base
 from smolvla_ray.checkpoint.discovery import fetch_checkpoint, latest_valid_checkpoint
 from smolvla_ray.checkpoint.format import LoadedCheckpoint, load_optimizer_state, read_checkpoint
+from smolvla_ray.checkpoint.resume import check_resume_changes, spec_changes
 from smolvla_ray.checkpoint.writer import CheckpointWriter
 from smolvla_ray.policy.modeling import SmolVLAPolicy
 from smolvla_ray.run_layout import run_uri
@@ -46,6 +50,8 @@ class Restored:
     state: TrainState
     cursor: dict[str, Any] | None
     source: str | None = None
+    changes: list[str] = field(default_factory=list)
+    """One line per spec change applied on this resume (rank 0 announces them)."""
 
 
 class Checkpointer:
@@ -82,7 +88,18 @@ class Checkpointer:
             loaded = read_checkpoint(fetch_checkpoint(uri, Path(tmp), self.storage_options))
         current = base_identity(self.spec, self.base_fingerprint)
         check_resume_base(loaded.state.base, current, checkpoint_uri=uri)
-        return _restore(loaded, ddp, optimizer, scheduler, rank=rank, source=uri)
+        if uri == self.spec.checkpoint.from_checkpoint:  # a new run: only announce
+            changes = [
+                f"resume: {c.describe()}"
+                for c in spec_changes(loaded.state.spec, self.spec)
+                if c.applied
+            ]
+        else:  # the run's own checkpoint (the driver checked it too, before Ray started)
+            changes = check_resume_changes(loaded.state.spec, self.spec, checkpoint_uri=uri)
+        restored = _restore(loaded, ddp, optimizer, scheduler, rank=rank, source=uri)
+        apply_optimizer_settings(self.spec, optimizer, scheduler)
+        restored.changes = changes
+        return restored
 
     def should_save(self, step: int, *, interrupt: bool = False) -> bool:
         """At `checkpoint.every_steps`, at the last step, and when an interrupt asks."""
@@ -143,3 +160,22 @@ def _restore(
         resumed_from_step=state.step,
     )
     return Restored(train_state, cursor, source)
+
+
+def apply_optimizer_settings(spec: JobSpec, optimizer, scheduler) -> None:
+    """Set this spec's optimizer hyperparameters on a restored optimizer, whose param groups
+    came from the checkpoint, and continue the schedule at the current step with this
+    spec's peak lr. Unchanged values give the very same lr (resume stays exact)."""
+    opt = spec.train.optimizer
+    for group in optimizer.param_groups:
+        group.update(
+            betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay, initial_lr=opt.lr
+        )
+    scheduler.base_lrs = [opt.lr] * len(optimizer.param_groups)
+    step = scheduler.last_epoch
+    lrs = [
+        base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+    ]
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() answers

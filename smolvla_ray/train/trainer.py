@@ -116,6 +116,8 @@ def train(
         state, cursor = restored.state, restored.cursor
         if rank == 0:
             say(f"resuming at step {state.step} from {source}")
+            for line in restored.changes:  # spec changes since the checkpoint, applied
+                say(line)
 
     loader = build_loader(
         spec, w.meta, w.policy, rank=rank, world_size=context.world_size, cursor=cursor,

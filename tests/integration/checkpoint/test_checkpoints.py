@@ -1,11 +1,13 @@
 """Checkpoints on local disk and a real S3 server: manifests, exact resume, skipping broken
 checkpoints, what a checkpoint holds, export to a LeRobot pretrained_model/ (the trainer
 in-process, tests/inprocess.py); and, through Ray Train, its retention (keep_last), the
-run's Result and resuming from what Ray stored."""
+run's Result, resuming from what Ray stored, and going on after every checkpoint of a run
+was corrupted or deleted."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from smolvla_ray import driver
 from smolvla_ray.checkpoint.discovery import fetch_checkpoint, list_checkpoints
 from smolvla_ray.checkpoint.export import export_checkpoint, policy_from_checkpoint
 from smolvla_ray.policy import SmolVLAPolicy
-from smolvla_ray.run_layout import run_uri
+from smolvla_ray.run_layout import RAY_RUN_STATE, run_uri
 from smolvla_ray.spec import spec_from_dict
 from smolvla_ray.train.metrics import read_metrics
 from tests.inprocess import train_in_process
@@ -178,3 +180,54 @@ def test_ray_keeps_the_last_checkpoints_returns_the_final_one_and_resumes_from_t
     # A new listing (s3fs caches the one above).
     infos = list_checkpoints(run_uri(storage, "kept"), {**options, "use_listings_cache": False})
     assert [i.step for i in infos] == [6, 8] and all(i.valid for i in infos)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
+def test_ray_runs_go_on_after_every_checkpoint_is_corrupt_or_deleted(
+    tmp_path: Path, demo_dataset: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Ray Train remembers the run's checkpoints (RAY_RUN_STATE) and refuses to start when
+    one is gone; its retention would delete new checkpoints written under old names. The
+    driver moves that state aside, says so, and the run starts afresh and resumes later."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    assert CHECKPOINT_MANAGER_SNAPSHOT_FILENAME == RAY_RUN_STATE
+    storage = str(tmp_path / "runs")
+    run = Path(run_uri(storage, "bad"))
+    extra = {"checkpoint": {"storage": storage, "every_steps": 2, "keep_last": 2}}
+
+    def go(steps: int):
+        spec = spec_for(demo_dataset, storage, "bad", steps, **extra)
+        result = driver.run(spec)
+        final = driver.final_checkpoint(spec, result)
+        infos = list_checkpoints(str(run))
+        assert final == infos[-1].uri and infos[-1].valid and infos[-1].step == steps
+        return result, infos
+
+    go(4)
+    for info in list_checkpoints(str(run)):  # every checkpoint corrupt
+        target = Path(info.uri) / "trainable.safetensors"
+        target.write_bytes(target.read_bytes()[:-10])
+    capfd.readouterr()
+    result, infos = go(6)
+    err = capfd.readouterr().err
+    assert f"no checkpoint of {run} verifies (checkpoint_000000002: trainable.safetensors" in err
+    assert "starting from step 0; Ray Train's stale run state moved to" in err
+    assert result.metrics["resumed_from_step"] == 0
+    assert [i.step for i in infos] == [4, 6] and all(i.valid for i in infos)
+    assert len(list(run.glob(f"{RAY_RUN_STATE}.stale-*"))) == 1
+
+    result, infos = go(8)  # Ray's new state and our checkpoints agree: a plain resume
+    assert result.metrics["resumed_from_step"] == 6
+    assert [i.step for i in infos] == [6, 8]
+
+    for info in infos:  # deleted by hand
+        shutil.rmtree(info.uri)
+    capfd.readouterr()
+    result, infos = go(10)
+    assert (
+        "(checkpoint_000000006: missing, checkpoint_000000008: missing)" in capfd.readouterr().err
+    )
+    assert result.metrics["resumed_from_step"] == 0
+    assert [i.step for i in infos] == [8, 10]
