@@ -157,14 +157,20 @@ def run(
     address: str | None = None,
     check: bool = True,
     progress: ProgressMode | Progress | None = None,
+    force: bool = False,
 ):  # -> ray Result
     """Train `spec` and block until it ends; a private local Ray unless `address` (or
     $RAY_ADDRESS) names a cluster, see `ray_address`.
 
     `progress` shows live progress (a mode: bar, lines, json, quiet; or a `Progress`) from
-    the run's metrics.jsonl, polled in a background thread; None shows none."""
+    the run's metrics.jsonl, polled in a background thread; None shows none.
+
+    One writer per run: the run directory's lease is taken before Ray starts and held
+    (renewed in a thread) until the run ends; LeaseHeldError if another run holds it.
+    `force` takes over a lease whose holder died (an expired one), never a live one."""
     import ray
 
+    from smolvla_ray import lease as run_lease
     from smolvla_ray.observe.progress import MetricsWatcher, Progress
     from smolvla_ray.run_layout import run_uri
 
@@ -180,23 +186,26 @@ def run(
                 f"observe.mlflow_tracking_uri={spec.observe.mlflow_tracking_uri!r} needs MLflow: "
                 "pip install 'mlflow-skinny>=2.10', or set observe.mlflow_tracking_uri: null"
             )
+    run_dir = run_uri(spec.checkpoint.storage, spec.name)
+    held = run_lease.acquire(run_dir, spec.storage_options_plain(), force=force)
     display = progress
     if isinstance(progress, str):
         display = None if progress == "quiet" else Progress(progress, spec.train.steps)
-    if not ray.is_initialized():
-        # JSON mode is for scripts: keep workers' output off stdout (it stays in Ray's logs).
-        to_driver = not (isinstance(display, Progress) and display.mode == "json")
-        ray.init(address=ray_address(address), include_dashboard=False, log_to_driver=to_driver)
-    from smolvla_ray.cache.build import ensure_feature_cache
+    with held:  # renewed across Ray Train's worker-group restarts; released however it ends
+        if not ray.is_initialized():
+            # JSON mode is for scripts: keep workers' output off stdout (it stays in Ray's logs).
+            to_driver = not (isinstance(display, Progress) and display.mode == "json")
+            ray.init(address=ray_address(address), include_dashboard=False, log_to_driver=to_driver)
+        from smolvla_ray.cache.build import ensure_feature_cache
 
-    feature_cache = ensure_feature_cache(spec, spec.storage_options_plain())
-    trainer = build_trainer(spec, feature_cache=feature_cache)
-    if not isinstance(display, Progress):
-        with resource_wait(spec):
+        feature_cache = ensure_feature_cache(spec, spec.storage_options_plain())
+        trainer = build_trainer(spec, feature_cache=feature_cache)
+        if not isinstance(display, Progress):
+            with resource_wait(spec):
+                return trainer.fit()
+        uri = run_uri(spec.checkpoint.storage, spec.name)
+        with MetricsWatcher(uri, spec.storage_options_plain(), display), resource_wait(spec):
             return trainer.fit()
-    uri = run_uri(spec.checkpoint.storage, spec.name)
-    with MetricsWatcher(uri, spec.storage_options_plain(), display), resource_wait(spec):
-        return trainer.fit()
 
 
 def ray_address(address: str | None) -> str:

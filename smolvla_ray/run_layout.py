@@ -4,6 +4,7 @@
       <job name>/                     the run directory (`run_uri`)
         checkpoint_000000100/         one checkpoint per saved step (`checkpoint_dir_name`)
         metrics.jsonl                 rank 0's metric records
+        .smolvla-lease.json           the one-writer lease of the run writing here (`LEASE_FILE`)
         tensorboard/                  TensorBoard event files
         (Ray Train's own run state)   Ray's bookkeeping, left alone
       feature-cache/<key>/            frozen vision features, shared by runs (`cache_root`)
@@ -26,8 +27,10 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 FEATURE_CACHE_DIR = "feature-cache"
 WRITE_PROBE = ".smolvla-write-probe"
+# Who is writing this run directory, until when (`lease.py`); one writer per run.
+LEASE_FILE = ".smolvla-lease.json"
 # Files in the run directory that are neither checkpoints nor metrics; listings skip them.
-CONTROL_FILES: tuple[str, ...] = (WRITE_PROBE,)
+CONTROL_FILES: tuple[str, ...] = (WRITE_PROBE, LEASE_FILE)
 
 
 def run_uri(storage: str, name: str) -> str:
