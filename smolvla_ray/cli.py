@@ -71,6 +71,14 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a spec field: --set train.steps=100 (repeatable)."),
 ]
+ForceOption = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Take over the run directory from a run that died without releasing it (its "
+        "lease expired); a live run's lease is never taken.",
+    ),
+]
 
 
 def _load(spec_path: str, overrides: list[str] | None):  # -> JobSpec
@@ -132,6 +140,7 @@ def run(
             "default: bar on a terminal, else lines.",
         ),
     ] = None,
+    force: ForceOption = False,
 ) -> None:
     """Run a finetune and block until it ends (Ctrl-C stops it cleanly)."""
     from smolvla_ray.observe.progress import PROGRESS_MODES, default_mode
@@ -149,10 +158,13 @@ def run(
         _fail(str(err))
     if mode != "json":
         typer.echo(f"features (dataset -> policy):\n{resolution.table()}", err=True)
+    from smolvla_ray.lease import LeaseHeldError
     from smolvla_ray.stop import RunStopped
 
     try:
-        result = driver.run(job, address=address, check=False, progress=mode)  # type: ignore[arg-type]
+        result = driver.run(job, address=address, check=False, progress=mode, force=force)  # type: ignore[arg-type]
+    except LeaseHeldError as err:  # another run writes this run directory: nothing started
+        _fail(str(err))
     except RunStopped as stopped:
         metrics = stopped.result.metrics or {}
         typer.secho(
@@ -352,12 +364,19 @@ def submit(
         bool, typer.Option(help="Ship this smolvla_ray package with the job (py_modules).")
     ] = True,
     wait: Annotated[bool, typer.Option(help="Block until the job ends.")] = False,
+    force: ForceOption = False,
 ) -> None:
     """Validate a spec here, then submit it to a Ray cluster's Jobs API; prints the job id."""
     from smolvla_ray import jobs
 
     job_id = _jobs_call(
-        jobs.submit, spec, address, overrides=set_ or (), ship_package=ship_package, wait=wait
+        jobs.submit,
+        spec,
+        address,
+        overrides=set_ or (),
+        ship_package=ship_package,
+        wait=wait,
+        force=force,
     )
     typer.echo(job_id)
 

@@ -222,55 +222,67 @@ def run(
     address: str | None = None,
     check: bool = True,
     progress: ProgressMode | Progress | None = None,
+    force: bool = False,
 ):  # -> ray Result
     """Train `spec` and block until it ends; a private local Ray unless `address` (or
     $RAY_ADDRESS) names a cluster, see `ray_address`.
 
     `progress` shows live progress (a mode: bar, lines, json, quiet; or a `Progress`) from
-    the run's metrics.jsonl, polled in a background thread; None shows none."""
+    the run's metrics.jsonl, polled in a background thread; None shows none.
+
+    One writer per run: the run directory's lease is taken before Ray starts and held
+    (renewed in a thread) until the run ends; LeaseHeldError if another run holds it.
+    `force` takes over a lease whose holder died (an expired one), never a live one."""
     import ray
 
+    from smolvla_ray import lease as run_lease
     from smolvla_ray.observe.progress import MetricsWatcher, Progress
     from smolvla_ray.run_layout import run_uri
 
     spec = resolve_local_paths(spec)
     if check:
         preflight(spec)
-    repair_run_dir(spec)  # Ray's stale checkpoint bookkeeping moved aside (recovery.py)
-    spec = hub.pin(spec)  # workers, restarts and exports see the same commits
-    if spec.observe.mlflow_tracking_uri and ray_address(address) == "local":
-        import importlib.util
+    run_dir = run_uri(spec.checkpoint.storage, spec.name)
+    held = run_lease.acquire(run_dir, spec.storage_options_plain(), force=force)
+    with held:  # renewed across Ray Train's worker-group restarts; released however it ends
+        repair_run_dir(spec)  # Ray's stale checkpoint bookkeeping moved aside (recovery.py)
+        spec = hub.pin(spec)  # workers, restarts and exports see the same commits
+        if spec.observe.mlflow_tracking_uri and ray_address(address) == "local":
+            import importlib.util
 
-        if importlib.util.find_spec("mlflow") is None:  # local workers share this environment
-            raise ValueError(
-                f"observe.mlflow_tracking_uri={spec.observe.mlflow_tracking_uri!r} needs MLflow: "
-                "pip install 'mlflow-skinny>=2.10', or set observe.mlflow_tracking_uri: null"
-            )
-    display = progress
-    if isinstance(progress, str):
-        display = None if progress == "quiet" else Progress(progress, spec.train.steps)
-    if not ray.is_initialized():
-        # JSON mode is for scripts: keep workers' output off stdout (it stays in Ray's logs).
-        to_driver = not (isinstance(display, Progress) and display.mode == "json")
-        with signals_ignored():  # a local Ray's processes leave Ctrl-C to this driver
-            ray.init(address=ray_address(address), include_dashboard=False, log_to_driver=to_driver)
-    from smolvla_ray.cache.build import ensure_feature_cache
+            if importlib.util.find_spec("mlflow") is None:  # local workers: this environment
+                raise ValueError(
+                    f"observe.mlflow_tracking_uri={spec.observe.mlflow_tracking_uri!r} needs "
+                    "MLflow: pip install 'mlflow-skinny>=2.10', or set "
+                    "observe.mlflow_tracking_uri: null"
+                )
+        display = progress
+        if isinstance(progress, str):
+            display = None if progress == "quiet" else Progress(progress, spec.train.steps)
+        if not ray.is_initialized():
+            # JSON mode is for scripts: keep workers' output off stdout (it stays in Ray's logs).
+            to_driver = not (isinstance(display, Progress) and display.mode == "json")
+            with signals_ignored():  # a local Ray's processes leave Ctrl-C to this driver
+                ray.init(
+                    address=ray_address(address), include_dashboard=False, log_to_driver=to_driver
+                )
+        from smolvla_ray.cache.build import ensure_feature_cache
 
-    stop_key = f"{spec.name}/{uuid.uuid4().hex}"
-    with abort_on_signals():
-        feature_cache = ensure_feature_cache(spec, spec.storage_options_plain())
-        trainer = build_trainer(spec, feature_cache=feature_cache, stop_key=stop_key)
-    uri = run_uri(spec.checkpoint.storage, spec.name)
-    watcher = (
-        MetricsWatcher(uri, spec.storage_options_plain(), display)
-        if isinstance(display, Progress)
-        else contextlib.nullcontext()
-    )
-    with watcher, resource_wait(spec), graceful_stop(stop_key) as stopping:
-        result = call_off_main_thread(trainer.fit)
-    if stopping.signum is not None and (result.metrics or {}).get("step") != spec.train.steps:
-        raise RunStopped(result, stopping.signum)
-    return result
+        stop_key = f"{spec.name}/{uuid.uuid4().hex}"
+        with abort_on_signals():
+            feature_cache = ensure_feature_cache(spec, spec.storage_options_plain())
+            trainer = build_trainer(spec, feature_cache=feature_cache, stop_key=stop_key)
+        uri = run_uri(spec.checkpoint.storage, spec.name)
+        watcher = (
+            MetricsWatcher(uri, spec.storage_options_plain(), display)
+            if isinstance(display, Progress)
+            else contextlib.nullcontext()
+        )
+        with watcher, resource_wait(spec), graceful_stop(stop_key) as stopping:
+            result = call_off_main_thread(trainer.fit)
+        if stopping.signum is not None and (result.metrics or {}).get("step") != spec.train.steps:
+            raise RunStopped(result, stopping.signum)
+        return result
 
 
 def ray_address(address: str | None) -> str:

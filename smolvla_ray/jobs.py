@@ -5,6 +5,8 @@ checkpoint, storage), so bad input never reaches the cluster (docs/design.md, in
 The job it submits is `python -m smolvla_ray.cli run spec.yaml` in a working_dir holding the
 resolved spec (overrides applied, secrets dropped) and, with `ship_package`, this very
 `smolvla_ray` package in `py_modules`, so the cluster runs the code that was validated here.
+A run directory another run holds (its lease, `lease.py`) is refused before submitting;
+`--force` (an expired lease only) is passed on to the job's `run`, which takes it over.
 
 Secrets never travel with a submission: the uploaded spec is `spec.public_dict()` and the
 metadata holds the job name and the spec's hash only. The job on the cluster reads
@@ -257,6 +259,12 @@ def _secret_keys(options: Mapping[str, Any], prefix: str = "") -> list[str]:
     return sorted(names)
 
 
+def entrypoint(*, force: bool = False) -> str:
+    """The job's command: `run` the uploaded spec; with `force`, taking over the run
+    directory's expired lease (checked by `submit` before it submits)."""
+    return f"{ENTRYPOINT} --force" if force else ENTRYPOINT
+
+
 def submit(
     spec_path: str,
     address: str | None,
@@ -265,6 +273,7 @@ def submit(
     ship_package: bool = True,
     runtime_env: dict[str, Any] | None = None,
     wait: bool = False,
+    force: bool = False,
 ) -> str:
     """Validate `spec_path` here, submit it to the cluster's Jobs API and return the job id.
 
@@ -273,11 +282,18 @@ def submit(
     reached or refuses the token. With `wait`, blocks until the job ends and raises
     JobFailedError unless it SUCCEEDED. `runtime_env` is merged in (its working_dir is
     ours); do not put credentials in its env_vars: Ray shows them in the job's details.
+
+    A run directory another run holds (its lease, see `lease.py`) is refused here with
+    LeaseHeldError (a ValueError); `force` lets through an expired lease and is passed to
+    the job's own `run`, which takes the lease over.
     """
-    from smolvla_ray import driver
+    from smolvla_ray import driver, lease
+    from smolvla_ray.run_layout import run_uri
 
     spec = load_spec(spec_path, overrides)
     driver.preflight(spec)
+    run_dir = run_uri(storage.absolute(spec.checkpoint.storage), spec.name)
+    lease.check(run_dir, spec.storage_options_plain(), force=force)  # read-only
     dropped = _secret_keys(spec.storage_options)
     if dropped:
         logger.warning(
@@ -291,7 +307,7 @@ def submit(
         (Path(workdir) / SPEC_FILE).write_text(text)
         job_id = retry_transient(
             lambda: client.submit_job(
-                entrypoint=ENTRYPOINT,
+                entrypoint=entrypoint(force=force),
                 submission_id=submission_id(spec.name),
                 runtime_env=_runtime_env(workdir, runtime_env, ship_package),
                 metadata={

@@ -4,6 +4,7 @@
       <job name>/                     the run directory (`run_uri`)
         checkpoint_000000100/         one checkpoint per saved step (`checkpoint_dir_name`)
         metrics.jsonl                 rank 0's metric records
+        .smolvla-lease.json           the one-writer lease of the run writing here (`LEASE_FILE`)
         tensorboard/                  TensorBoard event files
         checkpoint_manager_snapshot.json
                                       Ray Train's own bookkeeping (`RAY_RUN_STATE`): left
@@ -33,8 +34,10 @@ WRITE_PROBE = ".smolvla-write-probe"
 # (ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME; a test checks it).
 RAY_RUN_STATE = "checkpoint_manager_snapshot.json"
 STALE_SUFFIX = ".stale-"
+# Who is writing this run directory, until when (`lease.py`); one writer per run.
+LEASE_FILE = ".smolvla-lease.json"
 # Files in the run directory that are neither checkpoints nor metrics; listings skip them.
-CONTROL_FILES: tuple[str, ...] = (WRITE_PROBE,)
+CONTROL_FILES: tuple[str, ...] = (WRITE_PROBE, LEASE_FILE)
 
 
 def run_uri(storage: str, name: str) -> str:

@@ -15,11 +15,11 @@ COMMANDS = {
     "demo-dataset": {"out", "format", "episodes", "cameras", "codec", "fps"},
     "validate": {"spec", "set_"},
     "schema": set(),
-    "run": {"spec", "set_", "address", "progress"},
+    "run": {"spec", "set_", "address", "progress", "force"},
     "checkpoints": {"uri", "verify"},
     "report": None,  # options owned by the report command's docs
     "export": {"checkpoint", "out"},
-    "submit": {"spec", "address", "set_", "ship_package", "wait"},
+    "submit": {"spec", "address", "set_", "ship_package", "wait", "force"},
     "status": {"job_id", "address"},
     "logs": {"job_id", "address", "follow", "progress"},
     "stop": {"job_id", "address"},

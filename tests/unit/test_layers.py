@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "smolvla_ray"
 
 # component -> rank; a module may import its own component or any of lower rank.
 RANKS = {
-    "base": 0,  # keys, storage, hub, run_layout, progress_line: no project imports above
+    "base": 0,  # keys, storage, hub, run_layout, lease, progress_line: nothing above
     "policy": 1,
     "data": 1,
     "spec": 2,  # the job spec: pydantic, torch-free; above the model and the data
@@ -25,7 +25,8 @@ RANKS = {
     "driver": 7,  # driver, jobs, cli
 }
 BASE = {
-    "keys", "storage", "hub", "run_layout", "progress_line", "scratch", "waits", "__init__"
+    "keys", "storage", "hub", "run_layout", "lease", "progress_line", "scratch", "waits",
+    "__init__",
 }  # fmt: skip
 TOP = {"driver", "jobs", "cli", "stop"}
 
