@@ -269,10 +269,31 @@ class Lease:
 # -- the decision --------------------------------------------------------------------------
 
 
+def gone(holder: Holder) -> bool:
+    """Whether the holder is a process of this host that no longer runs: then its lease is
+    over for certain, clocks and expiry aside (a `run` killed with SIGKILL, then run again)."""
+    if holder.host != socket.gethostname() or holder.pid == os.getpid():
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def _judge(holder: Holder, run_uri: str, *, force: bool, now: float, skew_s: float) -> None:
-    """Raise LeaseHeldError unless `holder`'s lease expired and `force` takes it over."""
+    """Raise LeaseHeldError unless `holder`'s lease expired and `force` takes it over, or
+    its holder was a process of this host that has ended."""
     until = holder.expires_at + skew_s
     who = holder.describe(now)
+    if gone(holder):
+        sys.stderr.write(
+            f"[smolvla-ray] taking over the lease of {run_uri} from {who}: that process no "
+            "longer runs on this host\n"
+        )
+        return
     if not expired(holder, now, skew_s):
         refusal = (
             "--force takes over only an expired lease, and this one is live. " if force else ""

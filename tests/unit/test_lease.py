@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import os
 import socket
 import time
 from pathlib import Path
@@ -312,3 +313,26 @@ def test_submit_checks_the_lease_before_contacting_the_cluster(
     assert forced.exit_code == 1 and "cannot reach a Ray dashboard" in forced.output  # past it
     assert jobs.entrypoint(force=True) == f"{jobs.ENTRYPOINT} --force"
     assert jobs.entrypoint() == jobs.ENTRYPOINT
+
+
+def test_a_holder_that_ended_on_this_host_is_taken_over_without_force(tmp_path: Path) -> None:
+    """A `run` killed with SIGKILL leaves its lease; run again on the same host, the same
+    command goes on at once: the holder's pid no longer runs here, so nothing can be lost."""
+    import subprocess
+    import sys
+
+    from smolvla_ray import lease
+
+    run = str(tmp_path / "run")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    holder = lease.new_holder(60.0)
+    holder = type(holder)(**{**holder.__dict__, "pid": int(dead.stdout), "token": "x" * 32})
+    lease.acquire(run, holder=holder)  # a live-looking lease of a process that has ended
+    taken = lease.acquire(run)  # no force, not expired
+    assert taken.holder.pid == os.getpid()
+    other = type(holder)(**{**holder.__dict__, "host": "elsewhere", "token": "y" * 32})
+    taken.release()
+    lease.acquire(run, holder=other)
+    with pytest.raises(lease.LeaseHeldError, match="elsewhere"):  # another host: live lease
+        lease.acquire(run)
