@@ -27,9 +27,12 @@ from tests.processes import free_port
 # scripts/test.sh) do not end with one of them alone on a long file.
 LONGEST_FIRST = (
     "tests/integration/faults/",
+    "tests/integration/test_soak.py",
     "tests/integration/jobs/",
+    "tests/integration/test_endings.py",
     "tests/integration/test_ray_attach.py",
     "tests/integration/train/test_hub_ids.py",
+    "tests/integration/test_one_writer.py",
 )
 
 

@@ -281,6 +281,10 @@ CASES: dict[str, Case] = {
     "checkpoints manifest omits files": Case(checkpoints_of(GOOD_MANIFEST), 1,
                                              ("INVALID", "does not list")),
     "export onto a file": Case(onto_file("export"), 2, ("is a file",)),
+    "export a checkpoint whose manifest lists nothing": Case(
+        lambda e: ["export", str(e.fake_checkpoint(GOOD_MANIFEST)), str(e.tmp / "out")], 1,
+        ("does not list", "trainable.safetensors"),
+    ),
     "export into a checkpoint": Case(
         lambda e: ["export", str(e.fake_checkpoint(None)),
                    str(e.tmp / "runs/old/checkpoint_000000004/pretrained_model")],

@@ -147,7 +147,7 @@ def demo_overrides(dataset: str, storage: str, *extra: str) -> list[str]:
     """tiny-demo.yaml made small: 1 worker, 4 steps, the test's dataset and storage.
 
     Timeouts below are generous: this 2-core machine is shared with other test runs."""
-    return [
+    items = [
         f"data.uri={dataset}",
         "data.num_loader_workers=0",
         f"checkpoint.storage={storage}",
@@ -157,6 +157,8 @@ def demo_overrides(dataset: str, storage: str, *extra: str) -> list[str]:
         "train.log_every=2",
         *extra,
     ]
+    # `--set` of one field twice is refused: an extra replaces the default it overrides.
+    return list({item.split("=", 1)[0]: item for item in items}.values())
 
 
 @pytest.mark.slow

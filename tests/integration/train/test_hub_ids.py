@@ -117,4 +117,5 @@ def test_two_workers_and_a_restart_fetch_the_base_once_per_node(
     assert state["base"]["uri"] == "me/tiny"
     assert state["base"]["commit"] == state["base"]["revision"] == MAIN  # pinned by the run
     assert out["refused"] is not None
-    assert f"commit {MAIN}" in out["refused"] and f"commit {V2}" in out["refused"]
+    assert "policy.revision" in out["refused"]  # the resume-change table refuses it
+    assert MAIN in out["refused"] and V2 in out["refused"]  # naming both commits
