@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +43,7 @@ def private_ray_env() -> Iterator[tuple[dict[str, str], Path]]:
         yield env, scratch / "tmp"
     finally:
         kill_pids(marked_pids(marker))
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def run_pids(env: dict[str, str]) -> set[int]:
