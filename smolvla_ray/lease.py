@@ -45,6 +45,7 @@ from typing import Any
 
 from smolvla_ray.run_layout import LEASE_FILE
 from smolvla_ray.storage import filesystem, is_local, join, mask_userinfo
+from smolvla_ray.waits import seconds_from_env
 
 TTL_ENV = "SMOLVLA_RAY_LEASE_TTL_S"
 SKEW_ENV = "SMOLVLA_RAY_LEASE_SKEW_S"
@@ -147,7 +148,7 @@ def check(
 ) -> Holder | None:
     """Read-only `acquire`: raise LeaseHeldError where `acquire` would, else return the
     expired holder `force` would take over (None when the directory is free)."""
-    skew = _seconds(SKEW_ENV, DEFAULT_SKEW_S) if skew_s is None else skew_s
+    skew = seconds_from_env(SKEW_ENV, DEFAULT_SKEW_S) if skew_s is None else skew_s
     current, _ = _backend(run_uri, storage_options).read()
     if current is not None:
         _judge(current, run_uri, force=force, now=clock(), skew_s=skew)
@@ -168,8 +169,8 @@ def acquire(
     """Take the lease of `run_uri` for this process (`holder`: who we are; passing a lease's
     own holder again re-acquires it). Raises LeaseHeldError when another run holds it, or
     held it and it expired but `force` is not set."""
-    ttl = _seconds(TTL_ENV, DEFAULT_TTL_S) if ttl_s is None else ttl_s
-    skew = _seconds(SKEW_ENV, DEFAULT_SKEW_S) if skew_s is None else skew_s
+    ttl = seconds_from_env(TTL_ENV, DEFAULT_TTL_S) if ttl_s is None else ttl_s
+    skew = seconds_from_env(SKEW_ENV, DEFAULT_SKEW_S) if skew_s is None else skew_s
     backend = _backend(run_uri, storage_options, settle_s=settle_s)
     me = holder or new_holder(ttl, clock)
     backend.makedirs()
@@ -466,19 +467,6 @@ def _backend(
 
 
 # -- small helpers -------------------------------------------------------------------------
-
-
-def _seconds(env: str, default: float) -> float:
-    raw = os.environ.get(env, "")
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ValueError(f"{env}={raw!r} is not a positive number of seconds; e.g. {default:g}")
-    return value
 
 
 _SECRET_SET = re.compile(r"(storage_options[^=\s'\"]*=)[^\s'\"]*")

@@ -22,17 +22,22 @@ CONNECT_TIMEOUT_ENV = "SMOLVLA_RAY_CONNECT_TIMEOUT_S"
 DEFAULT_CONNECT_TIMEOUT_S = 30.0
 
 
-def connect_timeout_s() -> float:
-    raw = os.environ.get(CONNECT_TIMEOUT_ENV, "")
+def seconds_from_env(env: str, default: float) -> float:
+    """A positive number of seconds from environment variable `env`, else `default`."""
+    raw = os.environ.get(env, "")
     if not raw:
-        return DEFAULT_CONNECT_TIMEOUT_S
+        return default
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"{CONNECT_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise ValueError(f"{CONNECT_TIMEOUT_ENV}={raw!r} must be positive, e.g. 30")
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{env}={raw!r} is not a positive number of seconds; e.g. {default:g}")
     return value
+
+
+def connect_timeout_s() -> float:
+    return seconds_from_env(CONNECT_TIMEOUT_ENV, DEFAULT_CONNECT_TIMEOUT_S)
 
 
 def host_port(address: str, default_port: int) -> tuple[str, int] | None:
