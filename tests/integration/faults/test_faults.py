@@ -154,7 +154,11 @@ def test_short_storage_outage_is_ridden_out_and_storage_gone_for_good_fails_clea
     assert run.wait(300) != 0
     output = run.output()
     assert storage_gate.triggered.is_set(), output[-4000:]
-    assert "storage unavailable: upload of" in output and "manifest.json" in output, output[-4000:]
+    # Our upload names the file it gave up on; on a loaded machine Ray Train's controller can
+    # fail first, on its own run state, and Ray's message names that file's URL instead.
+    ours = "storage unavailable: upload of" in output and "manifest.json" in output
+    rays = "Could not connect to the endpoint URL" in output and "/runs/outage/" in output
+    assert ours or rays, output[-4000:]
     storage_gate.up()
     # Step 2 rode out its outage and verifies; training went on. Every data file of step 4
     # landed, its manifest did not: listed, never as valid.
