@@ -6,7 +6,7 @@ SIGINT to the driver's process group (Ctrl-C), SIGTERM to the driver, SIGKILL to
 driver's process group (its local Ray dies with it), SIGKILL or SIGTERM to one training
 worker (Ray Train restarts the worker group, `failure.max_failures: -1`). After a driver
 dies the same command is run again, as a user would. The test suite draws 4 kills; the
-release check draws 20 (`SMOLVLA_SOAK=1`: about ten minutes on two cores, so not in
+release check draws 20 (`SMOLVLA_SOAK=1`: about half an hour on two cores, so not in
 every CI run). Both are `slow`: `scripts/test.sh --fast` stays a three-minute loop.
 """
 
