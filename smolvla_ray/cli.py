@@ -176,7 +176,7 @@ def run(
         )
         raise typer.Exit(stopped.exit_code) from None
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
-        _end_ray()
+        _end_ray(private=driver.ray_address(address) == "local")
         typer.secho(
             f"aborted; last complete checkpoint: {_last_checkpoint(job)}",
             err=True,
@@ -186,7 +186,7 @@ def run(
     except Exception as err:  # the job failed; its error says why
         _fail(f"job {job.name!r} failed: {err}", code=1)
     finally:
-        _end_ray()
+        _end_ray(private=driver.ray_address(address) == "local")
     metrics = result.metrics or {}
     checkpoint = driver.final_checkpoint(job, result)  # the newest valid, one that exists
     if mode == "json":  # scripts read stdout: the end is one more JSON object
@@ -202,28 +202,16 @@ def run(
     )
 
 
-def _end_ray() -> None:
-    """Shut down this process's Ray (its local workers with it), then delete the scratch
-    directories of processes that are gone (`smolvla_ray.scratch`)."""
+def _end_ray(*, private: bool) -> None:
+    """Shut down this process's Ray, then delete the scratch directories of processes that
+    are gone (`smolvla_ray.scratch`); a `private` Ray's workers end with it, so wait a
+    little for them."""
     import ray
 
     from smolvla_ray.scratch import sweep
 
-    was_local = ray.is_initialized() and _is_local_ray()
     ray.shutdown()
-    sweep(settle_s=10.0 if was_local else 0.0)
-
-
-def _is_local_ray() -> bool:
-    """Whether this process's Ray is a private one it started (its workers end with it)."""
-    import ray
-
-    try:
-        return ray.get_runtime_context().gcs_address is not None and bool(
-            ray._private.worker.global_worker.node.is_head()
-        )
-    except Exception:
-        return False
+    sweep(settle_s=10.0 if private else 0.0)
 
 
 def _last_checkpoint(job, result=None) -> str:
