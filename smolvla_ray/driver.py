@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -262,10 +263,7 @@ def run(
         if not ray.is_initialized():
             # JSON mode is for scripts: keep workers' output off stdout (it stays in Ray's logs).
             to_driver = not (isinstance(display, Progress) and display.mode == "json")
-            with signals_ignored():  # a local Ray's processes leave Ctrl-C to this driver
-                ray.init(
-                    address=ray_address(address), include_dashboard=False, log_to_driver=to_driver
-                )
+            start_ray(ray_address(address), log_to_driver=to_driver)
         from smolvla_ray.cache.build import ensure_feature_cache
 
         stop_key = f"{spec.name}/{uuid.uuid4().hex}"
@@ -290,6 +288,38 @@ def ray_address(address: str | None) -> str:
     $RAY_ADDRESS, which Ray sets inside submitted Ray Jobs (and KubeRay RayJobs); else a
     private local Ray (`local`), never a cluster that merely runs on this machine."""
     return address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def start_ray(address: str, *, log_to_driver: bool = True, **init: Any) -> None:
+    """`ray.init(address, **init)`; for a private Ray (`local`), its processes are told its address.
+
+    Why: Ray Train's placement-group cleaner asks Ray's state API whether the run's
+    controller lives, and with no RAY_ADDRESS that API auto-detects a cluster on the
+    machine. Beside another Ray (a `ray start` cluster, a second private run) it either
+    fails ("Found multiple active Ray instances") or asks the stranger, which has never heard
+    of our controller, and removes our placement group. So the private Ray's GCS port is
+    chosen first, and RAY_ADDRESS naming it is in the environment its processes inherit.
+    """
+    import ray
+
+    env: dict[str, str] = {}
+    if address == "local":
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        own = f"{ray.util.get_node_ip_address()}:{port}"
+        env = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": own}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        with signals_ignored():  # a local Ray's processes leave Ctrl-C to this driver
+            ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver, **init)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # Ray Train reads this in its controller, which gets it from the driver's environment.

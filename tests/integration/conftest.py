@@ -19,14 +19,12 @@ def ray_local() -> Iterator[None]:
     machine (a `ray start` of another test or user), whatever RAY_ADDRESS says."""
     import ray
 
+    from smolvla_ray.driver import start_ray
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     root = str(Path(__file__).resolve().parents[2])  # so workers import tests.* modules
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": root}},
+    start_ray(
+        "local", num_cpus=4, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": root}}
     )
     yield
     ray.shutdown()

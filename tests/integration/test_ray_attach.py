@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import tiny_spec_dict
-from tests.processes import free_port, kill_pids, marked_pids
+from tests.processes import QUICK_RAY_TRAIN, free_port, kill_pids, marked_pids
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -46,19 +46,20 @@ from ray._private.state import jobs
 
 ray.init(address=sys.argv[1], log_to_driver=False)
 me = ray.get_runtime_context().get_job_id()
-print("JOBS " + json.dumps([j["DriverPid"] for j in jobs() if j["JobID"] != me]))
+print("JOBS " + json.dumps({"pids": [j["DriverPid"] for j in jobs() if j["JobID"] != me]}))
 """
 
 
 def python(code: str, *args: str, env: dict[str, str], tag: str) -> Any:
-    """Run `code` in a subprocess; the line of its output starting with `tag`, parsed."""
+    """Run `code` in a subprocess; the line of its output starting with `tag`, parsed, with
+    the whole output under "output"."""
     done = subprocess.run(
         [sys.executable, "-c", code, *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     lines = [x for x in done.stdout.splitlines() if x.startswith(f"{tag} ")]
     assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-5000:]
-    return json.loads(lines[0].removeprefix(f"{tag} "))
+    return {**json.loads(lines[0].removeprefix(f"{tag} ")), "output": done.stdout + done.stderr}
 
 
 def test_run_trains_on_a_private_ray_unless_ray_address_names_a_cluster(
@@ -74,6 +75,7 @@ def test_run_trains_on_a_private_ray_unless_ray_address_names_a_cluster(
         RAY_TMPDIR=str(ray_tmp),
         RAY_AUTH_MODE="disabled",
         PYTHONPATH=str(REPO),
+        **QUICK_RAY_TRAIN,
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     try:
@@ -98,17 +100,22 @@ def test_run_trains_on_a_private_ray_unless_ray_address_names_a_cluster(
             demo_dataset, tmp_path / "runs", "attach", train={"steps": 2, "log_every": 1},
             scaling={"num_workers": 1},
         )  # fmt: skip
+        spec["train"]["steps"] = 12  # long enough for Ray Train's placement-group cleaner to look
         private = python(DRIVER, json.dumps(spec), env=env, tag="RESULT")
-        assert private["step"] == 2 and not private["gcs"].endswith(f":{port}"), private
+        assert private["step"] == 12 and not private["gcs"].endswith(f":{port}"), private
+        # The cleaner asked its own Ray, not the stranger (which would have it remove the
+        # run's placement group): nothing in the driver's output about other instances.
+        assert "multiple active Ray instances" not in private["output"], private["output"]
+        assert "Cleaning up placement group" not in private["output"], private["output"]
 
-        spec["name"] = "joined"
+        spec["name"], spec["train"]["steps"] = "joined", 2
         joined = python(
             DRIVER, json.dumps(spec), env={**env, "RAY_ADDRESS": stranger}, tag="RESULT"
         )
         assert joined["step"] == 2 and joined["gcs"].endswith(f":{port}"), joined
 
         # The stranger saw exactly one driver: the one told to join it.
-        assert python(JOBS, stranger, env=env, tag="JOBS") == [joined["pid"]]
+        assert python(JOBS, stranger, env=env, tag="JOBS")["pids"] == [joined["pid"]]
     finally:
         kill_pids(marked_pids(marker))
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -40,7 +40,7 @@ def spec(steps, **policy):
     return spec_from_dict({**base, "train": {**base["train"], "steps": steps},
                            "policy": {**base["policy"], **policy}})
 
-ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+driver.start_ray("local", num_cpus=4, log_to_driver=False)
 out = {"first": driver.run(spec(2)).metrics["step"]}
 out["resumed_from"] = driver.run(spec(3)).metrics["resumed_from_step"]  # the restart
 last = list_checkpoints(run_uri(base["checkpoint"]["storage"], base["name"]))[-1]
