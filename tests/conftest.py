@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.processes import free_port
+from tests.processes import QUICK_RAY_TRAIN, free_port
 
 # The longest test files, started first so that the two parallel test processes (see
 # scripts/test.sh) do not end with one of them alone on a long file.
@@ -84,10 +84,14 @@ def _wait_until_up(endpoint: str, proc: subprocess.Popen, timeout_s: float = 30.
 @pytest.fixture(scope="session", autouse=True)
 def _no_ambient_ray_address() -> Iterator[None]:
     """No test joins a Ray cluster it did not start: a RAY_ADDRESS (or
-    RAY_API_SERVER_ADDRESS) of the shell running the tests is hidden for the session."""
+    RAY_API_SERVER_ADDRESS) of the shell running the tests is hidden for the session. Ray
+    Train polls its workers more often (`QUICK_RAY_TRAIN`), here and in every process
+    started from here."""
     with pytest.MonkeyPatch.context() as patch:
         for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
             patch.delenv(name, raising=False)
+        for name, value in QUICK_RAY_TRAIN.items():
+            patch.setenv(name, value)
         yield
 
 

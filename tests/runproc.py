@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from smolvla_ray.checkpoint.discovery import list_checkpoints
-from tests.processes import kill_pids, marked_pids, read_proc
+from tests.processes import QUICK_RAY_TRAIN, kill_pids, marked_pids, read_proc
 
 REPO = Path(__file__).resolve().parents[1]
 STEP_LINE = re.compile(r"step\s+(\d+)/")
@@ -38,6 +38,7 @@ def private_ray_env() -> Iterator[tuple[dict[str, str], Path]]:
         RAY_TMPDIR=str(scratch),
         RAY_DEDUP_LOGS="0",
         PYTHONPATH=str(REPO),
+        **QUICK_RAY_TRAIN,
     )
     try:
         yield env, scratch / "tmp"

@@ -1,7 +1,7 @@
 """The Ray adapter: what Ray Train's TorchTrainer runs on every worker. It reads the worker's
 context, installs the SIGTERM/preemption handling and hands `trainer.train` a reporter that
-turns each report into `ray.train.report` (rank 0's checkpoint uploaded by our retrying
-upload function, asynchronously unless an interrupt needs it to land first)."""
+turns each report that saves into `ray.train.report` (rank 0's checkpoint uploaded by our
+retrying upload function, asynchronously unless an interrupt needs it to land first)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,14 @@ class RayReporter:
     def report(
         self, metrics: Mapping[str, Any], checkpoint: Path | None, *, save: bool, sync: bool
     ) -> None:
+        """Only reports that save reach Ray: Ray Train V2 takes one report per worker-group
+        poll (every 2 s) through a queue of one, so reporting every log step made runs wait
+        out the backlog (a 20-step tiny run: 40 s after its last step). Metrics reach their
+        sinks from rank 0 (`train/metrics.py`); Ray needs the checkpoints, and the last
+        step always saves, so `Result.metrics` is still the final step's. `save` is agreed by
+        all ranks, so they all skip the same reports."""
+        if not (save or sync):
+            return
         ray.train.report(
             dict(metrics),
             checkpoint=Checkpoint.from_directory(str(checkpoint)) if checkpoint else None,

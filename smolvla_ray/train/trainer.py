@@ -156,17 +156,17 @@ def train(
 
         interrupt = interrupts.poll()  # agreed by all ranks
         save = checkpointer.should_save(state.step, interrupt=interrupt.checkpoint)
-        # Reports are a barrier across workers (about a second on a small machine), so they
-        # happen at log_every and checkpoint steps only.
+        # Metrics are summarised across workers (a collective) at log_every and checkpoint
+        # steps only; of these reports, the Ray adapter passes on those that save (loop.py).
         if not (save or state.step % spec.train.log_every == 0):
             continue
         state.epoch = loader.epoch
         metrics = {"step": state.step, "epoch": state.epoch, **window.summary(),
                    **state.counters(), "frozen_fingerprint": w.base_fingerprint}  # fmt: skip
-        cursors, rngs = _gather(loader.cursor()), _gather(torch.get_rng_state())
         checkpoint, checkpoint_s = None, 0.0
         if save:
             start = time.perf_counter()
+            cursors, rngs = _gather(loader.cursor()), _gather(torch.get_rng_state())
             if rank == 0:
                 checkpoint = checkpointer.write(
                     state, cursors=cursors, rng_states=rngs, ddp=ddp, optimizer=optimizer,

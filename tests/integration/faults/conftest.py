@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.processes import free_port, kill_pids, marked_pids, read_proc
+from tests.processes import QUICK_RAY_TRAIN, free_port, kill_pids, marked_pids, read_proc
 
 REPO = Path(__file__).resolve().parents[3]
 RAY = Path(sys.executable).parent / "ray"
@@ -135,6 +135,7 @@ def two_node_cluster(env_extra: dict[str, str] | None = None) -> Iterator[TwoNod
         PYTHONPATH=str(REPO),
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S="1",
+        **QUICK_RAY_TRAIN,
         **(env_extra or {}),
     )
     head = Node("node_a", f"SMOLVLA_RAY_FAULTS_NODE={uuid.uuid4().hex}")
