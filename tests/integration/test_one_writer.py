@@ -19,7 +19,7 @@ import yaml
 from smolvla_ray import lease
 from smolvla_ray.run_layout import LEASE_FILE
 from tests.integration.conftest import tiny_spec_dict
-from tests.processes import kill_pids, marked_pids
+from tests.processes import QUICK_RAY_TRAIN, kill_pids, marked_pids
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -38,7 +38,9 @@ def test_a_second_run_of_the_same_job_exits_2_naming_the_first(
     ray_tmp = Path(tempfile.mkdtemp(prefix="sra-", dir="/tmp"))  # short: unix sockets
     marker = f"SMOLVLA_RAY_LEASE_TEST={uuid.uuid4().hex}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(dict([marker.split("=")]), RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(REPO))
+    env.update(
+        dict([marker.split("=")]), RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(REPO), **QUICK_RAY_TRAIN
+    )
     command = [sys.executable, "-m", "smolvla_ray.cli", "run", str(path), "--progress", "lines"]
     log = tmp_path / "first.log"
     try:
