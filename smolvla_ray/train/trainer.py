@@ -196,6 +196,10 @@ def train(
             sys.stdout.flush()
         report_start = time.perf_counter()
         reporter.report(metrics, checkpoint, save=save, sync=interrupt.exit)
+        if interrupt.exit and dist.is_initialized():
+            # Ray's report passes its barrier before rank 0 uploads: without this, a worker
+            # leaving after SIGTERM could take the group down mid-upload.
+            dist.barrier()
         if interrupt.stop:  # the user's stop request: the run ends here, resumable
             if rank == 0:
                 say(f"stopped on request at step {state.step}: {checkpoint_dir_name(state.step)}")
