@@ -7,7 +7,9 @@ driver's process group (its local Ray dies with it), SIGKILL or SIGTERM to one t
 worker (Ray Train restarts the worker group, `failure.max_failures: -1`). After a driver
 dies the same command is run again, as a user would; a restarted driver may be killed again
 at its first step. Both soaks share one uninterrupted reference run. 4 kills run in the
-default tier (`scripts/test.sh --fast`), 20 are `slow` (every CI run).
+default tier (`scripts/test.sh --fast` and every CI run). 20 kills are `slow` and a release
+check (`SMOLVLA_SOAK=1`): seed 1000 draws 13 driver restarts, 13.4 minutes on two cores
+beside the rest of the suite, which would take the whole suite past its 20 minutes.
 """
 
 from __future__ import annotations
@@ -114,6 +116,10 @@ def test_soak_four_kills(tmp_path: Path, demo_dataset: str, left_alone, seed: in
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("SMOLVLA_SOAK") != "1",
+    reason="release check, SMOLVLA_SOAK=1: about 13 minutes on two cores, past the suite's budget",
+)
 @pytest.mark.parametrize("seed", [1000])
 def test_soak_twenty_kills(tmp_path: Path, demo_dataset: str, left_alone, seed: int) -> None:
     soak(tmp_path, demo_dataset, left_alone, kills=20, seed=seed)
