@@ -161,6 +161,7 @@ def run(
     from smolvla_ray.lease import LeaseHeldError
     from smolvla_ray.stop import RunStopped
 
+    private = driver.ray_address(address) == "local"
     try:
         result = driver.run(job, address=address, check=False, progress=mode, force=force)  # type: ignore[arg-type]
     except LeaseHeldError as err:  # another run writes this run directory: nothing started
@@ -176,7 +177,7 @@ def run(
         )
         raise typer.Exit(stopped.exit_code) from None
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
-        _end_ray(private=driver.ray_address(address) == "local")
+        _end_ray(private=private)
         typer.secho(
             f"aborted; last complete checkpoint: {_last_checkpoint(job)}",
             err=True,
@@ -186,7 +187,7 @@ def run(
     except Exception as err:  # the job failed; its error says why
         _fail(f"job {job.name!r} failed: {err}", code=1)
     finally:
-        _end_ray(private=driver.ray_address(address) == "local")
+        _end_ray(private=private)
     metrics = result.metrics or {}
     checkpoint = driver.final_checkpoint(job, result)  # the newest valid, one that exists
     if mode == "json":  # scripts read stdout: the end is one more JSON object

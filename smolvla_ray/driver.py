@@ -309,11 +309,18 @@ def start_ray(address: str, *, log_to_driver: bool = True, **init: Any) -> None:
             port = sock.getsockname()[1]
         own = f"{ray.util.get_node_ip_address()}:{port}"
         env = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": own}
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
+    with environ(env), signals_ignored():  # a local Ray's processes leave Ctrl-C to us
+        ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver, **init)
+
+
+@contextlib.contextmanager
+def environ(values: Mapping[str, str]) -> Iterator[None]:
+    """`values` set in this process's environment (which Ray's processes started meanwhile
+    inherit, and which Ray Train's controller reads), the previous values back afterwards."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
-        with signals_ignored():  # a local Ray's processes leave Ctrl-C to this driver
-            ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver, **init)
+        yield
     finally:
         for name, value in saved.items():
             if value is None:
@@ -340,19 +347,14 @@ def resource_wait(spec: JobSpec) -> Iterator[None]:
     from ray.train import ControllerError
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
-    previous = os.environ.get(WORKER_GROUP_START_TIMEOUT_ENV)
-    os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(max(spec.failure.resource_wait_s, 1.0))
+    timeout = str(max(spec.failure.resource_wait_s, 1.0))
     try:
-        yield
+        with environ({WORKER_GROUP_START_TIMEOUT_ENV: timeout}):
+            yield
     except ControllerError as err:
         if not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
             raise
         raise ResourceWaitTimeout(_resource_message(spec)) from err
-    finally:
-        if previous is None:
-            os.environ.pop(WORKER_GROUP_START_TIMEOUT_ENV, None)
-        else:
-            os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = previous
 
 
 def _resource_message(spec: JobSpec) -> str:

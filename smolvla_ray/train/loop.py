@@ -60,8 +60,8 @@ class RayReporter:
         out the backlog (a 20-step tiny run: 40 s after its last step). Metrics reach their
         sinks from rank 0 (`train/metrics.py`); Ray needs the checkpoints, and the last
         step always saves, so `Result.metrics` is still the final step's. `save` is agreed by
-        all ranks, so they all skip the same reports."""
-        if not (save or sync):
+        all ranks (and implied by `sync`), so they all skip the same reports."""
+        if not save:
             return
         ray.train.report(
             dict(metrics),
