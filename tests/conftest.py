@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -132,6 +134,15 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 def s3_bucket(s3_server: S3Server) -> str:
     """A fresh, empty bucket on the session's S3 server."""
     return s3_server.make_bucket()
+
+
+@pytest.fixture
+def lerobot_dataset(tmp_path: Path) -> str:
+    """A copy of a dataset LeRobot 0.6.1 wrote itself (tests/lerobot/make_dataset.py): one
+    camera `front` 48x64, 5-D state, 4-D action, 3 episodes."""
+    copy = tmp_path / "lerobot_written"
+    shutil.copytree(Path(__file__).parent / "fixtures/datasets/lerobot_written", copy)
+    return str(copy)
 
 
 @pytest.fixture(scope="session")

@@ -66,6 +66,25 @@ def test_finetune_learns_and_a_killed_run_resumes_to_the_same_weights(
         assert torch.equal(a[name], b[name]), name
 
 
+def test_a_killed_run_on_a_dataset_lerobot_wrote_resumes_to_the_same_weights(
+    tmp_path: Path, lerobot_dataset: str
+) -> None:
+    """Shapes we did not choose: LeRobot's own writer, one camera `front`, 5-D state, 4-D
+    action (zero-padded to the tiny policy's 8)."""
+    train = {**TRAIN, "steps": 10, "batch_size": 4}
+    whole = spec_for(lerobot_dataset, tmp_path, "whole", train=train)
+    state, _ = train_in_process(whole)
+    assert state is not None and state.step == 10
+    killed = spec_for(lerobot_dataset, tmp_path, "killed", train=train)
+    assert train_in_process(killed, stop_after=6)[0] is None  # dies after 6; newest ckpt: 4
+    state, _ = train_in_process(killed)
+    assert state is not None and state.resumed_from_step == 4
+    a, b = trainable(tmp_path, "whole", 10), trainable(tmp_path, "killed", 10)
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 @pytest.mark.parametrize("on_nonfinite", ["stop", "skip"])
 def test_non_finite_steps_stop_or_are_skipped(
     tmp_path: Path, demo_dataset: str, on_nonfinite: str

@@ -333,10 +333,31 @@ def test_at_least_forty_cases() -> None:
 def test_bad_input_exits_with_a_clear_message(
     name: str, tmp_path: Path, demo_dataset, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    check(CASES[name], name, Env(tmp_path, demo_dataset), monkeypatch)
+
+
+# The dataset cases again on a dataset LeRobot 0.6.1 wrote itself (3 episodes: 0..2).
+LEROBOT_WRITTEN_CASES = {
+    "episodes out of range": Case(run_with(data={"episodes": [0, 3]}), 2,
+                                  ("data.episodes", "[3]", "0..2")),
+    **{name: CASES[name] for name in ("episodes range out of range", "info.json broken",
+                                      "stats.json missing", "data parquet truncated")},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(LEROBOT_WRITTEN_CASES))
+def test_a_dataset_lerobot_wrote_gone_bad_exits_2(
+    name: str, tmp_path: Path, lerobot_dataset: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = Env(tmp_path / "case", lerobot_dataset)
+    env.tmp.mkdir()
+    check(LEROBOT_WRITTEN_CASES[name], name, env, monkeypatch)
+
+
+def check(case: Case, name: str, env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 
-    case = CASES[name]
-    env = Env(tmp_path, demo_dataset)
+    tmp_path = env.tmp
     monkeypatch.delenv("SMOLVLA_STORAGE_OPTIONS", raising=False)  # a case may set it
     monkeypatch.setenv(
         "SMOLVLA_RAY_STORAGE_RETRY_S", os.environ.get("SMOLVLA_RAY_STORAGE_RETRY_S", "120")
