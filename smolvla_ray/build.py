@@ -7,16 +7,15 @@ imports neither.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from smolvla_ray.data.meta import DatasetMeta, load_meta
 from smolvla_ray.features import FeatureResolution, read_pretrained_config, resolve_spec
 from smolvla_ray.policy.config import PolicyConfig
-from smolvla_ray.policy.modeling import SmolVLAPolicy
-from smolvla_ray.policy.processor import PolicyProcessor
 from smolvla_ray.spec import JobSpec
+
+if TYPE_CHECKING:
+    from smolvla_ray.policy.modeling import SmolVLAPolicy
 
 
 def resolve_dataset_features(
@@ -37,6 +36,13 @@ def build_policy(
 ) -> SmolVLAPolicy:
     """The policy with the spec's overrides and the dataset's resolved features, with a
     processor that renames the dataset's keys and normalizes with its statistics."""
+    # Imported here: the driver uses this module's light helpers before Ray starts, and
+    # the model's imports (torch, transformers) would cost it seconds on every run.
+    import torch
+
+    from smolvla_ray.policy.modeling import SmolVLAPolicy
+    from smolvla_ray.policy.processor import PolicyProcessor
+
     config, resolution = resolve_dataset_features(spec, meta, storage_options=storage_options)
     if spec.policy.pretrained:
         policy = SmolVLAPolicy.from_pretrained(

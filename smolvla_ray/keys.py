@@ -12,6 +12,8 @@ IMAGE_PREFIX = f"{OBS_IMAGES}."
 ACTION = "action"
 OBS_LANGUAGE_TOKENS = "observation.language.tokens"
 OBS_LANGUAGE_ATTENTION_MASK = "observation.language.attention_mask"
+# Batch-key suffix of a camera's cached vision features (ours: the feature cache).
+FEATURES_SUFFIX = ".features"
 
 
 def camera_key(camera: str) -> str:

@@ -32,9 +32,9 @@ from torch.utils.data import Dataset
 
 from smolvla_ray import hub
 from smolvla_ray.data.meta import DatasetMeta
+from smolvla_ray.keys import FEATURES_SUFFIX
 from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.policy.fingerprint import combine_digests, safetensors_digests
-from smolvla_ray.policy.modeling import FEATURES_SUFFIX
 from smolvla_ray.storage import filesystem, join
 
 if TYPE_CHECKING:

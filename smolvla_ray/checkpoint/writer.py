@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,9 +19,11 @@ from smolvla_ray.checkpoint.format import (
     optimizer_tensors,
     write_checkpoint,
 )
-from smolvla_ray.policy.modeling import SmolVLAPolicy
 from smolvla_ray.spec import JobSpec
 from smolvla_ray.storage import join, with_retries
+
+if TYPE_CHECKING:
+    from smolvla_ray.policy.modeling import SmolVLAPolicy
 
 
 class CheckpointWriter:

@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from smolvla_ray.keys import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS, OBS_STATE
+from smolvla_ray.keys import (
+    ACTION,
+    FEATURES_SUFFIX,
+    OBS_LANGUAGE_ATTENTION_MASK,
+    OBS_LANGUAGE_TOKENS,
+    OBS_STATE,
+)
 from smolvla_ray.policy.backbone import SmolVLMWithExpert
 from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.policy.flow import (
@@ -35,7 +41,6 @@ from smolvla_ray.policy.layers import PrefixCache, run_layers
 from smolvla_ray.policy.pretrained import load_pretrained, save_pretrained
 
 PrefixMode = Literal["auto", "joint", "no_grad"]
-FEATURES_SUFFIX = ".features"  # batch key suffix of cached vision features
 
 
 class VLAFlowMatching(nn.Module):

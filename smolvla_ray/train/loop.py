@@ -20,11 +20,14 @@ from smolvla_ray.run_layout import checkpoint_dir_name
 from smolvla_ray.spec import JobSpec
 from smolvla_ray.storage import filesystem
 from smolvla_ray.train.interrupt import Interrupts
-from smolvla_ray.train.trainer import WorkerContext, train
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point; `loop_config` comes from `loop_config(spec)`."""
+    # Imported here, on the worker: the driver imports this module only to name this
+    # function, and the model's imports (transformers) would cost it seconds on every run.
+    from smolvla_ray.train.trainer import WorkerContext, train
+
     spec = JobSpec.model_validate(loop_config["spec"])
     storage_options = ray.get(loop_config["storage_options_ref"])
     ray_context = ray.train.get_context()

@@ -106,3 +106,20 @@ def test_no_import_cycles_between_modules() -> None:
         if node not in state:
             visit(node, [node])
     assert not cycles, "\n".join(cycles)
+
+
+def test_the_driver_reaches_ray_without_importing_the_model() -> None:
+    """Every `run` pays for what its driver imports before Ray starts: the model's stack
+    (transformers, about 4 s of CPU) belongs on the workers, which build the policy."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import smolvla_ray.cli, smolvla_ray.driver, smolvla_ray.jobs\n"
+        "import smolvla_ray.build, smolvla_ray.cache.build, smolvla_ray.train.loop\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] == 'transformers'\n"
+        "          or m == 'smolvla_ray.policy.modeling']\n"
+        "assert not loaded, loaded[-3:]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -139,7 +139,7 @@ def test_an_empty_camera_trains_the_same_from_cached_features(
     real: dict[str, str], tmp_path: Path
 ) -> None:
     from smolvla_ray.build import build_policy
-    from smolvla_ray.policy.modeling import FEATURES_SUFFIX
+    from smolvla_ray.keys import FEATURES_SUFFIX
 
     spec = spec_from_dict(spec_dict(real, tmp_path, feature_cache="off"),
                           ["policy.overrides={empty_cameras: 1}"])  # fmt: skip
