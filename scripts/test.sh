@@ -4,13 +4,14 @@
 # comparisons (marker `lerobot`). Every other argument goes to pytest.
 # Test files run in SMOLVLA_TEST_WORKERS parallel pytest processes (default 2; 0 = none):
 # most of a Ray test is waiting on processes, so two overlap well even on two cores. A file
-# stays on one process, so its module-scoped clusters start once.
+# stays on one process, so its module-scoped clusters start once; the longest files start
+# first (tests/conftest.py), in the order collected, not sorted by their number of tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 workers="${SMOLVLA_TEST_WORKERS:-2}"
 args=()
 if [ "$workers" != "0" ]; then
-  args+=(-n "$workers" --dist loadfile)
+  args+=(-n "$workers" --dist loadfile --no-loadscope-reorder)
 fi
 for arg in "$@"; do
   if [ "$arg" = "--fast" ]; then

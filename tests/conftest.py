@@ -25,16 +25,21 @@ import pytest
 
 from tests.processes import QUICK_RAY_TRAIN, free_port
 
-# The longest test files, started first so that the two parallel test processes (see
-# scripts/test.sh) do not end with one of them alone on a long file.
+# The longest test files (measured), started first so that the two parallel test processes
+# (see scripts/test.sh) do not end with one of them alone on a long file. xdist would sort
+# files by their number of tests instead; scripts/test.sh turns that off
+# (--no-loadscope-reorder).
 LONGEST_FIRST = (
-    "tests/integration/faults/",
     "tests/integration/test_soak.py",
+    "tests/integration/faults/",
     "tests/integration/jobs/",
-    "tests/integration/test_endings.py",
+    "tests/integration/checkpoint/",
     "tests/integration/test_ray_attach.py",
-    "tests/integration/train/test_hub_ids.py",
+    "tests/integration/test_endings.py",
+    "tests/integration/train/",
     "tests/integration/test_one_writer.py",
+    "tests/integration/cache/",
+    "tests/train/",
 )
 
 

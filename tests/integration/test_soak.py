@@ -110,7 +110,9 @@ def soak(tmp_path: Path, dataset: str, alone: dict[str, torch.Tensor], *, kills:
         assert_no_scratch_left(tmpdir)
 
 
-@pytest.mark.parametrize("seed", [1])
+# Seed 6 draws four different kinds (worker SIGTERM, Ctrl-C, worker SIGKILL, driver SIGKILL)
+# with two driver restarts, the costly kind (test_endings.py signals the driver with SIGTERM).
+@pytest.mark.parametrize("seed", [6])
 def test_soak_four_kills(tmp_path: Path, demo_dataset: str, left_alone, seed: int) -> None:
     soak(tmp_path, demo_dataset, left_alone, kills=4, seed=seed)
 
