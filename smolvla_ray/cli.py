@@ -166,6 +166,8 @@ def run(
         result = driver.run(job, address=address, check=False, progress=mode, force=force)  # type: ignore[arg-type]
     except LeaseHeldError as err:  # another run writes this run directory: nothing started
         _fail(str(err))
+    except driver.StorageNotSharedError as err:  # refused before step 1: fix the spec
+        _fail(str(err))
     except RunStopped as stopped:
         metrics = stopped.result.metrics or {}
         typer.secho(

@@ -181,7 +181,11 @@ def _check_writable(uri: str, options: Mapping[str, Any]) -> None:
 
 
 def build_trainer(
-    spec: JobSpec, *, feature_cache: str | None = None, stop_key: str | None = None
+    spec: JobSpec,
+    *,
+    feature_cache: str | None = None,
+    stop_key: str | None = None,
+    shared_token: str | None = None,
 ):  # -> TorchTrainer
     """The TorchTrainer for `spec` (gloo on CPU, NCCL on GPU); `stop_key`: where the
     driver's stop request is written (see `smolvla_ray.stop`)."""
@@ -210,7 +214,9 @@ def build_trainer(
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(spec, feature_cache=feature_cache, stop_key=stop_key),
+        train_loop_config=loop_config(
+            spec, feature_cache=feature_cache, stop_key=stop_key, shared_token=shared_token
+        ),
         scaling_config=scaling,
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
@@ -268,8 +274,11 @@ def run(
 
         stop_key = f"{spec.name}/{uuid.uuid4().hex}"
         with abort_on_signals():
+            shared_token = check_shared_storage(spec)  # every node sees the run directory
             feature_cache = ensure_feature_cache(spec, spec.storage_options_plain())
-            trainer = build_trainer(spec, feature_cache=feature_cache, stop_key=stop_key)
+            trainer = build_trainer(
+                spec, feature_cache=feature_cache, stop_key=stop_key, shared_token=shared_token
+            )
         uri = run_uri(spec.checkpoint.storage, spec.name)
         watcher = (
             MetricsWatcher(uri, spec.storage_options_plain(), display)
@@ -281,6 +290,45 @@ def run(
         if stopping.signum is not None and (result.metrics or {}).get("step") != spec.train.steps:
             raise RunStopped(result, stopping.signum)
         return result
+
+
+class StorageNotSharedError(ValueError):
+    """A node of the cluster does not see the run directory the driver writes."""
+
+
+def check_shared_storage(spec: JobSpec, *, timeout_s: float = 120.0) -> str | None:
+    """On a cluster (anything but one node that is the driver's own), write the run
+    directory's shared-storage marker and have every alive node read it back, in a zero-CPU
+    task pinned to it; StorageNotSharedError names the first node that does not see it.
+    Returns the marker's token for the workers to check again, or None on a single-node
+    Ray the driver runs on (nothing to share). See shared_storage.py."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from smolvla_ray.run_layout import run_uri
+    from smolvla_ray.shared_storage import marker_problem, not_shared_message, write_marker
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) == 1 and nodes[0]["NodeID"] == ray.get_runtime_context().get_node_id():
+        return None
+    options = spec.storage_options_plain()
+    run_dir = run_uri(spec.checkpoint.storage, spec.name)
+    token = write_marker(run_dir, options)
+    look = ray.remote(num_cpus=0, max_retries=0)(marker_problem)
+    pending = {
+        f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})": look.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        ).remote(run_dir, token, options)
+        for node in nodes
+    }
+    for node, ref in pending.items():
+        try:
+            problem = ray.get(ref, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            problem = f"did not answer the storage check within {timeout_s:g} s"
+        if problem:
+            raise StorageNotSharedError(not_shared_message(spec.checkpoint.storage, node, problem))
+    return token
 
 
 def ray_address(address: str | None) -> str:

@@ -5,6 +5,7 @@
         checkpoint_000000100/         one checkpoint per saved step (`checkpoint_dir_name`)
         metrics.jsonl                 rank 0's metric records
         .smolvla-lease.json           the one-writer lease of the run writing here (`LEASE_FILE`)
+        .smolvla-shared-storage.json  what every node must see before step 1 (`SHARED_MARKER`)
         tensorboard/                  TensorBoard event files
         checkpoint_manager_snapshot.json
                                       Ray Train's own bookkeeping (`RAY_RUN_STATE`): left
@@ -36,8 +37,10 @@ RAY_RUN_STATE = "checkpoint_manager_snapshot.json"
 STALE_SUFFIX = ".stale-"
 # Who is writing this run directory, until when (`lease.py`); one writer per run.
 LEASE_FILE = ".smolvla-lease.json"
+# The driver's token that every node must read back before step 1 (`shared_storage.py`).
+SHARED_MARKER = ".smolvla-shared-storage.json"
 # Files in the run directory that are neither checkpoints nor metrics; listings skip them.
-CONTROL_FILES: tuple[str, ...] = (WRITE_PROBE, LEASE_FILE)
+CONTROL_FILES: tuple[str, ...] = (WRITE_PROBE, LEASE_FILE, SHARED_MARKER)
 
 
 def run_uri(storage: str, name: str) -> str:

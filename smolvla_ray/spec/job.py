@@ -172,6 +172,14 @@ class JobSpec(BaseModel):
                 f"scaling.resources_per_worker.GPU={gpus} contradicts scaling.use_gpu="
                 f"{scaling.use_gpu}; make them agree (GPU > 0 exactly when use_gpu)"
             )
+        if scaling.use_gpu and gpus is not None and gpus != 1:
+            # One process per GPU: a fraction puts two NCCL ranks on one GPU (NCCL refuses);
+            # more than one gives a worker GPUs that only its first device would use.
+            raise ValueError(
+                f"scaling.resources_per_worker.GPU={gpus}: each worker drives exactly one GPU "
+                "(a fraction shares one GPU between NCCL ranks, more leaves GPUs idle); set "
+                "it to 1, or leave it out, and use scaling.num_workers for more GPUs"
+            )
         return self
 
     def feature_cache_blocker(self) -> str | None:

@@ -16,7 +16,8 @@ from ray.train import Checkpoint
 from ray.train.v2.api.report_config import CheckpointUploadMode
 
 from smolvla_ray.checkpoint.writer import upload_checkpoint
-from smolvla_ray.run_layout import checkpoint_dir_name
+from smolvla_ray.run_layout import checkpoint_dir_name, run_uri
+from smolvla_ray.shared_storage import marker_problem, not_shared_message
 from smolvla_ray.spec import JobSpec
 from smolvla_ray.storage import filesystem
 from smolvla_ray.train.interrupt import Interrupts
@@ -39,6 +40,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         storage_options=storage_options,
         feature_cache=loop_config.get("feature_cache"),
     )
+    check_shared_storage(spec, loop_config.get("shared_token"), storage_options)
     reporter = RayReporter(spec, storage_options)
     interrupts = Interrupts(device=device, stop_key=loop_config.get("stop_key"), rank=context.rank)
     train(spec, reporter, context, interrupts=interrupts)
@@ -94,14 +96,31 @@ def checkpoint_upload_fn(
 
 
 def loop_config(
-    spec: JobSpec, *, feature_cache: str | None = None, stop_key: str | None = None
+    spec: JobSpec,
+    *,
+    feature_cache: str | None = None,
+    stop_key: str | None = None,
+    shared_token: str | None = None,
 ) -> dict[str, Any]:
     """The train_loop_config for `spec`: the spec without secrets (Ray records this config
     in its run state), a reference to the storage options in Ray's object store, which
-    workers read from memory, and the key the driver's stop request is written under."""
+    workers read from memory, the key the driver's stop request is written under, and the
+    token of the run directory's shared-storage marker (None: a single-node private Ray)."""
     return {
         "spec": spec.public_dict(),
         "storage_options_ref": ray.put(spec.storage_options_plain()),
         "feature_cache": feature_cache,
         "stop_key": stop_key,
+        "shared_token": shared_token,
     }
+
+
+def check_shared_storage(spec: JobSpec, token: str | None, options: Mapping[str, Any]) -> None:
+    """Refuse to train on a node that does not see the driver's run directory (a node that
+    joined after the driver's check); see shared_storage.py."""
+    if token is None:
+        return
+    problem = marker_problem(run_uri(spec.checkpoint.storage, spec.name), token, options)
+    if problem:
+        node = ray.util.get_node_ip_address()
+        raise ValueError(not_shared_message(spec.checkpoint.storage, node, problem))

@@ -38,6 +38,18 @@ def test_command_surface_is_frozen() -> None:
             assert {p.name for p in click_app.commands[name].params} == params, name
 
 
+def test_half_a_gpu_per_worker_is_exit_2() -> None:
+    half = runner.invoke(
+        app,
+        [
+            "validate", str(CONFIGS / "tiny-demo.yaml"), "--set", "scaling.use_gpu=true",
+            "--set", "scaling.resources_per_worker={GPU: 0.5}",
+        ],
+    )  # fmt: skip
+    assert half.exit_code == 2, half.output
+    assert "resources_per_worker.GPU=0.5: each worker drives exactly one GPU" in half.output
+
+
 def test_validate_and_schema() -> None:
     ok = runner.invoke(app, ["validate", str(CONFIGS / "tiny-demo.yaml")])
     assert ok.exit_code == 0 and "valid job spec 'tiny-demo'" in ok.output

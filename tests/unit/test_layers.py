@@ -25,7 +25,8 @@ RANKS = {
     "driver": 7,  # driver, jobs, cli
 }
 BASE = {
-    "keys", "storage", "hub", "run_layout", "lease", "progress_line", "scratch", "waits",
+    "keys", "storage", "hub", "run_layout", "lease", "shared_storage", "progress_line",
+    "scratch", "waits",
     "__init__",
 }  # fmt: skip
 TOP = {"driver", "jobs", "cli", "stop"}

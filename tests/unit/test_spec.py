@@ -199,6 +199,14 @@ def test_episode_range_and_byte_size_strings():
             {"scaling": {"resources_per_worker": {"GPU": 1}}},
             "scaling.resources_per_worker.GPU=1.0 contradicts scaling.use_gpu=False",
         ),
+        (
+            {"scaling": {"use_gpu": True, "resources_per_worker": {"GPU": 0.5}}},
+            "scaling.resources_per_worker.GPU=0.5: each worker drives exactly one GPU",
+        ),
+        (
+            {"scaling": {"use_gpu": True, "resources_per_worker": {"CPU": 8, "GPU": 2}}},
+            "scaling.resources_per_worker.GPU=2.0: each worker drives exactly one GPU",
+        ),
     ],
 )
 def test_cross_field_checks(sections: dict[str, Any], expected: str):

@@ -84,11 +84,11 @@ class TwoNodeCluster:
     def train_worker_pids(self) -> dict[str, set[int]]:
         return {n.resource: n.train_worker_pids() for n in (self.head, self.second)}
 
-    def replace_second(self) -> None:
+    def replace_second(self, env_extra: dict[str, str] | None = None) -> None:
         """Stop the second node's processes (whatever a test left of it) and start a new
-        node_b in the same cluster."""
+        node_b in the same cluster, with `env_extra` in its processes' environment."""
         self.second.stop()
-        self.second = _start_second(self.address, self.env)
+        self.second = _start_second(self.address, {**self.env, **(env_extra or {})})
         self.second_spent = False
 
 

@@ -3,6 +3,9 @@ with checkpoints on the loopback S3 server: storage outages (short, then for goo
 placement across nodes, a SIGTERMed and then a SIGKILLed worker, a Ray preemption notice, a
 lost node.
 
+A node that does not share the run's local storage is refused before step 1 (through
+the SMOLVLA_STORAGE_VIEW seam of smolvla_ray/shared_storage.py).
+
 The module shares one cluster (tests/integration/faults/conftest.py): signalled workers
 leave it healthy; the preemption and lost-node tests, last, mark its second node spent (a
 later test would get a fresh one). Faults are timed by the run's metrics.jsonl and
@@ -281,3 +284,21 @@ def test_lost_node_without_spare_resources_fails_clearly(
     # is never resumed from), but the ones before it verify.
     infos = list_checkpoints(run_uri(storage, "nodeloss"), options)
     assert any(i.valid for i in infos), infos
+
+
+def test_local_storage_a_node_does_not_share_is_refused_before_step_1(
+    cluster: TwoNodeCluster, demo_dataset: str, tmp_path: Path
+) -> None:
+    # The run's storage is a local path; the second node sees another disk there (the seam).
+    storage = str(tmp_path / "runs")
+    cluster.replace_second({"SMOLVLA_STORAGE_VIEW": f"{storage}={tmp_path / 'other-disk'}"})
+    cluster.second_spent = True  # a later test gets a node with the common view
+    spec = fault_spec(demo_dataset, storage, "unshared", {}, steps=4)
+    run = start_driver(cluster, spec, tmp_path)
+    assert run.wait(240) == 2, run.output()[-4000:]
+    output = run.output()
+    assert f"checkpoint.storage={storage!r} is not shared by the cluster's nodes" in output
+    assert "does not see" in output and ".smolvla-shared-storage.json" in output, output[-3000:]
+    assert "Started training worker group" not in output  # refused before any worker
+    run_dir = tmp_path / "runs" / "unshared"
+    assert not list(run_dir.glob("checkpoint_*")) and not (run_dir / "metrics.jsonl").exists()
