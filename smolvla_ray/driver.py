@@ -26,7 +26,13 @@ from smolvla_ray.stop import (
     signals_ignored,
 )
 from smolvla_ray.storage import absolute, filesystem, join
-from smolvla_ray.waits import check_endpoint, reachable
+from smolvla_ray.waits import (
+    ResourceWaitTimeout,
+    check_endpoint,
+    reachable,
+    resource_message,
+    show_resources,
+)
 
 if TYPE_CHECKING:
     from smolvla_ray.features import FeatureResolution
@@ -219,7 +225,10 @@ def build_trainer(
         ),
         scaling_config=scaling,
         run_config=run_config,
-        torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
+        torch_config=TorchConfig(
+            backend="nccl" if spec.scaling.use_gpu else "gloo",
+            timeout_s=spec.failure.collective_timeout_s,
+        ),
     )
 
 
@@ -381,10 +390,6 @@ def environ(values: Mapping[str, str]) -> Iterator[None]:
 WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
-class ResourceWaitTimeout(RuntimeError):
-    """The cluster did not grant the workers' resources within failure.resource_wait_s."""
-
-
 @contextlib.contextmanager
 def resource_wait(spec: JobSpec) -> Iterator[None]:
     """Bound how long the run waits for its workers' resources, at start and after every
@@ -406,26 +411,14 @@ def resource_wait(spec: JobSpec) -> Iterator[None]:
 
 
 def _resource_message(spec: JobSpec) -> str:
-    import ray
-
     scaling = spec.scaling
     per_worker = scaling.resources_per_worker or (
         {"CPU": 1, "GPU": 1} if scaling.use_gpu else {"CPU": 1}
     )
-    try:
-        available, total = ray.available_resources(), ray.cluster_resources()
-    except Exception:  # the cluster itself may be gone
-        available, total = {}, {}
-
-    def show(resources: Mapping[str, float]) -> str:
-        keep = {k: v for k, v in sorted(resources.items()) if not k.startswith("node:")}
-        return ", ".join(f"{k}: {v:g}" for k, v in keep.items() if "memory" not in k) or "none"
-
-    return (
-        f"the cluster did not grant the workers' resources within failure.resource_wait_s="
-        f"{spec.failure.resource_wait_s:g}s: scaling asks {scaling.num_workers} worker(s) x "
-        f"{{{show(per_worker)}}} placed {scaling.placement_strategy}; the cluster has "
-        f"{{{show(total)}}} in total, {{{show(available)}}} free now. Add nodes (or wait for "
-        "lost ones to come back), lower scaling.num_workers or scaling.resources_per_worker, "
-        "or raise failure.resource_wait_s"
+    return resource_message(
+        wait_s=spec.failure.resource_wait_s,
+        whose="the workers'",
+        asks=f"scaling asks {scaling.num_workers} worker(s) x {show_resources(per_worker)} "
+        f"placed {scaling.placement_strategy}",
+        fix="lower scaling.num_workers or scaling.resources_per_worker",
     )

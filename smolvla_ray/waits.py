@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -96,3 +96,33 @@ def check_endpoint(storage_options: dict) -> None:
     if isinstance(endpoint, str) and endpoint.startswith(("http://", "https://")):
         port = 443 if endpoint.startswith("https") else 80
         reachable(endpoint, default_port=port, what="the storage endpoint (endpoint_url)")
+
+
+class ResourceWaitTimeout(RuntimeError):
+    """The cluster did not grant a run's resources within `failure.resource_wait_s`."""
+
+
+def show_resources(resources: Mapping[str, float]) -> str:
+    """`{CPU: 2, GPU: 1}` as a message shows it: no node-id or memory entries."""
+    keep = {k: v for k, v in sorted(resources.items()) if not k.startswith("node:")}
+    shown = ", ".join(f"{k}: {v:g}" for k, v in keep.items() if "memory" not in k)
+    return f"{{{shown or 'none'}}}"
+
+
+def resource_message(*, wait_s: float, whose: str, asks: str, fix: str) -> str:
+    """The one message for a resource wait that ran out (the trainer's workers, the feature
+    cache's build tasks): what was asked, what the cluster has and has free, what to do.
+    `whose`: "the workers'"; `asks`: "scaling asks 2 worker(s) x {CPU: 1} placed PACK";
+    `fix`: what to lower."""
+    import ray
+
+    try:
+        available, total = ray.available_resources(), ray.cluster_resources()
+    except Exception:  # the cluster itself may be gone
+        available, total = {}, {}
+    return (
+        f"the cluster did not grant {whose} resources within failure.resource_wait_s="
+        f"{wait_s:g}s: {asks}; the cluster has {show_resources(total)} in total, "
+        f"{show_resources(available)} free now. Add nodes (or wait for lost ones to come "
+        f"back), {fix}, or raise failure.resource_wait_s"
+    )

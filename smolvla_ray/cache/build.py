@@ -28,6 +28,7 @@ from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.policy.freezing import trainable_image_towers
 from smolvla_ray.run_layout import cache_root
 from smolvla_ray.spec import JobSpec
+from smolvla_ray.waits import ResourceWaitTimeout, resource_message, show_resources
 
 ENCODE_BATCH = 32
 
@@ -92,6 +93,46 @@ def vision_blocker(config: PolicyConfig) -> str | None:
     )
 
 
+def _run_encode_tasks(
+    spec: JobSpec, storage_options: Mapping[str, Any], root: str, missing: list[int]
+) -> list[dict[str, float]]:
+    """Encode `missing` in up to num_workers Ray tasks, one GPU (or CPU) each. Their
+    resources are reserved first, as a placement group that must be granted within
+    `failure.resource_wait_s` (the trainer's bound and message): a task asking for a GPU
+    no node has would otherwise leave the driver waiting forever."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    groups = max(1, min(spec.scaling.num_workers, len(missing)))
+    bundle = {"CPU": 1, "GPU": 1} if spec.scaling.use_gpu else {"CPU": 1}
+    reserved = placement_group([bundle] * groups, strategy="SPREAD")
+    try:
+        if not reserved.wait(timeout_seconds=max(spec.failure.resource_wait_s, 1.0)):
+            raise ResourceWaitTimeout(
+                resource_message(
+                    wait_s=spec.failure.resource_wait_s,
+                    whose="the feature-cache build's",
+                    asks=f"it asks {groups} task(s) x {show_resources(bundle)}",
+                    fix="lower scaling.num_workers, or set data.feature_cache: off",
+                )
+            )
+        task = ray.remote(num_cpus=1, num_gpus=bundle.get("GPU", 0))(encode_episodes)
+        spec_dict = spec.public_dict()
+        options_ref = ray.put(dict(storage_options))
+        refs = [
+            task.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    reserved, placement_group_bundle_index=i
+                )
+            ).remote(spec_dict, options_ref, root, missing[i::groups])
+            for i in range(groups)
+        ]
+        return ray.get(refs)
+    finally:
+        remove_placement_group(reserved)
+
+
 def ensure_feature_cache(spec: JobSpec, storage_options: Mapping[str, Any]) -> str | None:
     """The cache root to train from, building what is missing; None when not used."""
     mode = spec.data.feature_cache
@@ -124,17 +165,7 @@ def ensure_feature_cache(spec: JobSpec, storage_options: Mapping[str, Any]) -> s
     say(f"building feature cache {root}: {len(missing)} of {len(wanted)} episodes to encode")
     store.write_json(KEY_FILE, inputs)
     if missing:
-        import ray
-
-        groups = max(1, min(spec.scaling.num_workers, len(missing)))
-        resources = {"num_gpus": 1} if spec.scaling.use_gpu else {"num_cpus": 1}
-        task = ray.remote(**resources)(encode_episodes)
-        spec_dict = spec.public_dict()
-        options_ref = ray.put(dict(storage_options))
-        refs = [
-            task.remote(spec_dict, options_ref, root, missing[i::groups]) for i in range(groups)
-        ]
-        stats = ray.get(refs)
+        stats = _run_encode_tasks(spec, storage_options, root, missing)
         frames = sum(s["frames"] for s in stats)
         seconds = sum(s["seconds"] for s in stats)
         say(

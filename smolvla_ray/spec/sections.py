@@ -438,6 +438,10 @@ class FailureSpec(BaseModel):
     """A NaN/inf loss or gradient: skip that step, or stop the run."""
     resource_wait_s: float = Field(600, ge=0)
     """How long to wait for the cluster to grant the workers' resources."""
+    collective_timeout_s: int = Field(1800, ge=1)
+    """How long a collective (all-reduce, broadcast, barrier) waits for every worker: a hung
+    worker then fails the group, which Ray Train restarts under max_failures, instead of
+    stalling it. Ray's and PyTorch's default, 1800 s."""
 
 
 _USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*:[^/@]*@")

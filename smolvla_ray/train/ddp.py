@@ -80,3 +80,13 @@ def wrap_ddp(
     counter = CommCounter()
     ddp.register_comm_hook(counter, _counting_allreduce_hook)
     return ddp, counter
+
+
+def collective_timeout_s(device: torch.device) -> float | None:
+    """The default process group's collective timeout as its backend holds it (what
+    `failure.collective_timeout_s` became), or None where torch does not expose it."""
+    try:
+        backend = dist.group.WORLD._get_backend(device)
+        return backend.options._timeout.total_seconds()
+    except (AttributeError, RuntimeError):
+        return None

@@ -36,7 +36,7 @@ from smolvla_ray.progress_line import PREFIX, format_progress_line
 from smolvla_ray.run_layout import checkpoint_dir_name, run_uri
 from smolvla_ray.spec import JobSpec
 from smolvla_ray.train.checkpointer import Checkpointer, TrainState
-from smolvla_ray.train.ddp import CommCounter, wrap_ddp
+from smolvla_ray.train.ddp import CommCounter, collective_timeout_s, wrap_ddp
 from smolvla_ray.train.interrupt import Decision
 from smolvla_ray.train.metrics import MetricsLog
 from smolvla_ray.train.optim import build_optimizer, build_scheduler
@@ -126,9 +126,11 @@ def train(
     if rank == 0:
         trainable = sum(p.numel() for p in ddp.module.params)
         total = sum(p.numel() for p in w.policy.parameters())
+        timeout = collective_timeout_s(device)
         say(
             f"{context.world_size} worker(s) on {device.type}; parameters: {total:,} total, "
             f"{trainable:,} trainable, {total - trainable:,} frozen"
+            + (f"; collective timeout {timeout:g} s" if timeout is not None else "")
         )
     metrics_log = _metrics_log(spec, options) if rank == 0 else None
 

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 def spec_for(dataset, storage, name, mode, options, **extra):
     data = {"uri": dataset, "num_loader_workers": 0, "feature_cache": mode, **extra.pop("data", {})}
     train = {"steps": 3, "log_every": 1, **extra.pop("train", {})}
-    scaling = {"num_workers": 1}
+    scaling = {"num_workers": 1, **extra.pop("scaling", {})}
     return spec_from_dict(
         tiny_spec_dict(
             dataset, storage, name, data=data, storage_options=options, train=train,
@@ -121,3 +121,32 @@ def test_on_refuses_non_constant_features(demo_dataset: str, tmp_path: Path) -> 
         demo_dataset, str(tmp_path), "x", "auto", {}, data={"augment": {"enable": True}}
     )
     assert ensure_feature_cache(auto, {}) is None
+
+
+def test_a_build_asking_for_absent_gpus_fails_within_resource_wait_s(
+    demo_dataset: str, tmp_path: Path
+) -> None:
+    import time
+
+    import ray
+    from ray.util import placement_group_table
+
+    from smolvla_ray.waits import ResourceWaitTimeout
+
+    spec = spec_for(
+        demo_dataset, str(tmp_path / "runs"), "gpus", "on", {},
+        scaling={"num_workers": 2, "use_gpu": True}, failure={"resource_wait_s": 2},
+    )  # fmt: skip
+    assert not ray.cluster_resources().get("GPU")  # this machine's Ray has none to give
+    start = time.monotonic()
+    with pytest.raises(ResourceWaitTimeout) as raised:
+        ensure_feature_cache(spec, {})
+    assert time.monotonic() - start < 30
+    message = str(raised.value)
+    assert message.startswith(
+        "the cluster did not grant the feature-cache build's resources within "
+        "failure.resource_wait_s=2s: it asks 2 task(s) x {CPU: 1, GPU: 1}; the cluster has {"
+    ), message
+    assert message.endswith("or raise failure.resource_wait_s")
+    # Its reservation is given back: nothing of it waits on in the cluster.
+    assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())

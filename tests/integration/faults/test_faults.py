@@ -185,7 +185,15 @@ def test_sigterm_then_sigkill_to_a_worker_resume_to_the_same_parameters(
     seen = watch_worker_nodes(cluster, stop)
     reference = start_driver(
         cluster,
-        fault_spec(demo_dataset, storage, "straight", options, steps=LONG, checkpoint=checkpoint),
+        fault_spec(
+            demo_dataset,
+            storage,
+            "straight",
+            options,
+            steps=LONG,
+            checkpoint=checkpoint,
+            failure={"collective_timeout_s": 900},
+        ),
         tmp_path,
         name="ref",
     )
@@ -193,6 +201,7 @@ def test_sigterm_then_sigkill_to_a_worker_resume_to_the_same_parameters(
     stop.set()
     assert code == 0, reference.output()[-4000:]
     assert "2 worker(s) on cpu" in reference.output()
+    assert "; collective timeout 900 s" in reference.output()  # the setting reached gloo
     assert seen["node_a"] and seen["node_b"], seen
     assert steps_of(storage, "straight", options) == [LONG]
 
