@@ -10,9 +10,12 @@ A build interrupted part-way keeps its shards; a complete cache is reused as it 
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +27,7 @@ from smolvla_ray.cache.store import (
     cache_key,
     key_inputs,
 )
+from smolvla_ray.data.storage import DEFAULT_CACHE_DIR as CACHE_DIR
 from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.policy.freezing import trainable_image_towers
 from smolvla_ray.run_layout import cache_root
@@ -31,6 +35,74 @@ from smolvla_ray.spec import JobSpec
 from smolvla_ray.waits import ResourceWaitTimeout, resource_message, show_resources
 
 ENCODE_BATCH = 32
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+def feature_bytes_per_image(config: PolicyConfig, dtype: str) -> int:
+    """Bytes of one camera image's cached features: the connector's tokens per image x the
+    text model's width x the storage dtype's size, from the VLM's config alone (LeRobot's
+    SmolVLM2-500M: 64 tokens x 960 x 4 bytes = 245,760)."""
+    from smolvla_ray.policy.backbone import load_vlm_config
+
+    vlm = load_vlm_config(config.vlm_model_name)
+    patches = (vlm.vision_config.image_size // vlm.vision_config.patch_size) ** 2
+    tokens = patches // vlm.scale_factor**2
+    return tokens * vlm.text_config.hidden_size * DTYPE_BYTES[dtype]
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """How big the feature cache is, from the dataset's metadata alone, and whether every
+    node can hold its copy: within `data.cache_max_bytes` and the free disk under
+    `data.cache_dir` (this node's, standing for the others)."""
+
+    frames: int
+    cameras: int
+    bytes_per_image: int
+    dtype: str
+    max_bytes: int
+    free_bytes: int
+    cache_dir: str
+
+    @property
+    def total_bytes(self) -> int:
+        return self.frames * self.cameras * self.bytes_per_image
+
+    @property
+    def problem(self) -> str | None:
+        """Why the cache does not fit (None when it does)."""
+        if self.total_bytes > self.max_bytes:
+            return f"it exceeds data.cache_max_bytes={_size(self.max_bytes)}"
+        if self.total_bytes > self.free_bytes:
+            return f"it exceeds the {_size(self.free_bytes)} free under {self.cache_dir}"
+        return None
+
+    def line(self) -> str:
+        return (
+            f"{self.frames:,} frames x {self.cameras} camera(s) x {self.bytes_per_image:,} "
+            f"bytes ({self.dtype}) = {_size(self.total_bytes)}, a full copy on every node"
+        )
+
+
+def plan_cache(
+    config: PolicyConfig, *, frames: int, cameras: int, dtype: str, max_bytes: int, cache_dir: Path
+) -> CachePlan:
+    existing = cache_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return CachePlan(
+        frames=frames,
+        cameras=cameras,
+        bytes_per_image=feature_bytes_per_image(config, dtype),
+        dtype=dtype,
+        max_bytes=max_bytes,
+        free_bytes=shutil.disk_usage(existing).free,
+        cache_dir=str(cache_dir),
+    )
 
 
 def say(message: str) -> None:
@@ -152,11 +224,35 @@ def ensure_feature_cache(spec: JobSpec, storage_options: Mapping[str, Any]) -> s
             raise ValueError(f"data.feature_cache='on' but {blocker}; use auto or off")
         say(f"feature cache not used: {blocker}")
         return None
+    selected = episode_selection(spec)
+    wanted = list(selected) if selected is not None else [e.episode_index for e in meta.episodes]
+    chosen = set(wanted)
+    plan = plan_cache(
+        config,
+        frames=sum(e.length for e in meta.episodes if e.episode_index in chosen),
+        cameras=len(resolution.sources),
+        dtype=spec.data.feature_cache_dtype,
+        max_bytes=int(spec.data.cache_max_bytes),
+        cache_dir=Path(spec.data.cache_dir).expanduser() if spec.data.cache_dir else CACHE_DIR,
+    )
+    if plan.problem is not None:
+        fix = (
+            "raise data.cache_max_bytes (and the nodes' disk), or set "
+            "data.feature_cache_dtype: bfloat16 to halve it"
+        )
+        if mode == "on":
+            raise ValueError(
+                f"data.feature_cache='on' but the cache is too big: {plan.line()}; "
+                f"{plan.problem}. Set data.feature_cache to auto or off, or {fix}"
+            )
+        say(
+            f"feature cache not used: {plan.line()}; {plan.problem} ({fix}); training decodes video"
+        )
+        return None
+    say(f"feature cache: {plan.line()}")
     inputs = key_inputs(spec, config, resolution, meta, storage_options=storage_options)
     root = cache_root(spec.checkpoint.storage, cache_key(inputs))
     store = CacheStore(root, storage_options)
-    selected = episode_selection(spec)
-    wanted = list(selected) if selected is not None else [e.episode_index for e in meta.episodes]
     present = store.shards()
     missing = [e for e in wanted if e not in present]
     if not missing:

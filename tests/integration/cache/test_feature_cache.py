@@ -90,9 +90,19 @@ def test_interrupted_build_resumes_with_its_shards(
     demo_dataset: str, tmp_path: Path, capfd
 ) -> None:
     spec = spec_for(demo_dataset, str(tmp_path / "runs"), "resume", "on", {})
+    capfd.readouterr()
     root = ensure_feature_cache(spec, {})
     store = CacheStore(root, {})
     assert store.shards() == {0, 1, 2, 3}
+    # The estimate, from metadata alone, is exactly what the shards hold: every frame, 2
+    # cameras, the tiny VLM's 16 tokens x 128 x 4 bytes per image.
+    frames = sum(e.length for e in open_dataset(spec, storage_options={}).episodes)
+    estimate = f"{frames:,} frames x 2 camera(s) x 8,192 bytes (float32) = "
+    assert estimate in capfd.readouterr().err
+    held = 0
+    for shard in Path(root).glob("episode_*.safetensors"):
+        held += sum(t.numel() * t.element_size() for t in load_file(str(shard)).values())
+    assert held == frames * 2 * 8192
     kept = Path(root) / "episode_000000.safetensors"
     mtime = kept.stat().st_mtime_ns
     (Path(root) / "episode_000002.safetensors").unlink()  # as if the build died there
@@ -150,3 +160,28 @@ def test_a_build_asking_for_absent_gpus_fails_within_resource_wait_s(
     assert message.endswith("or raise failure.resource_wait_s")
     # Its reservation is given back: nothing of it waits on in the cluster.
     assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
+
+
+def test_a_cache_bigger_than_its_bound_is_not_used_or_refused(
+    demo_dataset: str, tmp_path: Path, capfd
+) -> None:
+    storage = str(tmp_path / "runs")
+    small = {"cache_max_bytes": "2MB"}
+    auto = spec_for(demo_dataset, storage, "auto", "auto", {}, data=small)
+    frames = sum(e.length for e in open_dataset(auto, storage_options={}).episodes)
+    assert 2e6 / 2 < frames * 2 * 8192 <= 2e6 * 2, frames  # float32 too big, bfloat16 fits
+    capfd.readouterr()
+    assert ensure_feature_cache(auto, {}) is None
+    said = capfd.readouterr().err
+    assert f"feature cache not used: {frames:,} frames x 2 camera(s) x 8,192 bytes" in said
+    assert "it exceeds data.cache_max_bytes=2.0 MB (raise data.cache_max_bytes" in said, said
+    assert said.rstrip().endswith("training decodes video"), said
+    assert not (tmp_path / "runs" / "feature-cache").exists()  # nothing built
+    on = spec_for(demo_dataset, storage, "on", "on", {}, data=small)
+    with pytest.raises(ValueError, match="data.feature_cache='on' but the cache is too big"):
+        ensure_feature_cache(on, {})
+    half = spec_for(
+        demo_dataset, storage, "half", "auto", {},
+        data={**small, "feature_cache_dtype": "bfloat16"},
+    )  # fmt: skip
+    assert ensure_feature_cache(half, {}) is not None  # half the bytes in bfloat16: it fits
