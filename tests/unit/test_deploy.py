@@ -346,6 +346,78 @@ def test_configmap_spec_validates_and_fits_the_cluster():
         assert "://" in uri, f"{uri}: a multi-node job needs storage URIs, not local paths"
 
 
+# ------------------------------------------------- the configs against the manifests
+
+QUANTITY = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4, "k": 1e3, "M": 1e6, "G": 1e9}
+
+
+def quantity(value: str | int | float) -> float:
+    """A Kubernetes quantity (`8`, `500m`, `40Gi`) as a number."""
+    text = str(value)
+    if text.endswith("m"):
+        return float(text[:-1]) / 1000
+    for suffix, factor in QUANTITY.items():
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor
+    return float(text)
+
+
+def gpu_pods(cluster: dict[str, Any]) -> list[dict[str, float]]:
+    """Per GPU worker group: replicas, GPUs, CPUs and the node-local cache's disk of a pod."""
+    pods = []
+    for group in cluster["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        (container,) = pod["containers"]
+        limits = container["resources"]["limits"]
+        if "nvidia.com/gpu" not in limits:
+            continue
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        (mount,) = [m for m in mounts if env["SMOLVLA_RAY_CACHE"].startswith(m.rstrip("/") + "/")]
+        disk = volumes[mounts[mount]]["emptyDir"]["sizeLimit"]
+        pods.append(
+            {
+                "replicas": group["replicas"],
+                "gpus": quantity(limits["nvidia.com/gpu"]),
+                "cpus": quantity(limits["cpu"]),
+                "disk": quantity(disk),
+            }
+        )
+    return pods
+
+
+def assert_job_fits(job: Any, cluster: dict[str, Any], where: str) -> None:
+    """The job's workers fit the cluster's GPU pods: count, GPUs, CPUs (its own and one per
+    loader process, reserved), and the node-local cache's bound on the pod's disk."""
+    pods = gpu_pods(cluster)
+    assert pods, where
+    per_worker = job.scaling.resources_per_worker or {"CPU": 1, "GPU": 1}
+    assert per_worker.get("CPU", 1) >= 1 + job.data.num_loader_workers, (
+        f"{where}: a worker with {job.data.num_loader_workers} loader processes reserves "
+        f"{per_worker.get('CPU', 1)} CPU(s)"
+    )
+    slots = sum(p["replicas"] * min(p["gpus"], p["cpus"] // per_worker.get("CPU", 1)) for p in pods)
+    assert job.scaling.num_workers <= slots, f"{where}: {job.scaling.num_workers} > {slots}"
+    for pod in pods:  # the video and feature caches stay within cache_max_bytes per node
+        assert int(job.data.cache_max_bytes) <= pod["disk"], where
+
+
+@pytest.mark.parametrize("name", ["so100-finetune.yaml", "libero-finetune.yaml"])
+def test_the_gpu_configs_fit_the_raycluster(name: str):
+    from smolvla_ray.spec import load_spec
+
+    job = load_spec(ROOT / "configs" / name)
+    (cluster,) = docs_of("RayCluster")
+    assert_job_fits(job, cluster["spec"], f"configs/{name} on deploy/kuberay/raycluster.yaml")
+
+
+def test_the_rayjob_spec_fits_its_cluster():
+    (configmap,) = docs_of("ConfigMap")
+    job = spec_from_dict(yaml.safe_load(configmap["data"]["spec.yaml"]), source="ConfigMap")
+    assert_job_fits(job, rayjob()["spec"]["rayClusterSpec"], "deploy/kuberay/rayjob.yaml")
+
+
 def test_rayjob_lifecycle_fields():
     spec = rayjob()["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
