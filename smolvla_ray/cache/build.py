@@ -28,6 +28,7 @@ from smolvla_ray.cache.store import (
     key_inputs,
 )
 from smolvla_ray.data.storage import DEFAULT_CACHE_DIR as CACHE_DIR
+from smolvla_ray.keys import FEATURES_SUFFIX
 from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.policy.freezing import trainable_image_towers
 from smolvla_ray.run_layout import cache_root
@@ -122,6 +123,9 @@ def encode_episodes(
     meta = open_dataset(spec, storage_options=storage_options)
     policy = build_policy(spec, meta, storage_options=storage_options).to(device).eval()
     dtype = getattr(torch, spec.data.feature_cache_dtype)
+    # The training step's precision: a bf16 run encodes its frames live under bf16 autocast,
+    # so its cache does too (the key says which, `encode_precision`).
+    autocast = spec.resolved_precision() == "bf16"
     store = CacheStore(root, storage_options)
     # Shards hold the cameras under the policy's keys, each encoded from its renamed source.
     sources = policy.feature_resolution.sources
@@ -142,8 +146,12 @@ def encode_episodes(
                 key: torch.stack([s[source] for s in samples]).to(device)
                 for key, source in sources.items()
             }
-            for key, value in policy.encode_images(batch).items():
-                outputs.setdefault(key.removesuffix(".features"), []).append(value.to("cpu"))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                encoded = policy.encode_images(batch)
+            for key, value in encoded.items():
+                outputs.setdefault(key.removesuffix(FEATURES_SUFFIX), []).append(
+                    value.float().to("cpu")
+                )
         store.write_shard(episode, {k: torch.cat(v).to(dtype) for k, v in outputs.items()})
         frames += len(dataset)
     return {"frames": frames, "seconds": time.perf_counter() - start}

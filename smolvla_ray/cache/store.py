@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     from smolvla_ray.features import FeatureResolution
     from smolvla_ray.spec import JobSpec
 
-FORMAT_VERSION = 2  # 2: cameras keyed by policy key with their dataset source
+# 2: cameras keyed by policy key with their dataset source; 3: encoded in the run's precision
+FORMAT_VERSION = 3
 COMPLETE = "complete.json"
 KEY_FILE = "key.json"
 
@@ -172,8 +173,10 @@ def key_inputs(
             for key, f in config.image_features.items()
         },
         "rename_map": dict(sorted(resolution.rename_map.items())),
-        # The precision the encoder ran in (float32 today); the storage dtype is `dtype`.
-        "encode_precision": "float32",
+        # The precision the encoder runs in, the run's (bf16 autocast on GPU by default), so
+        # that cached features are what a live bf16 step computes; `dtype` is how they are
+        # stored.
+        "encode_precision": spec.resolved_precision(),
         "dataset": {
             "url": hub.canonical_dataset_url(storage.url),
             "info": hashlib.sha256(json.dumps(meta.info, sort_keys=True).encode()).hexdigest(),

@@ -168,3 +168,20 @@ def test_the_resolved_overrides_decide_whether_the_cache_applies(
     assert "the policy's connector trains" in capfd.readouterr().err
     assert vision_blocker(PolicyConfig(freeze_vision_encoder=False, train_expert_only=False))
     assert vision_blocker(PolicyConfig(freeze_vision_encoder=False, train_expert_only=True)) is None
+
+
+def test_the_key_follows_the_precision_features_are_encoded_in(
+    real: dict[str, str], tmp_path: Path, no_model: None
+) -> None:
+    fp32 = spec_for(real, tmp_path, preset="tiny")
+    data = {"uri": real["dataset"], "feature_cache": "auto"}
+    gpu = {"use_gpu": True}
+    bf16 = spec_from_dict({**fp32.public_dict(), "data": data, "scaling": gpu})
+    assert bf16.resolved_precision() == "bf16" and fp32.resolved_precision() == "fp32"
+    meta = load_meta(real["dataset"])
+    config, resolution = resolve_dataset_features(fp32, meta, storage_options={})
+    inputs = key_inputs(bf16, config, resolution, meta, storage_options={})
+    assert inputs["encode_precision"] == "bf16" and inputs["format"] == 3
+    assert key_of(bf16) != key_of(fp32)
+    gpu_fp32 = {**bf16.public_dict(), "train": {**bf16.public_dict()["train"], "precision": "fp32"}}
+    assert key_of(spec_from_dict(gpu_fp32)) == key_of(fp32)  # the device alone is not keyed
