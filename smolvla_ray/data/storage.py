@@ -130,19 +130,28 @@ class FileCache:
 
     directory: Path = DEFAULT_CACHE_DIR / "files"
     max_bytes: int = DEFAULT_CACHE_MAX_BYTES
+    # (dataset URL, relative path) -> size, asked of remote storage once per reader, not at
+    # every frame read (a HEAD request on S3): a dataset's files do not change while it is
+    # read; a new reader (the next run) sees a changed file as a new entry.
+    _sizes: dict[tuple[str, str], int] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def local_path(self, storage: Storage, relative: str) -> Path:
         """A local path with the file's content, downloading it once if needed."""
         fs = storage.fs
         remote = storage.path(relative)
-        try:
-            size = int(fs.size(remote))
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"{storage.display(relative)} does not exist") from err
-        except Exception as err:
-            if looks_like_connection_error(err) or isinstance(err, OSError):
-                raise _unreachable(storage, relative, err) from err
-            raise
+        size = self._sizes.get((storage.url, relative))
+        if size is None:
+            try:
+                size = int(fs.size(remote))
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"{storage.display(relative)} does not exist") from err
+            except Exception as err:
+                if looks_like_connection_error(err) or isinstance(err, OSError):
+                    raise _unreachable(storage, relative, err) from err
+                raise
+            self._sizes[(storage.url, relative)] = size
         key = hashlib.sha256(f"{storage.url}|{relative}|{size}".encode()).hexdigest()[:32]
         suffix = Path(relative).suffix
         target = self.directory / key[:2] / f"{key}{suffix}"

@@ -235,13 +235,15 @@ def _build(spec: JobSpec, context: WorkerContext) -> _Worker:
     worker), DDP over its trainable view, AdamW and the schedule."""
     meta = open_dataset(spec, storage_options=context.storage_options)
     policy = build_policy(spec, meta, storage_options=context.storage_options)
-    policy = policy.to(context.device)
     policy.train()
+    # Fingerprints are taken on the host, before the move: hashing device tensors would copy
+    # the whole frozen backbone back (1.4 GB at base size).
     base_fingerprint = check_frozen_fingerprint(policy)
     if spec.resolved_frozen_dtype() == "bf16" and policy.model.vlm_is_frozen():
         # Frozen weights in bf16 halve their memory; autocast keeps the math consistent.
         policy.model.vlm_with_expert.vlm.to(torch.bfloat16)
     local_frozen = frozen_fingerprint(policy)
+    policy = policy.to(context.device)
     ddp, comm = wrap_ddp(policy, device=context.device)
     opt, sched = spec.train.optimizer, spec.train.scheduler
     optimizer = build_optimizer(

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import fsspec
+import pytest
 
 from smolvla_ray.data.storage import FileCache, Storage
 
@@ -58,5 +59,25 @@ def test_changed_remote_file_is_a_new_entry(tmp_path: Path) -> None:
     cache = FileCache(tmp_path / "cache")
     first = cache.local_path(Storage(url), "v.mp4")
     fs.pipe(f"{url[len('memory://') :]}/v.mp4", b"newer")
-    second = cache.local_path(Storage(url), "v.mp4")
+    # Another reader of the same node cache (the next run): one reader asks a file's size
+    # once, so a file changed under a reader is seen by the next one.
+    second = FileCache(tmp_path / "cache").local_path(Storage(url), "v.mp4")
     assert first != second and second.read_bytes() == b"newer"
+
+
+def test_a_remote_file_size_is_asked_once_per_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every frame read goes through local_path: the remote size (a HEAD request on S3) must
+    # not be asked each time.
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    url = f"memory://sizes-{uuid.uuid4().hex}"
+    MemoryFileSystem().pipe_file(f"{url}/videos/a.mp4", b"x" * 100)
+    asked: list[str] = []
+    size = MemoryFileSystem.size
+    monkeypatch.setattr(MemoryFileSystem, "size", lambda fs, p: asked.append(p) or size(fs, p))
+    cache, storage = FileCache(tmp_path / "cache"), Storage(url)
+    paths = {cache.local_path(storage, "videos/a.mp4") for _ in range(5)}
+    assert len(paths) == 1 and next(iter(paths)).read_bytes() == b"x" * 100
+    assert len(asked) == 1, asked
