@@ -9,10 +9,12 @@ keys/values, `PrefixCache`), new VLM tokens, and expert (action) tokens. The thr
 - Inference: the whole prefix is encoded once into a cache; each denoising step runs only
   the actions against it.
 
-Numerics follow LeRobot 0.6.1's `SmolVLMWithExpertModel`: eager attention upcast to float32,
+Numerics follow LeRobot 0.6.1's `SmolVLMWithExpertModel`: eager attention with query and key
+cast to float32 (under bf16 autocast the matmuls still run in bf16, as in LeRobot: autocast
+casts their inputs back; tests/unit/policy/test_attention_bf16.py measures the difference),
 masked logits set to the dtype's minimum, RoPE with wavelength 10,000 (LeRobot's
-`apply_rope`, not the text config's `rope_theta`), and in cross-attention layers the expert's
-positions restart at 0.
+`apply_rope`, not the text config's `rope_theta`), and in cross-attention layers the
+expert's positions restart at 0.
 """
 
 from __future__ import annotations
