@@ -1,15 +1,22 @@
-"""Ray Train step breakdown, communication bytes, scaling 1 -> 2 workers, peak memory.
+"""Ray Train step breakdown, communication bytes, weak and strong scaling, peak memory.
 
-Runs short real finetunes (embedded Ray, gloo on CPU; NCCL on GPU with --gpu) on a synthetic
-dataset and prints one JSON object per preset: the mean step time split into data wait /
-forward / backward / optimizer, all-reduced bytes per step (and the trainable gradient
-bytes they should equal), samples/s with 1 and 2 workers and the scaling efficiency
-`throughput(2) / (2 x throughput(1))`, and peak memory per worker.
+Runs short real finetunes through `driver.run` (a private local Ray, or the cluster named by
+`--address`; gloo on CPU, NCCL with `--device cuda`) on a synthetic video dataset with
+cameras of `--camera` size (480x640, a real robot's, by default) and prints one JSON object:
+per preset and worker count, the mean step time split into data wait / forward / backward /
+optimizer (the first `--warmup` steps left out), the data-wait share of the step, the
+all-reduced bytes per step, samples/s and peak memory of rank 0; and the scaling efficiency:
 
-    .venv/bin/python benchmarks/train_step.py [--presets tiny,base] [--steps 12] [--gpu]
+- weak (the batch per worker fixed): samples/s(N) / (N x samples/s(1));
+- strong (the global batch of the largest N fixed, split across N): step time(1) /
+  (N x step time(N)).
 
-On a 2-core CPU machine two workers share the cores, so the CPU efficiency measures
-contention as much as communication; the GPU numbers are the meaningful scaling figure.
+    .venv/bin/python benchmarks/train_step.py [--presets tiny,base] [--workers 1,2]
+        [--steps 12] [--device cpu|cuda] [--address HOST:6379] [--camera 480x640]
+
+All-reduce time is not separated from the backward pass (DDP overlaps them); compare the
+backward time across worker counts. On a 2-core CPU machine workers share the cores, so the
+CPU efficiency measures contention as much as communication; GPUs give the real figure.
 """
 
 from __future__ import annotations
@@ -29,43 +36,45 @@ from smolvla_ray.spec import spec_from_dict
 from smolvla_ray.train.metrics import read_metrics
 
 PHASES = ["step_s", "data_wait_s", "forward_s", "backward_s", "optimizer_s"]
+BATCH_PER_WORKER = {"tiny": 8, "base": 2}
 
 
 def run_once(
-    preset: str,
-    workers: int,
-    steps: int,
-    batch: int,
-    dataset: str,
-    root: Path,
-    gpu: bool,
-    feature_cache: str,
+    preset: str, workers: int, batch: int, args: argparse.Namespace, dataset: str, root: Path
 ) -> dict:
-    name = f"{preset}-{workers}w"
+    name = f"{preset}-{workers}w-b{batch}"
     spec = spec_from_dict(
         {
             "name": name,
             "policy": {"preset": preset},
-            "data": {"uri": dataset, "num_loader_workers": 1, "feature_cache": feature_cache},
-            "train": {"steps": steps, "batch_size": batch, "log_every": 1},
-            "scaling": {"num_workers": workers, "use_gpu": gpu},
+            "data": {"uri": dataset, "num_loader_workers": 1, "feature_cache": args.feature_cache},
+            "train": {"steps": args.steps, "batch_size": batch, "log_every": 1},
+            "scaling": {"num_workers": workers, "use_gpu": args.device == "cuda"},
             "checkpoint": {"storage": str(root), "every_steps": None},
+            "observe": {"tensorboard": False},
         }
     )
-    driver.run(spec)
-    records = read_metrics(run_uri(str(root), name))[2:]  # the first steps warm up
+    driver.run(spec, address=args.address)
+    records = [r for r in read_metrics(run_uri(str(root), name)) if r["step"] > args.warmup]
     out = {k: statistics.mean(r[k] for r in records) for k in PHASES}
+    out["data_wait_share"] = out["data_wait_s"] / out["step_s"]
     out["samples_per_s"] = statistics.mean(r["samples_per_s"] for r in records)
     out["comm_bytes_per_step"] = records[-1]["comm_bytes"]
     out["peak_memory_mb_rank0"] = max(r["peak_memory_mb"] for r in records)
+    out["batch_per_worker"] = batch
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="tiny,base")
+    parser.add_argument("--workers", default="1,2", help="worker counts, e.g. 1,2,4,8")
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--warmup", type=int, default=2, help="first steps left out")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--gpu", action="store_true", help="the same as --device cuda")
+    parser.add_argument("--address", default=None, help="a Ray cluster; default: private")
+    parser.add_argument("--camera", default="480x640", help="HEIGHTxWIDTH of both cameras")
     parser.add_argument(
         "--feature-cache",
         default="off",
@@ -73,31 +82,57 @@ def main() -> None:
         help="off (default) times the video path; the cache has its own benchmark",
     )
     args = parser.parse_args()
-    batches = {"tiny": 8, "base": 2}
-    ray.init(
-        address="local",
-        num_cpus=4 if not args.gpu else None,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
+    if args.gpu:
+        args.device = "cuda"
+    counts = sorted({int(n) for n in args.workers.split(",")})
+    if args.steps <= args.warmup:
+        parser.error(f"--steps {args.steps} leaves nothing after --warmup {args.warmup}")
+    height, width = (int(x) for x in args.camera.split("x"))
+    if args.address is None:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        dataset = write_demo_dataset(str(root / "dataset"), num_episodes=4, episode_length=60)
+        dataset = write_demo_dataset(
+            str(root / "dataset"), num_episodes=4, episode_length=60, height=height, width=width
+        )
         for preset in args.presets.split(","):
-            steps = args.steps if preset == "tiny" else max(4, args.steps // 3)
-            common = (steps, batches[preset], dataset, root, args.gpu, args.feature_cache)
-            one = run_once(preset, 1, *common)
-            two = run_once(preset, 2, *common)
+            per_worker = BATCH_PER_WORKER[preset]
+            weak = {n: run_once(preset, n, per_worker, args, dataset, root) for n in counts}
+            # Strong scaling: the largest count's global batch, split across each count.
+            global_batch = per_worker * counts[-1]
+            strong = {
+                n: weak[n] if n == counts[-1] else run_once(
+                    preset, n, global_batch // n, args, dataset, root
+                )
+                for n in counts
+                if global_batch % n == 0
+            }  # fmt: skip
+            one_weak, one_strong = weak[counts[0]], strong.get(counts[0])
             results[preset] = {
-                "batch_per_worker": batches[preset],
-                "one_worker": one,
-                "two_workers": two,
-                "scaling_efficiency": two["samples_per_s"] / (2 * one["samples_per_s"]),
+                "weak": {str(n): r for n, r in weak.items()},
+                "strong": {str(n): r for n, r in strong.items()},
+                "global_batch_strong": global_batch,
+                "weak_efficiency": {
+                    str(n): r["samples_per_s"] / (n / counts[0] * one_weak["samples_per_s"])
+                    for n, r in weak.items()
+                },
+                "strong_efficiency": {
+                    str(n): one_strong["step_s"] / (n / counts[0] * r["step_s"])
+                    for n, r in strong.items()
+                }
+                if one_strong
+                else {},
             }
     print(
         json.dumps(
-            {"benchmark": "train_step", "device": "gpu" if args.gpu else "cpu", "results": results},
+            {
+                "benchmark": "train_step",
+                "device": args.device,
+                "camera": args.camera,
+                "workers": counts,
+                "results": results,
+            },
             indent=2,
         )
     )

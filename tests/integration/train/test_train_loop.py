@@ -87,3 +87,24 @@ def test_two_workers_stay_in_sync_and_equal_one_worker_with_double_batch(
     train_in_process(spec_from_dict(start))
     moved = trainable_at(tmp_path, "zero", 1)
     assert any(not torch.equal(moved[n], a[n]) for n in a)  # training did change them
+
+
+def test_a_full_finetune_with_the_cache_on_auto_trains_two_workers_to_the_end(
+    tmp_path: Path, demo_dataset: str, capfd
+) -> None:
+    # train_expert_only: false makes the connector trainable, and the cache holds its
+    # output: the cache must not be used (DDP would wait for the connector's gradients).
+    spec = spec_from_dict(
+        tiny_spec_dict(
+            demo_dataset, tmp_path, "full",
+            policy={"preset": "tiny", "train_expert_only": False},
+            data={"uri": demo_dataset, "num_loader_workers": 0, "feature_cache": "auto"},
+            train={"steps": 4, "log_every": 1},
+            scaling={"num_workers": 2},
+        )
+    )  # fmt: skip
+    result = driver.run(spec)
+    assert result.metrics["step"] == 4
+    said = capfd.readouterr().err
+    assert "feature cache not used: the policy's connector trains" in said, said[-2000:]
+    assert not (tmp_path / "feature-cache").exists()
