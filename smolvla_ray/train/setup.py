@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from smolvla_ray.build import episode_selection
 from smolvla_ray.cache.store import CachedFeatures, CacheStore
 from smolvla_ray.data.loader import ShardedLoader
-from smolvla_ray.data.meta import DatasetMeta
+from smolvla_ray.data.meta import DatasetMeta, select_episodes
 from smolvla_ray.data.samples import FrameDataset
 from smolvla_ray.data.storage import DEFAULT_CACHE_DIR, FileCache
 from smolvla_ray.policy.modeling import SmolVLAPolicy
@@ -28,26 +28,23 @@ def build_loader(
     world_size: int,
     cursor: dict[str, Any] | None,
     storage_options: Mapping[str, Any],
-    feature_cache: str | None = None,
+    features: Path | None = None,
 ) -> ShardedLoader:
-    """This worker's share of each epoch, preprocessed by the policy's processor. With a
-    feature cache the samples carry cached vision features and no video is decoded."""
-    cache_dir = Path(spec.data.cache_dir) if spec.data.cache_dir else DEFAULT_CACHE_DIR
-    cache = FileCache(directory=cache_dir / "files", max_bytes=spec.data.cache_max_bytes)
+    """This worker's share of each epoch, preprocessed by the policy's processor. With
+    `features` (the node's copy of the feature cache, `fetch_feature_cache`) the samples
+    carry cached vision features and no video is decoded."""
+    cache = FileCache(directory=_cache_dir(spec) / "files", max_bytes=spec.data.cache_max_bytes)
     sources = policy.feature_resolution.sources  # policy camera key -> dataset camera key
     dataset: Dataset = FrameDataset(
         meta,
         episodes=episode_selection(spec),
-        cameras=[] if feature_cache else list(sources.values()),
+        cameras=[] if features else list(sources.values()),
         chunk_size=policy.config.chunk_size,
         storage_options=storage_options,
         cache=cache,
     )
-    if feature_cache:
-        episodes = sorted({int(e) for e in dataset.frames.episode_index})
-        local = cache_dir / "features" / feature_cache.rstrip("/").rsplit("/", 1)[-1]
-        CacheStore(feature_cache, storage_options).fetch(episodes, local)
-        dataset = CachedFeatures(dataset, local, list(sources))  # stored by policy key
+    if features:
+        dataset = CachedFeatures(dataset, features, list(sources))  # stored by policy key
     processor = policy.processor
     return ShardedLoader(
         dataset,
@@ -59,3 +56,22 @@ def build_loader(
         cursor=cursor,
         batch_transform=processor.preprocess if processor is not None else None,
     )
+
+
+def _cache_dir(spec: JobSpec) -> Path:
+    return Path(spec.data.cache_dir).expanduser() if spec.data.cache_dir else DEFAULT_CACHE_DIR
+
+
+def fetch_feature_cache(
+    spec: JobSpec, meta: DatasetMeta, feature_cache: str | None, storage_options: Mapping[str, Any]
+) -> Path | None:
+    """This node's copy of the feature cache's shards for the run's episodes (fetched once
+    per node; None without a cache). The trainer calls it before its first collective, so a
+    long download never holds the other workers inside one until the collective timeout."""
+    if not feature_cache:
+        return None
+    episodes = [
+        meta.episodes[i].episode_index for i in select_episodes(meta, episode_selection(spec))
+    ]
+    local = _cache_dir(spec) / "features" / feature_cache.rstrip("/").rsplit("/", 1)[-1]
+    return CacheStore(feature_cache, storage_options).fetch(sorted(episodes), local)

@@ -40,7 +40,7 @@ from smolvla_ray.train.ddp import CommCounter, collective_timeout_s, wrap_ddp
 from smolvla_ray.train.interrupt import Decision
 from smolvla_ray.train.metrics import MetricsLog
 from smolvla_ray.train.optim import build_optimizer, build_scheduler
-from smolvla_ray.train.setup import build_loader
+from smolvla_ray.train.setup import build_loader, fetch_feature_cache
 from smolvla_ray.train.step import train_step
 from smolvla_ray.train.window import MetricWindow
 
@@ -102,7 +102,11 @@ def train(
     interrupts = interrupts or NoInterrupts()
     rank, device, options = context.rank, context.device, context.storage_options
 
-    w = _build(spec, context)  # policy, DDP over its trainable view, optimizer, schedule
+    meta = open_dataset(spec, storage_options=options)
+    # The node's copy of the feature cache first: before any collective (fingerprints, DDP's
+    # broadcast), so that a long download does not hold the other workers inside one.
+    features = fetch_feature_cache(spec, meta, context.feature_cache, options)
+    w = _build(spec, context, meta)  # policy, DDP over its trainable view, optimizer, schedule
     ddp, optimizer, scheduler = w.ddp, w.optimizer, w.scheduler
 
     # Resume: rank 0 finds the checkpoint, every rank restores it.
@@ -121,7 +125,7 @@ def train(
 
     loader = build_loader(
         spec, w.meta, w.policy, rank=rank, world_size=context.world_size, cursor=cursor,
-        storage_options=options, feature_cache=context.feature_cache,
+        storage_options=options, features=features,
     )  # fmt: skip
     if rank == 0:
         trainable = sum(p.numel() for p in ddp.module.params)
@@ -230,10 +234,9 @@ class _Worker:
     local_frozen: dict[str, str]  # this worker's frozen tensors as held (maybe bf16)
 
 
-def _build(spec: JobSpec, context: WorkerContext) -> _Worker:
+def _build(spec: JobSpec, context: WorkerContext, meta: DatasetMeta) -> _Worker:
     """The policy with the freezing overrides (the frozen backbone checked equal on every
     worker), DDP over its trainable view, AdamW and the schedule."""
-    meta = open_dataset(spec, storage_options=context.storage_options)
     policy = build_policy(spec, meta, storage_options=context.storage_options)
     policy.train()
     # Fingerprints are taken on the host, before the move: hashing device tensors would copy

@@ -185,3 +185,37 @@ def test_a_cache_bigger_than_its_bound_is_not_used_or_refused(
         data={**small, "feature_cache_dtype": "bfloat16"},
     )  # fmt: skip
     assert ensure_feature_cache(half, {}) is not None  # half the bytes in bfloat16: it fits
+
+
+def test_the_node_copy_is_fetched_before_the_first_collective(
+    demo_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A long download must not hold the other workers inside a collective (the frozen
+    # fingerprint's all_gather, DDP's broadcast) until the collective timeout.
+    import smolvla_ray.train.ddp as ddp
+    import smolvla_ray.train.trainer as trainer
+
+    spec = spec_for(
+        demo_dataset, str(tmp_path / "runs"), "order", "on", {},
+        data={"cache_dir": str(tmp_path / "node-cache")},
+    )  # fmt: skip
+    root = ensure_feature_cache(spec, {})
+    order: list[str] = []
+
+    def recorded(what: str, call):
+        def wrapper(*args, **kwargs):
+            order.append(what)
+            return call(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(CacheStore, "fetch", recorded("fetch", CacheStore.fetch))
+    monkeypatch.setattr(
+        trainer,
+        "check_frozen_fingerprint",
+        recorded("fingerprint", trainer.check_frozen_fingerprint),
+    )
+    monkeypatch.setattr(trainer, "wrap_ddp", recorded("ddp", ddp.wrap_ddp))
+    train_in_process(spec, feature_cache=root)
+    assert order == ["fetch", "fingerprint", "ddp"], order
+    assert len(list((tmp_path / "node-cache" / "features").rglob("*.safetensors"))) == 4
