@@ -94,7 +94,9 @@ def one_backward(spec: JobSpec, device: torch.device, autocast: torch.dtype | No
     policy = build_policy(spec, meta, storage_options={}).to(device)
     policy.train()
     ddp, _ = wrap_ddp(policy, device=device)
-    loader = build_loader(spec, meta, policy, rank=0, world_size=1, cursor=None, storage_options={})
+    loader = build_loader(
+        spec, meta, policy, rank=0, world_size=1, cursor=None, storage_options={}, device=device
+    )
     raw = next(iter(loader))
     noise, flow_time = flow_noise_and_time(
         raw["index"].tolist(), seed=spec.train.seed, step=0,

@@ -14,9 +14,12 @@ all-reduced bytes per step, samples/s and peak memory of rank 0; and the scaling
     .venv/bin/python benchmarks/train_step.py [--presets tiny,base] [--workers 1,2]
         [--steps 12] [--device cpu|cuda] [--address HOST:6379] [--camera 480x640]
 
-All-reduce time is not separated from the backward pass (DDP overlaps them); compare the
-backward time across worker counts. On a 2-core CPU machine workers share the cores, so the
-CPU efficiency measures contention as much as communication; GPUs give the real figure.
+DDP overlaps the gradient all-reduce with the backward pass, so the step's split cannot show
+it; `allreduce_s` is measured apart, per worker count: a Ray Train job of N workers (the same
+backend) all-reducing a buffer of the step's all-reduced bytes, the median of 10 after 2 of
+warm-up. What DDP fails to hide of it shows as backward(N) - backward(1). On a 2-core CPU
+machine workers share the cores, so the CPU efficiency measures contention as much as
+communication; GPUs give the real figure.
 """
 
 from __future__ import annotations
@@ -65,6 +68,43 @@ def run_once(
     return out
 
 
+def _allreduce_loop(config: dict) -> None:
+    import time
+
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    device = ray.train.torch.get_device() if config["cuda"] else torch.device("cpu")
+    buffer = torch.ones(config["numel"], dtype=torch.float32, device=device)
+    times = []
+    for _ in range(12):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        dist.all_reduce(buffer)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    ray.train.report({"allreduce_s": statistics.median(times[2:])})
+
+
+def allreduce_seconds(workers: int, nbytes: int, args: argparse.Namespace, root: Path) -> float:
+    """Median time of one all-reduce of `nbytes` (float32) across `workers` workers."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cuda = args.device == "cuda"
+    trainer = TorchTrainer(
+        _allreduce_loop,
+        train_loop_config={"numel": max(nbytes // 4, 1), "cuda": cuda},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cuda),
+        run_config=RunConfig(name=f"allreduce-{workers}", storage_path=str(root / "ray")),
+    )
+    return float(trainer.fit().metrics["allreduce_s"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="tiny,base")
@@ -108,6 +148,15 @@ def main() -> None:
                 for n in counts
                 if global_batch % n == 0
             }  # fmt: skip
+            for n, record in weak.items():
+                record["allreduce_s"] = (
+                    allreduce_seconds(n, record["comm_bytes_per_step"], args, root)
+                    if n > 1
+                    else 0.0
+                )
+                record["backward_over_one_worker_s"] = (
+                    record["backward_s"] - weak[counts[0]]["backward_s"]
+                )
             one_weak, one_strong = weak[counts[0]], strong.get(counts[0])
             results[preset] = {
                 "weak": {str(n): r for n, r in weak.items()},

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from smolvla_ray.data.meta import DatasetMeta, load_meta
+from smolvla_ray.data.meta import DatasetMeta, load_meta, select_episodes
 from smolvla_ray.features import FeatureResolution, read_pretrained_config, resolve_spec
 from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.spec import JobSpec
@@ -66,6 +66,13 @@ def episode_selection(spec: JobSpec) -> list[int] | range | None:
     if episodes is None or isinstance(episodes, list):
         return episodes
     return range(episodes.start, episodes.stop)
+
+
+def run_episodes(spec: JobSpec, meta: DatasetMeta) -> list[int]:
+    """The episode indices the run trains on, in order: `data.episodes` checked against the
+    dataset (all episodes when unset). One answer for the cache's build, sizing and node
+    copy and the loader, so they never disagree on which shards a run reads."""
+    return select_episodes(meta, episode_selection(spec))  # positions are episode indices
 
 
 def open_dataset(spec: JobSpec, *, storage_options: Mapping[str, Any]) -> DatasetMeta:

@@ -83,10 +83,10 @@ def preflight(spec: JobSpec) -> FeatureResolution:
     """Fail before starting on what can be known now: the dataset reachable, the pretrained
     policy's config.json readable, the dataset's features resolvable against the policy's
     (cameras, rename map, widths), storage writable. Returns the feature resolution."""
-    from smolvla_ray.build import episode_selection
+    from smolvla_ray.build import run_episodes
     from smolvla_ray.checkpoint.discovery import inspect_checkpoint
     from smolvla_ray.checkpoint.resume import check_resume_spec
-    from smolvla_ray.data.meta import check_readable, load_meta, select_episodes
+    from smolvla_ray.data.meta import check_readable, load_meta
     from smolvla_ray.features import read_pretrained_config, resolve_spec
     from smolvla_ray.keys import ACTION, OBS_STATE
     from smolvla_ray.policy.weights_file import weights_problem
@@ -96,7 +96,7 @@ def preflight(spec: JobSpec) -> FeatureResolution:
     check_endpoint(options)
     meta = load_meta(hub.dataset_url(spec.data.uri, spec.data.revision), storage_options=options)
     try:
-        episodes = select_episodes(meta, episode_selection(spec))
+        episodes = run_episodes(spec, meta)
     except ValueError as err:
         raise ValueError(f"data.episodes: {err}") from None
     check_readable(meta, episodes, needs_stats=[OBS_STATE, ACTION])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from smolvla_ray.cache.store import (
     cache_key,
     key_inputs,
 )
-from smolvla_ray.data.storage import DEFAULT_CACHE_DIR as CACHE_DIR
+from smolvla_ray.data.storage import Storage, node_cache_dir
 from smolvla_ray.keys import FEATURES_SUFFIX
 from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.policy.freezing import trainable_image_towers
@@ -57,11 +57,14 @@ def _size(n: float) -> str:
 
 @dataclass(frozen=True)
 class CachePlan:
-    """How big the feature cache is, from the dataset's metadata alone, and whether every
-    node can hold its copy: within `data.cache_max_bytes` and the free disk under
-    `data.cache_dir` (this node's, standing for the others)."""
+    """How big the feature cache is, from the dataset's metadata alone, and how each node
+    can hold it: whole when it fits `data.cache_max_bytes` and the free disk under
+    `data.cache_dir` (this node's, standing for the others), else (`on` only) through a
+    least-recently-used copy bounded by `data.cache_max_bytes`."""
 
     frames: int
+    episodes: int
+    longest_episode: int  # frames of the run's longest episode: its shard is the largest
     cameras: int
     bytes_per_image: int
     dtype: str
@@ -74,29 +77,74 @@ class CachePlan:
         return self.frames * self.cameras * self.bytes_per_image
 
     @property
+    def largest_shard_bytes(self) -> int:
+        return self.longest_episode * self.cameras * self.bytes_per_image
+
+    @property
     def problem(self) -> str | None:
-        """Why the cache does not fit (None when it does)."""
+        """Why a whole copy per node does not fit (None when it does)."""
         if self.total_bytes > self.max_bytes:
             return f"it exceeds data.cache_max_bytes={_size(self.max_bytes)}"
         if self.total_bytes > self.free_bytes:
             return f"it exceeds the {_size(self.free_bytes)} free under {self.cache_dir}"
         return None
 
+    @property
+    def bounded_problem(self) -> str | None:
+        """Why even the bounded copy cannot work (None when it can), with the fix: it must
+        hold the largest episode's shard, and fill at most the free disk."""
+        largest = self.largest_shard_bytes
+        if largest > self.max_bytes:
+            return (
+                f"one episode's shard ({_size(largest)}) exceeds data.cache_max_bytes="
+                f"{_size(self.max_bytes)}: raise data.cache_max_bytes above it"
+            )
+        held = min(self.total_bytes, self.max_bytes)
+        if held > self.free_bytes:
+            return (
+                f"a node's copy of up to {_size(held)} exceeds the {_size(self.free_bytes)} free "
+                f"under {self.cache_dir}: free disk there, or lower data.cache_max_bytes to at "
+                f"most {_size(self.free_bytes)}"
+            )
+        return None
+
     def line(self) -> str:
         return (
             f"{self.frames:,} frames x {self.cameras} camera(s) x {self.bytes_per_image:,} "
-            f"bytes ({self.dtype}) = {_size(self.total_bytes)}, a full copy on every node"
+            f"bytes ({self.dtype}) = {_size(self.total_bytes)}"
+        )
+
+    def bounded_cost(self) -> str:
+        """What training through the bounded copy costs. Samples are shuffled over the whole
+        run, so a least-recently-used copy holding a fraction f of the cache hits about f
+        of the reads; every other read downloads its episode's whole shard again."""
+        miss = 1 - self.max_bytes / self.total_bytes
+        per_read = self.total_bytes / self.episodes
+        return (
+            f"every node keeps at most data.cache_max_bytes={_size(self.max_bytes)} of it and "
+            f"downloads evicted episode shards again when read: about {miss:.0%} of the "
+            f"reads, ~{_size(per_read)} each, ~{_size(miss * per_read * self.frames)} per "
+            "epoch, which can be slower than decoding video"
         )
 
 
 def plan_cache(
-    config: PolicyConfig, *, frames: int, cameras: int, dtype: str, max_bytes: int, cache_dir: Path
+    config: PolicyConfig,
+    *,
+    episode_frames: Sequence[int],
+    cameras: int,
+    dtype: str,
+    max_bytes: int,
+    cache_dir: Path,
 ) -> CachePlan:
+    """The plan for the run's episodes, of `episode_frames` frames each."""
     existing = cache_dir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     return CachePlan(
-        frames=frames,
+        frames=sum(episode_frames),
+        episodes=len(episode_frames),
+        longest_episode=max(episode_frames),
         cameras=cameras,
         bytes_per_image=feature_bytes_per_image(config, dtype),
         dtype=dtype,
@@ -218,7 +266,7 @@ def ensure_feature_cache(spec: JobSpec, storage_options: Mapping[str, Any]) -> s
     mode = spec.data.feature_cache
     if mode == "off":
         return None
-    from smolvla_ray.build import episode_selection, open_dataset, resolve_dataset_features
+    from smolvla_ray.build import open_dataset, resolve_dataset_features, run_episodes
 
     blocker = spec.feature_cache_blocker()
     if blocker is None:
@@ -232,32 +280,39 @@ def ensure_feature_cache(spec: JobSpec, storage_options: Mapping[str, Any]) -> s
             raise ValueError(f"data.feature_cache='on' but {blocker}; use auto or off")
         say(f"feature cache not used: {blocker}")
         return None
-    selected = episode_selection(spec)
-    wanted = list(selected) if selected is not None else [e.episode_index for e in meta.episodes]
-    chosen = set(wanted)
+    wanted = run_episodes(spec, meta)
     plan = plan_cache(
         config,
-        frames=sum(e.length for e in meta.episodes if e.episode_index in chosen),
+        episode_frames=[meta.episodes[e].length for e in wanted],
         cameras=len(resolution.sources),
         dtype=spec.data.feature_cache_dtype,
         max_bytes=int(spec.data.cache_max_bytes),
-        cache_dir=Path(spec.data.cache_dir).expanduser() if spec.data.cache_dir else CACHE_DIR,
+        cache_dir=node_cache_dir(spec.data.cache_dir),
     )
-    if plan.problem is not None:
-        fix = (
-            "raise data.cache_max_bytes (and the nodes' disk), or set "
-            "data.feature_cache_dtype: bfloat16 to halve it"
-        )
-        if mode == "on":
-            raise ValueError(
-                f"data.feature_cache='on' but the cache is too big: {plan.line()}; "
-                f"{plan.problem}. Set data.feature_cache to auto or off, or {fix}"
-            )
+    fix = (
+        "raise data.cache_max_bytes (and the nodes' disk), or set "
+        "data.feature_cache_dtype: bfloat16 to halve it"
+    )
+    if plan.problem is None:
+        say(f"feature cache: {plan.line()}, a whole copy on every node")
+    elif mode == "auto":
         say(
             f"feature cache not used: {plan.line()}; {plan.problem} ({fix}); training decodes video"
         )
         return None
-    say(f"feature cache: {plan.line()}")
+    elif plan.bounded_problem is not None:
+        raise ValueError(
+            f"data.feature_cache='on' but the cache is too big: {plan.line()}; "
+            f"{plan.bounded_problem}; or set data.feature_cache to auto or off"
+        )
+    else:
+        local = Storage(spec.checkpoint.storage, storage_options).is_local
+        cost = "training reads it in place (local storage)" if local else plan.bounded_cost()
+        say(
+            f"warning: feature cache over its bound: {plan.line()}; {plan.problem}. As "
+            f"data.feature_cache is on, {cost}. To hold it whole, {fix} (auto would train "
+            "from video)"
+        )
     inputs = key_inputs(spec, config, resolution, meta, storage_options=storage_options)
     root = cache_root(spec.checkpoint.storage, cache_key(inputs))
     store = CacheStore(root, storage_options)

@@ -13,15 +13,18 @@ The key covers the frozen vision weights, the image preprocessing, the dataset's
 revision (metadata and video file sizes) and the dtype, so any change makes a new cache. The
 driver computes it without building the policy (`key_inputs`): the weights are identified
 from their safetensors file, or for a random-init preset from what seeds them.
+
+Training reads the shards through each node's bounded LRU file cache (`FeatureShards`), so
+a cache larger than `data.cache_max_bytes` still trains, re-downloading evicted shards.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +35,7 @@ from torch.utils.data import Dataset
 
 from smolvla_ray import hub
 from smolvla_ray.data.meta import DatasetMeta
+from smolvla_ray.data.storage import FileCache, Storage
 from smolvla_ray.keys import FEATURES_SUFFIX
 from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.policy.fingerprint import combine_digests, safetensors_digests
@@ -203,15 +207,21 @@ class CacheStore:
 
     def shards(self) -> set[int]:
         """Episodes whose shard is in storage (finished uploads only)."""
+        return set(self.shard_sizes())
+
+    def shard_sizes(self) -> dict[int, int]:
+        """Episode -> its shard's size in bytes, from one listing (finished uploads only)."""
         try:
-            names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False)]
+            entries = self.fs.ls(self.path, detail=True)
         except FileNotFoundError:
-            return set()
-        return {
-            int(n.removeprefix("episode_").removesuffix(".safetensors"))
-            for n in names
-            if n.startswith("episode_") and n.endswith(".safetensors")
-        }
+            return {}
+        sizes = {}
+        for entry in entries:
+            name = entry["name"].rsplit("/", 1)[-1]
+            if name.startswith("episode_") and name.endswith(".safetensors"):
+                episode = int(name.removeprefix("episode_").removesuffix(".safetensors"))
+                sizes[episode] = int(entry["size"])
+        return sizes
 
     def write_shard(self, episode: int, tensors: Mapping[str, Tensor]) -> None:
         """Upload one episode's shard; the object appears whole or not at all."""
@@ -229,28 +239,59 @@ class CacheStore:
         self.fs.makedirs(self.path, exist_ok=True)
         self.fs.pipe_file(self._p(name), json.dumps(payload, indent=1).encode())
 
-    def fetch(self, episodes: Sequence[int], local_dir: Path) -> Path:
-        """Copy the shards of `episodes` to a node-local directory (once per node)."""
-        local_dir.mkdir(parents=True, exist_ok=True)
+
+@dataclass(frozen=True)
+class FeatureShards:
+    """The feature cache's shards as a node reads them: in place when `storage` is local (a
+    path or file://, as `FrameDataset` reads local videos), else through `cache`, the node's
+    bounded LRU file cache, which its workers and loader processes share (one download per
+    shard while the node holds it; least recently read shards evicted beyond its bound)."""
+
+    storage: Storage
+    cache: FileCache
+
+    def path(self, episode: int) -> Path:
+        """A local path with `episode`'s shard, downloaded if the node does not hold it (and
+        marked as just read, for the LRU order)."""
+        name = shard_name(episode)
+        if self.storage.is_local:
+            return Path(self.storage.path(name))
+        return self.cache.local_path(self.storage, name)
+
+    def warm(self, episodes: Sequence[int]) -> list[int]:
+        """Download the shards of `episodes`, in order, while they fit within the cache's
+        bound (usually all of them); returns the episodes the node then holds."""
+        if self.storage.is_local:
+            return list(episodes)
+        sizes = CacheStore(self.storage.url, self.storage.storage_options).shard_sizes()
+        held: list[int] = []
+        total = 0
         for episode in episodes:
-            target = local_dir / shard_name(episode)
-            if target.exists():
-                continue
-            tmp = target.with_name(f".{target.name}.{os.getpid()}")
-            self.fs.get_file(self._p(shard_name(episode)), str(tmp))
-            os.replace(tmp, target)  # atomic: concurrent workers of a node agree
-        return local_dir
+            name = shard_name(episode)
+            if episode not in sizes:
+                raise FileNotFoundError(f"{self.storage.display(name)} does not exist")
+            total += sizes[episode]
+            if total > self.cache.max_bytes:
+                break
+            self.cache.local_path(self.storage, name, size=sizes[episode])
+            held.append(episode)
+        return held
 
 
 class CachedFeatures(Dataset):
     """Wraps a video-free `FrameDataset` (no cameras) and adds each sample's cached vision
-    features from local shards, opened lazily per process (safe with forked loaders)."""
+    features from `shards`, opened lazily per process (safe with forked loaders).
 
-    def __init__(self, frames: Dataset, local_dir: Path, camera_keys: Sequence[str]) -> None:
+    Each process keeps its shards open. A shard the node's LRU evicts stays readable through
+    an open handle, but its disk space is only freed once no process holds it: when a shard
+    turns out to have been evicted and fetched again, this process lets go of all its
+    handles (and reopens the shards as it reads them), so it holds evicted files briefly."""
+
+    def __init__(self, frames: Dataset, shards: FeatureShards, camera_keys: Sequence[str]) -> None:
         self.frames = frames
-        self.local_dir = local_dir
+        self.shards = shards
         self.camera_keys = list(camera_keys)
-        self._open: dict[int, Any] = {}
+        self._open: dict[int, tuple[int, Any]] = {}  # episode -> (inode, safe_open handle)
 
     def __len__(self) -> int:
         return len(self.frames)  # type: ignore[arg-type]
@@ -259,11 +300,26 @@ class CachedFeatures(Dataset):
         return {**self.__dict__, "_open": {}}
 
     def _shard(self, episode: int):
-        handle = self._open.get(episode)
-        if handle is None:
-            handle = safe_open(str(self.local_dir / shard_name(episode)), framework="pt")
-            self._open[episode] = handle
-        return handle
+        held = self._open.get(episode)
+        # Another process's eviction may remove a shard between our fetch and our open (only
+        # when the bound holds about one shard): fetch it again.
+        for _ in range(3):
+            path = self.shards.path(episode)
+            try:
+                inode = path.stat().st_ino
+                if held is not None and held[0] == inode:
+                    return held[1]
+                handle = safe_open(str(path), framework="pt")
+            except FileNotFoundError:
+                continue
+            if held is not None:  # evicted and fetched again: free the evicted files we hold
+                self._open.clear()
+            self._open[episode] = (inode, handle)
+            return handle
+        raise FileNotFoundError(
+            f"the feature cache's shard of episode {episode} was evicted before it could be "
+            "opened, three times: raise data.cache_max_bytes to hold a few shards"
+        )
 
     def __getitem__(self, row: int) -> dict[str, Any]:
         sample = self.frames[row]

@@ -67,8 +67,8 @@ RESUME_RULES: dict[str, Rule] = {
     "data.rename_map": _refused("the rename map decides which camera feeds which input"),
     "data.augment": _refused("augmentation is part of what the run so far trained on"),
     "data.num_loader_workers": _applied("decode processes per worker"),
-    "data.cache_dir": _applied("the node-local video cache"),
-    "data.cache_max_bytes": _applied("the node-local video cache"),
+    "data.cache_dir": _applied("the node-local video and feature-shard caches"),
+    "data.cache_max_bytes": _applied("the bound of each node-local cache"),
     "data.feature_cache": _applied("where the frozen vision features come from"),
     "data.feature_cache_dtype": _applied("the precision of cached vision features"),
     "train.steps": _applied(
@@ -81,6 +81,7 @@ RESUME_RULES: dict[str, Rule] = {
     "train.scheduler": _applied("the schedule is rebuilt and continues at the current step"),
     "train.precision": _applied("the autocast dtype of the remaining steps"),
     "train.frozen_dtype": _applied("the dtype the frozen weights are held in"),
+    "train.attention_fp32": _applied("the attention's precision in the remaining steps"),
     "train.log_every": _applied("how often metrics are reported"),
     "train.check_replicas_every": _applied("how often replicas are compared"),
     "train.batch_size": _refused("the data cursor counts batches of that size"),

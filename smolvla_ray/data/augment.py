@@ -4,16 +4,24 @@ plain torch so no torchvision is needed.
 
 Per image, up to `max_num_transforms` of the enabled transforms are drawn (without
 replacement, equal weights, in list order unless `random_order`), each with a parameter
-drawn uniformly from its range. The randomness comes from a generator keyed by
-(seed, step, dataset index, camera), so a resumed run augments exactly as before.
+drawn uniformly from its range.
+
+`SampleAugmenter` runs in the loader's background processes, one sample at a time (see
+`ShardedLoader`'s `sample_transform`), so augmentation no longer holds up the training
+thread. The randomness of one image comes from a generator keyed by
+(seed, epoch, dataset index, dataset camera key): a pure function of the sample and its epoch, so a
+loader resumed from its cursor, or run with any number of loader processes, augments exactly
+as before, and every epoch sees each frame augmented anew. (Earlier versions augmented on the
+training thread keyed by the step, so augmented runs differ from theirs.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +44,8 @@ class AugmentSettings(Protocol):
     affine_translate: tuple[float, float]
 
 
-def _generator(seed: int, step: int, index: int, camera: str) -> torch.Generator:
-    digest = hashlib.blake2b(f"aug:{seed}:{step}:{index}:{camera}".encode(), digest_size=8)
+def _generator(seed: int, epoch: int, index: int, camera: str) -> torch.Generator:
+    digest = hashlib.blake2b(f"aug:{seed}:{epoch}:{index}:{camera}".encode(), digest_size=8)
     return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
 
 
@@ -120,20 +128,27 @@ def augment_image(img: Tensor, spec: AugmentSettings, g: torch.Generator) -> Ten
     return img
 
 
-def augment_batch(
-    batch: dict, camera_keys: Sequence[str], spec: AugmentSettings, *, seed: int, step: int
-) -> dict:
-    """A copy of `batch` with every camera image augmented, keyed per sample."""
-    out = dict(batch)
-    indices = batch["index"].tolist()
-    for key in camera_keys:
-        if key not in batch:
-            continue
-        images = batch[key]
-        out[key] = torch.stack(
-            [
-                augment_image(images[i], spec, _generator(seed, step, index, key))
-                for i, index in enumerate(indices)
-            ]
-        )
-    return out
+@dataclass(frozen=True)
+class SampleAugmenter:
+    """Augments every camera image of one sample, given the sample's epoch.
+
+    Keyed by (seed, epoch, index, camera): `index` is the frame's dataset index (the sample's
+    `index` column, stable whatever episodes are selected) and `camera` the *dataset's*
+    camera key, as the sample holds it in the loader process, before the processor's
+    `rename_map` gives it the policy's name. Picklable, so loader processes can run it.
+    """
+
+    settings: AugmentSettings
+    cameras: tuple[str, ...]
+    seed: int
+
+    def __call__(self, sample: Mapping[str, Any], epoch: int) -> dict[str, Any]:
+        out = dict(sample)
+        index = int(sample["index"])
+        for key in self.cameras:
+            image = sample[key]
+            if not image.is_floating_point():
+                # uint8 frames would be clamped and blended in the wrong units.
+                raise TypeError(f"{key} is {image.dtype}; augmentation needs float images")
+            out[key] = augment_image(image, self.settings, _generator(self.seed, epoch, index, key))
+        return out

@@ -7,6 +7,10 @@ checkpoints: a loader built from a cursor yields exactly the batches that would 
 next, whatever the number of loader processes, because batches are assembled and yielded in
 order (torch's DataLoader with an in-order batch sampler). Every rank has the same number of
 batches per epoch, so DDP ranks never wait on a rank that ran out of data.
+
+The batch sampler hands each row to the loader processes together with its epoch, so a
+per-sample transform (image augmentation) can be keyed by (epoch, sample) and stays exact on
+resume, whatever the number of loader processes.
 """
 
 from __future__ import annotations
@@ -22,13 +26,18 @@ from smolvla_ray.data.samples import collate_samples
 
 CURSOR_VERSION = 1
 Batch = dict[str, Any]
+Sample = dict[str, Any]
 
 
 class ShardedLoader:
     """Endless batches of one rank's share of each epoch, resumable from `cursor()`.
 
-    `batch_transform` (e.g. the policy processor: normalization and tokenization) runs on
-    each collated batch in the calling process, so it need not pickle.
+    `sample_transform(sample, epoch)` (e.g. image augmentation) runs on each sample in the
+    loader processes, so it must pickle when `num_workers` > 0. `batch_transform` (e.g. the
+    policy processor: normalization and tokenization) runs on each collated batch in the
+    calling process, so it need not pickle. `pin_memory` collates into page-locked memory
+    (for a CUDA device: faster, asynchronous copies); tensors the batch transform makes anew
+    are not pinned, those it passes through (images) are.
     """
 
     def __init__(
@@ -43,7 +52,9 @@ class ShardedLoader:
         drop_last: bool = True,
         shuffle: bool = True,
         cursor: dict[str, Any] | None = None,
+        sample_transform: Callable[[Sample, int], Sample] | None = None,
         batch_transform: Callable[[Batch], Batch] | None = None,
+        pin_memory: bool = False,
         prefetch_factor: int = 2,
         multiprocessing_context: str | None = None,
     ) -> None:
@@ -62,7 +73,9 @@ class ShardedLoader:
         self.num_workers = num_workers
         self.drop_last = drop_last
         self.shuffle = shuffle
+        self.sample_transform = sample_transform
         self.batch_transform = batch_transform
+        self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
         self.multiprocessing_context = multiprocessing_context
         if self.batches_per_epoch == 0:
@@ -137,10 +150,11 @@ class ShardedLoader:
         """Yield batches forever from the cursor; `cursor()` advances as each is yielded."""
         start = (self._epoch, self._batch)
         loader = DataLoader(
-            self.dataset,
+            _EpochRows(self.dataset, self.sample_transform),
             batch_sampler=_BatchSampler(self, start),
             num_workers=self.num_workers,
             collate_fn=collate_samples,
+            pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             multiprocessing_context=self.multiprocessing_context if self.num_workers else None,
             persistent_workers=False,
@@ -183,17 +197,36 @@ def _positions(start: tuple[int, int], per_epoch: int) -> Iterator[tuple[int, in
         epoch, batch = _advance(epoch, batch, per_epoch)
 
 
-class _BatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Row lists in cursor order; runs in the main process, so order never depends on workers."""
+class _EpochRows(Dataset):
+    """`dataset` indexed by (epoch, row): the sample of `row`, through `transform` with its
+    epoch. The epoch travels with the row because loader processes cannot know it otherwise
+    (they prefetch ahead of the batches the training loop has taken)."""
+
+    def __init__(self, dataset: Dataset, transform: Callable[[Sample, int], Sample] | None) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Sample:
+        epoch, row = key
+        sample = self.dataset[row]
+        return sample if self.transform is None else self.transform(sample, epoch)
+
+
+class _BatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
+    """(epoch, row) lists in cursor order; runs in the main process, so order never depends
+    on workers."""
 
     def __init__(self, loader: ShardedLoader, start: tuple[int, int]) -> None:
         self.loader = loader
         self.start = start
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         shard_epoch, shard = -1, np.empty(0, dtype=np.int64)
         for epoch, batch in _positions(self.start, self.loader.batches_per_epoch):
             if epoch != shard_epoch:
                 shard_epoch, shard = epoch, self.loader.shard(epoch)
             size = self.loader.batch_size
-            yield shard[batch * size : (batch + 1) * size].tolist()
+            yield [(epoch, row) for row in shard[batch * size : (batch + 1) * size].tolist()]

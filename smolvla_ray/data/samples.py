@@ -34,6 +34,11 @@ class FrameDataset(Dataset):
     Picklable (the open videos stay behind), so it can be handed to DataLoader worker
     processes and Ray workers. Remote videos are copied once into `cache` (a node-local
     `FileCache`); local ones are decoded in place.
+
+    Images are float32 [3, H, W] in [0, 1] by default, what the model and every other caller
+    takes. `image_dtype=torch.uint8` returns the decoded [3, H, W] frame itself instead: a
+    quarter of the bytes through the loader's shared memory and the copy to the device, which
+    scales it there (`x.float() / 255` gives exactly the float32 default).
     """
 
     def __init__(
@@ -46,9 +51,12 @@ class FrameDataset(Dataset):
         storage_options: Mapping[str, Any] | None = None,
         cache: FileCache | None = None,
         tolerance_s: float = layout.DEFAULT_TOLERANCE_S,
+        image_dtype: torch.dtype = torch.float32,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be at least 1")
+        if image_dtype not in (torch.float32, torch.uint8):
+            raise ValueError(f"image_dtype={image_dtype} must be torch.float32 or torch.uint8")
         self.meta = (
             source
             if isinstance(source, DatasetMeta)
@@ -62,6 +70,7 @@ class FrameDataset(Dataset):
         self.frames: FrameTable = load_frames(self.meta, episodes)
         self.chunk_size = chunk_size
         self.tolerance_s = tolerance_s
+        self.image_dtype = image_dtype
         self.cache = cache or FileCache()
         self._pool: VideoPool | None = None
         self._pool_pid = -1
@@ -95,14 +104,16 @@ class FrameDataset(Dataset):
         return sample
 
     def image(self, row: int, key: str) -> torch.Tensor:
-        """The float32 [3, H, W] frame in [0, 1] of camera `key` at row `row`."""
+        """The [3, H, W] frame of camera `key` at row `row`: float32 in [0, 1], or the uint8
+        frame as decoded (`image_dtype`)."""
         episode = int(self.frames.episode_index[row])
         ref = self.meta.episodes[episode].videos[key]
         t = ref.from_timestamp + float(self.frames.timestamp[row])
         context = f"episode {episode}, camera {key}, t={float(self.frames.timestamp[row]):.6f}s"
         video = self._video(ref.file)
         frame = video.frames_at([t], tolerance_s=self.tolerance_s, context=context)[0]
-        return torch.from_numpy(frame).permute(2, 0, 1).float().div_(255.0)
+        image = torch.from_numpy(frame).permute(2, 0, 1)
+        return image if self.image_dtype == torch.uint8 else image.float().div_(255.0)
 
     def _video(self, relative: str):
         # A forked DataLoader worker inherits the parent's open decoders, whose threads did

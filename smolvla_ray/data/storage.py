@@ -1,10 +1,10 @@
 """Where dataset files live: a dataset root at any URL (`smolvla_ray.storage`), and a
-node-local video cache.
+node-local file cache.
 
-Parquet and JSON are small and read straight from storage; mp4 files are read many times per epoch
-with seeks, so remote ones are copied once into a local cache that several loader processes
-on one node share (download to a temp file, atomic rename, a file lock per entry, and LRU
-eviction under a size bound).
+Parquet and JSON are small and read straight from storage; mp4 files (and the feature
+cache's shards) are read many times per epoch, so remote ones are copied once into a local
+cache that several loader processes on one node share (download to a temp file, atomic
+rename, a file lock per entry, and LRU eviction under a size bound).
 """
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ from smolvla_ray.storage import (
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("SMOLVLA_RAY_CACHE", "~/.cache/smolvla_ray")).expanduser()
 DEFAULT_CACHE_MAX_BYTES = 20 * 1024**3
+
+
+def node_cache_dir(configured: str | None) -> Path:
+    """The node-local cache directory (`data.cache_dir`, `~` expanded; None: the default),
+    one rule for the driver that sizes the caches and the workers that fill them."""
+    return Path(configured).expanduser() if configured else DEFAULT_CACHE_DIR
 
 
 @dataclass(frozen=True)
@@ -137,10 +143,13 @@ class FileCache:
         default_factory=dict, init=False, repr=False, compare=False
     )
 
-    def local_path(self, storage: Storage, relative: str) -> Path:
-        """A local path with the file's content, downloading it once if needed."""
+    def local_path(self, storage: Storage, relative: str, *, size: int | None = None) -> Path:
+        """A local path with the file's content, downloading it once if needed. `size`, when
+        known (from a listing), spares asking storage for it."""
         fs = storage.fs
         remote = storage.path(relative)
+        if size is not None:
+            self._sizes[(storage.url, relative)] = size
         size = self._sizes.get((storage.url, relative))
         if size is None:
             try:

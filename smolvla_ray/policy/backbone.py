@@ -174,6 +174,9 @@ class SmolVLMWithExpert(nn.Module):
 
     def __init__(self, config: PolicyConfig, *, fetch_vlm_weights: bool = True) -> None:
         super().__init__()
+        # Float32 attention under autocast (layers.eager_attention); a run-time choice of the
+        # trainer (`train.attention_fp32`), not part of the saved config.
+        self.attention_fp32 = False
         if config.load_vlm_weights and fetch_vlm_weights:
             self.vlm = load_pretrained_vlm(config.vlm_model_name)
             vlm_config = self.vlm.config

@@ -11,7 +11,8 @@ keys/values, `PrefixCache`), new VLM tokens, and expert (action) tokens. The thr
 
 Numerics follow LeRobot 0.6.1's `SmolVLMWithExpertModel`: eager attention with query and key
 cast to float32 (under bf16 autocast the matmuls still run in bf16, as in LeRobot: autocast
-casts their inputs back; tests/unit/policy/test_attention_bf16.py measures the difference),
+casts their inputs back; tests/unit/policy/test_attention_bf16.py measures the difference;
+`train.attention_fp32` opts into float32 attention),
 masked logits set to the dtype's minimum, RoPE with wavelength 10,000 (LeRobot's
 `apply_rope`, not the text config's `rope_theta`), and in cross-attention layers the
 expert's positions restart at 0.
@@ -19,6 +20,7 @@ expert's positions restart at 0.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -56,18 +58,32 @@ def apply_rope(x: Tensor, positions: Tensor) -> Tensor:
 
 
 def eager_attention(
-    query: Tensor, key: Tensor, value: Tensor, mask: Tensor, *, num_kv_groups: int
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor,
+    *,
+    num_kv_groups: int,
+    fp32: bool = False,
 ) -> Tensor:
-    """Masked softmax attention with grouped KV heads; (B, Lq, H*D) out."""
+    """Masked softmax attention with grouped KV heads; (B, Lq, H*D) out.
+
+    `fp32` (the spec's `train.attention_fp32`) keeps autocast out: both matmuls and the
+    softmax run in float32 and the output is float32, a deviation from LeRobot (whose bf16
+    runs do them in bf16) for users who want the attention exact at some speed cost."""
     batch, q_len, num_heads, head_dim = query.shape
     key = key.repeat_interleave(num_kv_groups, dim=2) if num_kv_groups > 1 else key
     value = value.repeat_interleave(num_kv_groups, dim=2) if num_kv_groups > 1 else value
-    q = query.to(torch.float32).transpose(1, 2)
-    k = key.to(torch.float32).transpose(1, 2)
-    weights = torch.matmul(q, k.transpose(2, 3)) * head_dim**-0.5
-    weights = torch.where(mask[:, None, :, :], weights, torch.finfo(weights.dtype).min)
-    probs = nn.functional.softmax(weights, dim=-1).to(value.dtype)
-    out = torch.matmul(probs, value.transpose(1, 2))
+    exact = torch.autocast(query.device.type, enabled=False) if fp32 else nullcontext()
+    with exact:
+        if fp32:
+            value = value.to(torch.float32)
+        q = query.to(torch.float32).transpose(1, 2)
+        k = key.to(torch.float32).transpose(1, 2)
+        weights = torch.matmul(q, k.transpose(2, 3)) * head_dim**-0.5
+        weights = torch.where(mask[:, None, :, :], weights, torch.finfo(weights.dtype).min)
+        probs = nn.functional.softmax(weights, dim=-1).to(value.dtype)
+        out = torch.matmul(probs, value.transpose(1, 2))
     return out.transpose(1, 2).reshape(batch, q_len, num_heads * head_dim)
 
 
@@ -146,12 +162,19 @@ def run_layers(
             queries = torch.cat([q_vlm, q_exp], dim=1) if q_vlm is not None else q_exp
             keys = torch.cat([k_vlm, k_exp], dim=1)
             values = torch.cat([v_vlm, v_exp], dim=1)
-            attn = eager_attention(queries, keys, values, mask, num_kv_groups=groups)
+            attn = eager_attention(
+                queries, keys, values, mask, num_kv_groups=groups, fp32=towers.attention_fp32
+            )
             attn_vlm, attn_expert = attn[:, :num_vlm], attn[:, num_vlm:]
         else:
             if q_vlm is not None:
                 attn_vlm = eager_attention(
-                    q_vlm, k_vlm, v_vlm, mask[:, :num_vlm, :num_prefix], num_kv_groups=groups
+                    q_vlm,
+                    k_vlm,
+                    v_vlm,
+                    mask[:, :num_vlm, :num_prefix],
+                    num_kv_groups=groups,
+                    fp32=towers.attention_fp32,
                 )
             if expert_layer is not None:
                 # Cross layer: expert queries attend to the VLM keys/values, projected by the
@@ -166,7 +189,12 @@ def run_layers(
                 k_exp = attn.k_proj(flat_k).view(*flat_k.shape[:-1], -1, attn.head_dim)
                 v_exp = attn.v_proj(flat_v).view(*flat_v.shape[:-1], -1, attn.head_dim)
                 attn_expert = eager_attention(
-                    q_exp, k_exp, v_exp, mask[:, num_vlm:, :num_prefix], num_kv_groups=groups
+                    q_exp,
+                    k_exp,
+                    v_exp,
+                    mask[:, num_vlm:, :num_prefix],
+                    num_kv_groups=groups,
+                    fp32=towers.attention_fp32,
                 )
 
         if vlm_hidden is not None and (vlm_output or index < last):

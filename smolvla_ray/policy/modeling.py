@@ -10,6 +10,7 @@ under `torch.no_grad()` and only the state token and the actions carry an autogr
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from pathlib import Path
@@ -41,6 +42,14 @@ from smolvla_ray.policy.layers import PrefixCache, run_layers
 from smolvla_ray.policy.pretrained import load_pretrained, save_pretrained
 
 PrefixMode = Literal["auto", "joint", "no_grad"]
+
+
+@functools.cache
+def _scale_in(value: float, dtype: torch.dtype) -> float:
+    """`value` rounded to `dtype`, as a Python number. LeRobot multiplies the image
+    embeddings by a 0-d tensor of that dtype on their device; a pre-rounded Python scalar
+    gives the same products without a host-to-device copy (a sync) per camera and step."""
+    return torch.tensor(value, dtype=dtype).item()
 
 
 class VLAFlowMatching(nn.Module):
@@ -78,9 +87,7 @@ class VLAFlowMatching(nn.Module):
         embs, pads = [], []
         for img, img_mask in zip(images, img_masks, strict=True):
             img_emb = img if img.ndim == 3 else towers.embed_image(img)
-            img_emb = img_emb * torch.tensor(
-                img_emb.shape[-1] ** 0.5, dtype=img_emb.dtype, device=img_emb.device
-            )
+            img_emb = img_emb * _scale_in(img_emb.shape[-1] ** 0.5, img_emb.dtype)
             embs.append(img_emb)
             pads.append(img_mask[:, None].expand(img_emb.shape[0], img_emb.shape[1]))
         lang_emb = towers.embed_language_tokens(lang_tokens)
@@ -480,7 +487,36 @@ class SmolVLAPolicy(nn.Module):
         reduction: Literal["mean", "none"] = "mean",
     ) -> tuple[Tensor, dict[str, float]]:
         """Flow-matching loss of a preprocessed batch: the mean over valid (not padded)
-        steps and real action dims, or per sample with `reduction="none"`."""
+        steps and real action dims, or per sample with `reduction="none"`; and LeRobot's
+        `{"loss": float}` (a host sync: the training step calls `per_sample_loss`)."""
+        losses, is_pad = self._masked_losses(batch, noise, time)
+        if reduction == "none":
+            loss = self._per_sample(losses, is_pad)
+            return loss, {"loss": loss.detach().mean().item()}
+        if is_pad is None:
+            loss = losses.mean()
+        else:
+            loss = losses.sum() / ((~is_pad.bool()).sum() * losses.shape[-1]).clamp_min(1)
+        return loss, {"loss": loss.detach().item()}
+
+    def per_sample_loss(
+        self, batch: dict[str, Tensor], noise: Tensor | None = None, time: Tensor | None = None
+    ) -> Tensor:
+        """`forward(..., reduction="none")`'s per-sample losses (B,), without reading
+        anything back to the host."""
+        return self._per_sample(*self._masked_losses(batch, noise, time))
+
+    @staticmethod
+    def _per_sample(losses: Tensor, is_pad: Tensor | None) -> Tensor:
+        if is_pad is None:
+            return losses.mean(dim=(1, 2))
+        valid = ((~is_pad.bool()).sum(dim=1) * losses.shape[-1]).clamp_min(1)
+        return losses.sum(dim=(1, 2)) / valid
+
+    def _masked_losses(
+        self, batch: dict[str, Tensor], noise: Tensor | None, time: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Element losses (B, chunk, action_dim), zero at padded steps; and the pad mask."""
         images, img_masks = self.prepare_images(batch)
         state = self.prepare_state(batch)
         lang_tokens, lang_masks = self._language(batch)
@@ -500,18 +536,7 @@ class SmolVLAPolicy(nn.Module):
         is_pad = batch.get("action_is_pad")
         if is_pad is not None:
             losses = losses * (~is_pad.bool()).unsqueeze(-1)
-        if reduction == "none":
-            if is_pad is None:
-                loss = losses.mean(dim=(1, 2))
-            else:
-                valid = ((~is_pad.bool()).sum(dim=1) * losses.shape[-1]).clamp_min(1)
-                loss = losses.sum(dim=(1, 2)) / valid
-            return loss, {"loss": loss.detach().mean().item()}
-        if is_pad is None:
-            loss = losses.mean()
-        else:
-            loss = losses.sum() / ((~is_pad.bool()).sum() * losses.shape[-1]).clamp_min(1)
-        return loss, {"loss": loss.detach().item()}
+        return losses, is_pad
 
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:

@@ -4,7 +4,9 @@ their file layout so either side loads the other's.
 Pre: add a batch dim to single observations, append a newline to the task, tokenize it (right
 padding to the longest, at most `tokenizer_max_length`), normalize state and action
 (MEAN_STD: `(x - mean) / (std + eps)`). Post: un-normalize actions (`x * std + mean`).
-Images are left as they are (IDENTITY); resizing happens inside the policy, as in LeRobot.
+Images are left as they are (IDENTITY), uint8 ones too (the training loader sends uint8
+frames, which the step's `to_device` scales to [0, 1] on the device); resizing happens inside
+the policy, as in LeRobot.
 """
 
 from __future__ import annotations
@@ -74,6 +76,12 @@ class PolicyProcessor:
                 )
         return modes
 
+    def takes_uint8_images(self) -> bool:
+        """Whether images may arrive as uint8, to be scaled to [0, 1] after `preprocess`: only
+        when it leaves them alone (IDENTITY, SmolVLA's mapping), since normalizing them here
+        needs [0, 1] floats."""
+        return not any(key in self.config.image_features for key in self._normalized_features())
+
     # -- tokenization ---------------------------------------------------------------------
 
     def tokenize(self, tasks: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -119,6 +127,8 @@ class PolicyProcessor:
             batch[OBS_LANGUAGE_ATTENTION_MASK] = mask
         for key in self._normalized_features():
             if key in batch:
+                if batch[key].dtype == torch.uint8:
+                    raise ValueError(f"{key} is uint8 but normalized; send [0, 1] float images")
                 batch[key] = self.normalize(key, batch[key].to(torch.float32))
         return batch
 

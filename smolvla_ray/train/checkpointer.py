@@ -54,6 +54,40 @@ class Restored:
     """One line per spec change applied on this resume (rank 0 announces them)."""
 
 
+def resume_source(spec: JobSpec, storage_options: Mapping[str, Any]) -> str | None:
+    """The newest verified checkpoint of the run, else `checkpoint.from_checkpoint`."""
+    info = latest_valid_checkpoint(run_uri(spec.checkpoint.storage, spec.name), storage_options)
+    if info is not None:
+        return info.uri
+    return spec.checkpoint.from_checkpoint
+
+
+def load_checkpoint(uri: str, storage_options: Mapping[str, Any]) -> LoadedCheckpoint:
+    """`uri`'s content in host memory; the trainer reads its data cursor from it before it
+    builds anything that needs a collective, and restores it later (`Checkpointer.restore`)."""
+    with scratch_tempdir("resume") as tmp:
+        return read_checkpoint(fetch_checkpoint(uri, Path(tmp), storage_options))
+
+
+def resume_changes(spec: JobSpec, uri: str, loaded: LoadedCheckpoint) -> list[str]:
+    """The spec changes since `loaded` was written, one line each: refused (ResumeRefused)
+    on a resume of the run's own checkpoint where the table says so, else applied. The
+    trainer asks before it builds a loader from the checkpoint's cursor, so a refused change
+    (say, the batch size) is reported as such, not as a cursor mismatch."""
+    if uri == spec.checkpoint.from_checkpoint:  # a new run: only announce
+        return [
+            f"resume: {c.describe()}" for c in spec_changes(loaded.state.spec, spec) if c.applied
+        ]
+    # The run's own checkpoint (the driver checked it too, before Ray started).
+    return check_resume_changes(loaded.state.spec, spec, checkpoint_uri=uri)
+
+
+def rank_cursor(loaded: LoadedCheckpoint, rank: int) -> dict[str, Any]:
+    """This rank's data cursor in `loaded`."""
+    cursors = loaded.state.cursors
+    return cursors[rank] if rank < len(cursors) else cursors[0]
+
+
 class Checkpointer:
     """Resume discovery, restore, `should_save` and writing, for one worker of one run."""
 
@@ -74,31 +108,17 @@ class Checkpointer:
     def run_uri(self) -> str:
         return run_uri(self.spec.checkpoint.storage, self.spec.name)
 
-    def resume_source(self) -> str | None:
-        """The newest verified checkpoint of this run, else `checkpoint.from_checkpoint`."""
-        info = latest_valid_checkpoint(self.run_uri, self.storage_options)
-        if info is not None:
-            return info.uri
-        return self.spec.checkpoint.from_checkpoint
-
-    def restore(self, uri: str, ddp, optimizer, scheduler, *, rank: int) -> Restored:
-        """Load `uri`'s trainable tensors, optimizer, scheduler and this rank's RNG into
-        place, after checking it was trained on this run's base."""
-        with scratch_tempdir("resume") as tmp:
-            loaded = read_checkpoint(fetch_checkpoint(uri, Path(tmp), self.storage_options))
+    def restore(
+        self, uri: str, loaded: LoadedCheckpoint, ddp, optimizer, scheduler, *, rank: int
+    ) -> Restored:
+        """Put `loaded` (`uri`'s content, `load_checkpoint`) in place: trainable tensors,
+        optimizer, scheduler and this rank's RNG, after checking it was trained on this
+        run's base."""
         current = base_identity(self.spec, self.base_fingerprint)
         check_resume_base(loaded.state.base, current, checkpoint_uri=uri)
-        if uri == self.spec.checkpoint.from_checkpoint:  # a new run: only announce
-            changes = [
-                f"resume: {c.describe()}"
-                for c in spec_changes(loaded.state.spec, self.spec)
-                if c.applied
-            ]
-        else:  # the run's own checkpoint (the driver checked it too, before Ray started)
-            changes = check_resume_changes(loaded.state.spec, self.spec, checkpoint_uri=uri)
         restored = _restore(loaded, ddp, optimizer, scheduler, rank=rank, source=uri)
         apply_optimizer_settings(self.spec, optimizer, scheduler)
-        restored.changes = changes
+        restored.changes = resume_changes(self.spec, uri, loaded)
         return restored
 
     def should_save(self, step: int, *, interrupt: bool = False) -> bool:
@@ -151,7 +171,7 @@ def _restore(
     scheduler.load_state_dict({**state.scheduler, "lr_lambdas": [None] * groups})
     if rank < len(loaded.rng_states):
         torch.set_rng_state(loaded.rng_states[rank])
-    cursor = state.cursors[rank] if rank < len(state.cursors) else state.cursors[0]
+    cursor = rank_cursor(loaded, rank)
     counters = dict(state.counters)
     train_state = TrainState(
         step=state.step,

@@ -42,8 +42,7 @@ class TrainableView(nn.Module):
 
     def forward(self, batch: dict, noise: Tensor, time: Tensor) -> Tensor:
         """Per-sample losses (B,), each the mean over its valid elements."""
-        per_sample, _ = self.policy(batch, noise=noise, time=time, reduction="none")
-        return per_sample
+        return self.policy.per_sample_loss(batch, noise=noise, time=time)
 
 
 @dataclass

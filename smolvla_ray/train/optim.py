@@ -16,9 +16,14 @@ def build_optimizer(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
+    fused: bool = False,
 ) -> torch.optim.AdamW:
-    """AdamW as LeRobot's SmolVLA preset builds it (one parameter group)."""
-    return torch.optim.AdamW(list(params), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    """AdamW as LeRobot's SmolVLA preset builds it (one parameter group). `fused` (the
+    trainer's choice on CUDA) is torch's fused kernel: the same update up to rounding, and it
+    skips itself when told the step was not finite, with no host sync (train/step.py)."""
+    return torch.optim.AdamW(
+        list(params), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None
+    )
 
 
 def resolve_schedule(warmup_steps: int, decay_steps: int, total_steps: int) -> tuple[int, int]:

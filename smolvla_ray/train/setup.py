@@ -4,17 +4,18 @@ episodes, preprocessed by the policy's processor, in a resumable sharded loader.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset
 
-from smolvla_ray.build import episode_selection
-from smolvla_ray.cache.store import CachedFeatures, CacheStore
+from smolvla_ray.build import run_episodes
+from smolvla_ray.cache.store import CachedFeatures, FeatureShards
+from smolvla_ray.data.augment import SampleAugmenter
 from smolvla_ray.data.loader import ShardedLoader
-from smolvla_ray.data.meta import DatasetMeta, select_episodes
+from smolvla_ray.data.meta import DatasetMeta
 from smolvla_ray.data.samples import FrameDataset
-from smolvla_ray.data.storage import DEFAULT_CACHE_DIR, FileCache
+from smolvla_ray.data.storage import FileCache, Storage, node_cache_dir
 from smolvla_ray.policy.modeling import SmolVLAPolicy
 from smolvla_ray.spec import JobSpec
 
@@ -28,24 +29,40 @@ def build_loader(
     world_size: int,
     cursor: dict[str, Any] | None,
     storage_options: Mapping[str, Any],
-    features: Path | None = None,
+    device: torch.device,
+    features: FeatureShards | None = None,
 ) -> ShardedLoader:
     """This worker's share of each epoch, preprocessed by the policy's processor. With
-    `features` (the node's copy of the feature cache, `fetch_feature_cache`) the samples
-    carry cached vision features and no video is decoded."""
-    cache = FileCache(directory=_cache_dir(spec) / "files", max_bytes=spec.data.cache_max_bytes)
+    `features` (the feature cache as this node reads it, `fetch_feature_cache`) the samples
+    carry cached vision features and no video is decoded.
+
+    With `data.augment` on, the loader processes augment each sample (keyed by seed, epoch,
+    index and dataset camera key) and images stay float32 in [0, 1]: quantizing augmented
+    images back to uint8 would change them. Otherwise frames travel as uint8, a quarter of
+    the bytes, and the step's `to_device` scales them on the device, to exactly the same
+    floats. For a CUDA `device` batches are collated into pinned memory."""
+    cache = FileCache(
+        directory=node_cache_dir(spec.data.cache_dir) / "files",
+        max_bytes=spec.data.cache_max_bytes,
+    )
     sources = policy.feature_resolution.sources  # policy camera key -> dataset camera key
+    processor = policy.processor
+    augment = spec.data.augment if spec.data.augment.enable else None
+    uint8 = augment is None and (processor is None or processor.takes_uint8_images())
     dataset: Dataset = FrameDataset(
         meta,
-        episodes=episode_selection(spec),
+        episodes=run_episodes(spec, meta),
         cameras=[] if features else list(sources.values()),
         chunk_size=policy.config.chunk_size,
         storage_options=storage_options,
         cache=cache,
+        image_dtype=torch.uint8 if uint8 else torch.float32,
     )
     if features:
         dataset = CachedFeatures(dataset, features, list(sources))  # stored by policy key
-    processor = policy.processor
+    augmenter = (
+        SampleAugmenter(augment, tuple(sources.values()), seed=spec.train.seed) if augment else None
+    )
     return ShardedLoader(
         dataset,
         batch_size=spec.train.batch_size,
@@ -54,24 +71,30 @@ def build_loader(
         seed=spec.train.seed,
         num_workers=spec.data.num_loader_workers,
         cursor=cursor,
+        sample_transform=augmenter,
         batch_transform=processor.preprocess if processor is not None else None,
+        pin_memory=device.type == "cuda",
     )
-
-
-def _cache_dir(spec: JobSpec) -> Path:
-    return Path(spec.data.cache_dir).expanduser() if spec.data.cache_dir else DEFAULT_CACHE_DIR
 
 
 def fetch_feature_cache(
     spec: JobSpec, meta: DatasetMeta, feature_cache: str | None, storage_options: Mapping[str, Any]
-) -> Path | None:
-    """This node's copy of the feature cache's shards for the run's episodes (fetched once
-    per node; None without a cache). The trainer calls it before its first collective, so a
-    long download never holds the other workers inside one until the collective timeout."""
+) -> FeatureShards | None:
+    """The feature cache at `feature_cache` as this node reads it (None without a cache),
+    its node-local copy warmed first.
+
+    Training reads each shard through the node's LRU file cache under
+    `<data.cache_dir>/features`, bounded by `data.cache_max_bytes` (the videos' own cache
+    keeps its bound), so a cache bigger than the bound still trains (`data.feature_cache:
+    on`), re-downloading the shards it evicts. Warming downloads, once per node, the shards
+    of the run's episodes that fit the bound: all of them in the common case, so the steps
+    never wait on a download. The trainer calls this before its first collective, so a long
+    download never holds the other workers inside one until the collective timeout."""
     if not feature_cache:
         return None
-    episodes = [
-        meta.episodes[i].episode_index for i in select_episodes(meta, episode_selection(spec))
-    ]
-    local = _cache_dir(spec) / "features" / feature_cache.rstrip("/").rsplit("/", 1)[-1]
-    return CacheStore(feature_cache, storage_options).fetch(sorted(episodes), local)
+    cache = FileCache(
+        node_cache_dir(spec.data.cache_dir) / "features", max_bytes=spec.data.cache_max_bytes
+    )
+    shards = FeatureShards(Storage(feature_cache, storage_options), cache)
+    shards.warm(run_episodes(spec, meta))
+    return shards

@@ -10,12 +10,20 @@ Two choices make data-parallel training equal to one big batch (the equivalence 
 - The loss is the mean over the valid (not padded) elements of the *global* batch (all
   micro-batches on all workers): each worker scales its sum by `world / global_valid`, and
   DDP's gradient average then yields exactly the global mean's gradient.
+
+And one keeps a GPU busy: nothing here waits for the device. The valid-element counts, the
+loss, the gradient norm and the "finite" flag stay device tensors until the trainer's next
+log step reads a whole window of them at once (`window.py`); phase times are CUDA events
+there, read at the same moment. Skipping a non-finite step then cannot be a host `if`: on
+CUDA the optimizer is the fused AdamW, which skips the update itself when its `found_inf`
+tensor is set (as under torch's GradScaler); on CPU, where nothing runs asynchronously, the
+host decides as before. Images arrive as uint8 (pinned, on CUDA) and become float32 in
+[0, 1] on the device, bit-identical to the host conversion.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -26,7 +34,6 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from smolvla_ray.data.augment import AugmentSettings, augment_batch
 from smolvla_ray.keys import ACTION
 
 
@@ -49,35 +56,114 @@ def flow_noise_and_time(
 
 
 def valid_elements(batch: dict, action_dim: int) -> Tensor:
-    """Valid (not padded) action elements of each sample, (B,) float."""
+    """Valid (not padded) action elements of each sample, (B,) float64, on the batch's device."""
     is_pad = batch.get("action_is_pad")
-    chunk = batch[ACTION].shape[1]
-    steps = (
-        chunk - is_pad.sum(dim=1)
-        if is_pad is not None
-        else torch.full((batch[ACTION].shape[0],), chunk)
-    )
-    return steps.to(torch.float64) * action_dim
+    actions = batch[ACTION]
+    chunk = actions.shape[1]
+    if is_pad is None:
+        return torch.full((actions.shape[0],), chunk * action_dim, dtype=torch.float64,
+                          device=actions.device)  # fmt: skip
+    return (chunk - is_pad.sum(dim=1)).to(torch.float64) * action_dim
+
+
+class PhaseClock:
+    """Marks between the step's phases: CUDA events on a GPU (read later, without stalling
+    the queue now), host clocks on a CPU (where the work is done when the call returns)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[object] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        """The durations between consecutive marks (waits for the last CUDA event)."""
+        if self.cuda:
+            self.marks[-1].synchronize()  # type: ignore[attr-defined]
+            return [
+                a.elapsed_time(b) / 1000.0  # type: ignore[attr-defined]
+                for a, b in zip(self.marks, self.marks[1:], strict=False)
+            ]
+        return [b - a for a, b in zip(self.marks, self.marks[1:], strict=False)]  # type: ignore[operator]
 
 
 @dataclass
 class StepResult:
-    """What one optimizer step measured."""
+    """What one optimizer step measured; the tensors stay on the device (see the module
+    docstring) until `resolve` reads them."""
+
+    loss: Tensor  # the global batch's mean loss, float64 scalar
+    grad_norm: Tensor
+    finite: Tensor  # bool scalar: loss and gradient norm finite, the update applied
+    lr: float
+    num_samples: int
+    clock: PhaseClock
+    micro_batches: int = 1  # the clock's marks: start, then (forward, backward) each, optimizer
+
+    def resolve(self) -> ResolvedStep:
+        """Host values (one device sync for the scalars, one for the timings)."""
+        loss, grad_norm, finite = torch.stack(
+            [self.loss.double(), self.grad_norm.double(), self.finite.double()]
+        ).tolist()
+        durations = self.clock.seconds()
+        # marks: [start, (fwd_end, bwd_end) per micro-batch..., optimizer_end]
+        forward = backward = 0.0
+        for i in range(self.micro_batches):
+            forward += durations[2 * i]
+            backward += durations[2 * i + 1]
+        return ResolvedStep(
+            loss=loss,
+            grad_norm=grad_norm,
+            finite=bool(finite),
+            lr=self.lr,
+            num_samples=self.num_samples,
+            forward_s=forward,
+            backward_s=backward,
+            optimizer_s=durations[-1],
+        )
+
+
+@dataclass
+class ResolvedStep:
+    """A step's measurements on the host."""
 
     loss: float
     grad_norm: float
+    finite: bool
     lr: float
     num_samples: int
     forward_s: float
     backward_s: float
     optimizer_s: float
-    finite: bool
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()
-    }
+    """The batch on `device`, uint8 images (and any other uint8 tensor) as float32 in [0, 1]
+    scaled there: the same values as `.float() / 255` on the host, a quarter of the bytes."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, Tensor):
+            value = value.to(device, non_blocking=True)
+            if value.dtype == torch.uint8:
+                value = value.float().div_(255.0)
+        out[key] = value
+    return out
+
+
+def _pinned(tensor: Tensor, device: torch.device) -> Tensor:
+    """Host tensors made here (noise, time) go to a GPU without waiting for its queue."""
+    return tensor.pin_memory() if device.type == "cuda" else tensor
+
+
+def uses_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` skips its own update on `found_inf` (torch's fused Adam/AdamW)."""
+    return bool(optimizer.defaults.get("fused"))
 
 
 def train_step(
@@ -91,29 +177,28 @@ def train_step(
     grad_clip_norm: float,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
-    augment: AugmentSettings | None = None,
 ) -> StepResult:
     """Forward/backward over `micro_batches` (gradients synced on the last), clip, update.
 
-    A non-finite loss or gradient norm leaves the parameters untouched (`finite=False`);
-    the caller skips the step or stops the job as the spec says.
+    A non-finite loss or gradient norm leaves the parameters and the optimizer's state
+    untouched (`finite` false); the trainer learns it at its next log step and skips the
+    step or stops the job as the spec says.
     """
     policy = ddp.module.policy
     config = policy.config
     world = dist.get_world_size() if dist.is_initialized() else 1
-    local_valid = sum(valid_elements(b, config.action_dim).sum() for b in micro_batches)
-    total = torch.tensor([float(local_valid)], dtype=torch.float64, device=device)
+    clock = PhaseClock(device)
+    batches = [to_device(raw, device) for raw in micro_batches]
+    weights = [valid_elements(b, config.action_dim) for b in batches]
+    global_valid = torch.stack([w.sum() for w in weights]).sum().reshape(1)
     if world > 1:
-        dist.all_reduce(total)
-    global_valid = max(total.item(), 1.0)
+        dist.all_reduce(global_valid)
+    global_valid = global_valid.clamp(min=1.0)
 
-    forward_s = backward_s = 0.0
-    loss_sum = 0.0
-    for position, raw in enumerate(micro_batches):
-        if augment is not None and augment.enable:
-            cameras = list(config.image_features)
-            raw = augment_batch(raw, cameras, augment, seed=seed, step=step)
-        batch = to_device(raw, device)
+    clock.mark()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    pairs = zip(micro_batches, batches, weights, strict=True)
+    for position, (raw, batch, weight) in enumerate(pairs):
         noise, flow_time = flow_noise_and_time(
             raw["index"].tolist(),
             seed=seed,
@@ -121,48 +206,46 @@ def train_step(
             chunk_size=config.chunk_size,
             action_dim=config.max_action_dim,
         )
+        noise = _pinned(noise, device).to(device, non_blocking=True)
+        flow_time = _pinned(flow_time, device).to(device, non_blocking=True)
         last = position == len(micro_batches) - 1
-        sync = nullcontext() if last else ddp.no_sync()
-        with sync:
-            start = time.perf_counter()
+        with nullcontext() if last else ddp.no_sync():
             autocast = (
                 torch.autocast(device.type, dtype=autocast_dtype)
                 if autocast_dtype is not None
                 else nullcontext()
             )
             with autocast:
-                per_sample = ddp(batch, noise.to(device), flow_time.to(device))
-            weights = valid_elements(batch, config.action_dim).to(per_sample.device)
-            summed = (per_sample.float() * weights.float()).sum()
-            loss = summed * (world / global_valid)
-            mid = time.perf_counter()
+                per_sample = ddp(batch, noise, flow_time)
+            summed = (per_sample.float() * weight.to(per_sample.device).float()).sum()
+            loss = summed * (world / global_valid[0]).float()
+            clock.mark()
             loss.backward()
-            end = time.perf_counter()
-        forward_s += mid - start
-        backward_s += end - mid
-        loss_sum += summed.item()
+            clock.mark()
+        loss_sum = loss_sum + summed.detach().double()
 
-    start = time.perf_counter()
     params = list(ddp.module.params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
-    mean_loss = torch.tensor([loss_sum], dtype=torch.float64, device=device)
+    total = loss_sum.reshape(1)
     if world > 1:
-        dist.all_reduce(mean_loss)
-    mean = mean_loss.item() / global_valid
-    finite = math.isfinite(mean) and bool(torch.isfinite(grad_norm))
-    if finite:
+        dist.all_reduce(total)
+    mean = total[0] / global_valid[0]
+    finite = torch.isfinite(mean) & torch.isfinite(grad_norm)
+    if uses_found_inf(optimizer):
+        optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]
+        optimizer.step()
+    elif bool(finite):  # CPU: the host decides; no queue to stall
         optimizer.step()
     optimizer.zero_grad(set_to_none=False)
     lr = optimizer.param_groups[0]["lr"]
     scheduler.step()
-    optimizer_s = time.perf_counter() - start
+    clock.mark()
     return StepResult(
         loss=mean,
-        grad_norm=float(grad_norm),
-        lr=lr,
-        num_samples=sum(b[ACTION].shape[0] for b in micro_batches),
-        forward_s=forward_s,
-        backward_s=backward_s,
-        optimizer_s=optimizer_s,
+        grad_norm=grad_norm,
         finite=finite,
+        lr=lr,
+        num_samples=sum(int(raw[ACTION].shape[0]) for raw in micro_batches),
+        clock=clock,
+        micro_batches=len(micro_batches),
     )

@@ -35,7 +35,14 @@ from smolvla_ray.policy.modeling import SmolVLAPolicy
 from smolvla_ray.progress_line import PREFIX, format_progress_line
 from smolvla_ray.run_layout import checkpoint_dir_name, run_uri
 from smolvla_ray.spec import JobSpec
-from smolvla_ray.train.checkpointer import Checkpointer, TrainState
+from smolvla_ray.train.checkpointer import (
+    Checkpointer,
+    TrainState,
+    load_checkpoint,
+    rank_cursor,
+    resume_changes,
+    resume_source,
+)
 from smolvla_ray.train.ddp import CommCounter, collective_timeout_s, wrap_ddp
 from smolvla_ray.train.interrupt import Decision
 from smolvla_ray.train.metrics import MetricsLog
@@ -103,30 +110,40 @@ def train(
     rank, device, options = context.rank, context.device, context.storage_options
 
     meta = open_dataset(spec, storage_options=options)
-    # The node's copy of the feature cache first: before any collective (fingerprints, DDP's
-    # broadcast), so that a long download does not hold the other workers inside one.
+    # Resume: rank 0 finds the checkpoint and tells the others (the first collective, made
+    # before any long work), and every rank loads it.
+    source = _broadcast(resume_source(spec, options) if rank == 0 else None)
+    loaded = load_checkpoint(source, options) if source is not None else None
+    if source is not None and loaded is not None:
+        resume_changes(spec, source, loaded)  # a refused change stops here, before its use
+    # Then everything slow that needs no other worker, before the next collective
+    # (fingerprints, DDP's broadcast), so that a long download never holds the others inside
+    # one until the collective timeout: the node's copy of the feature cache, the policy,
+    # and this rank's first step of batches (their video files fetched).
     features = fetch_feature_cache(spec, meta, context.feature_cache, options)
-    w = _build(spec, context, meta)  # policy, DDP over its trainable view, optimizer, schedule
+    policy = build_policy(spec, meta, storage_options=options)
+    loader = build_loader(
+        spec, meta, policy, rank=rank, world_size=context.world_size,
+        cursor=rank_cursor(loaded, rank) if loaded is not None else None,
+        storage_options=options, device=device, features=features,
+    )  # fmt: skip
+    batches = iter(loader)
+    first_step = [next(batches) for _ in range(spec.train.grad_accum_steps)]
+    w = _build(spec, context, meta, policy)  # DDP over the trainable view, optimizer, schedule
     ddp, optimizer, scheduler = w.ddp, w.optimizer, w.scheduler
 
-    # Resume: rank 0 finds the checkpoint, every rank restores it.
     checkpointer = Checkpointer(
         spec, w.policy, base_fingerprint=w.base_fingerprint, storage_options=options
     )
-    state, cursor = TrainState(), None
-    source = _broadcast(checkpointer.resume_source() if rank == 0 else None)
-    if source is not None:
-        restored = checkpointer.restore(source, ddp, optimizer, scheduler, rank=rank)
-        state, cursor = restored.state, restored.cursor
+    state = TrainState()
+    if source is not None and loaded is not None:
+        restored = checkpointer.restore(source, loaded, ddp, optimizer, scheduler, rank=rank)
+        state, loaded = restored.state, None  # the host copy is no longer needed
         if rank == 0:
             say(f"resuming at step {state.step} from {source}")
             for line in restored.changes:  # spec changes since the checkpoint, applied
                 say(line)
 
-    loader = build_loader(
-        spec, w.meta, w.policy, rank=rank, world_size=context.world_size, cursor=cursor,
-        storage_options=options, features=features,
-    )  # fmt: skip
     if rank == 0:
         trainable = sum(p.numel() for p in ddp.module.params)
         total = sum(p.numel() for p in w.policy.parameters())
@@ -139,23 +156,21 @@ def train(
     metrics_log = _metrics_log(spec, options) if rank == 0 else None
 
     # Step, report, checkpoint.
-    batches = iter(loader)
     autocast_dtype = torch.bfloat16 if spec.resolved_precision() == "bf16" else None
     window = MetricWindow(world_size=context.world_size)
     run_start, start_step, last_report_s = time.perf_counter(), state.step, 0.0
     while state.step < spec.train.steps:
         wait_start = time.perf_counter()
-        micro = [next(batches) for _ in range(spec.train.grad_accum_steps)]
+        micro = first_step or [next(batches) for _ in range(spec.train.grad_accum_steps)]
+        first_step = []
         data_wait = time.perf_counter() - wait_start
         result = train_step(
             ddp, micro, optimizer=optimizer, scheduler=scheduler, step=state.step,
             seed=spec.train.seed, grad_clip_norm=spec.train.optimizer.grad_clip_norm, device=device,
-            autocast_dtype=autocast_dtype, augment=spec.data.augment,
+            autocast_dtype=autocast_dtype,
         )  # fmt: skip
         state.step += 1
-        if not result.finite:
-            _on_nonfinite(spec, state, result)
-        window.add(result, data_wait_s=data_wait, comm_bytes=w.comm.take())
+        window.add(state.step, result, data_wait_s=data_wait, comm_bytes=w.comm.take())
         check = spec.train.check_replicas_every
         if check and (state.step % check == 0 or state.step == spec.train.steps):
             _check_replicas(ddp, w.policy, w.local_frozen)
@@ -167,7 +182,12 @@ def train(
         if not (save or state.step % spec.train.log_every == 0):
             continue
         state.epoch = loader.epoch
-        metrics = {"step": state.step, "epoch": state.epoch, **window.summary(),
+        # The window's device values are read here, not at every step (train/step.py);
+        # a non-finite step was never applied, and is counted or stops the run now.
+        summary, nonfinite = window.summary()
+        for bad_step in nonfinite:
+            _on_nonfinite(spec, state, bad_step)
+        metrics = {"step": state.step, "epoch": state.epoch, **summary,
                    **state.counters(), "frozen_fingerprint": w.base_fingerprint}  # fmt: skip
         checkpoint, checkpoint_s = None, 0.0
         if save:
@@ -234,11 +254,16 @@ class _Worker:
     local_frozen: dict[str, str]  # this worker's frozen tensors as held (maybe bf16)
 
 
-def _build(spec: JobSpec, context: WorkerContext, meta: DatasetMeta) -> _Worker:
-    """The policy with the freezing overrides (the frozen backbone checked equal on every
-    worker), DDP over its trainable view, AdamW and the schedule."""
-    policy = build_policy(spec, meta, storage_options=context.storage_options)
+def _build(
+    spec: JobSpec, context: WorkerContext, meta: DatasetMeta, policy: SmolVLAPolicy | None = None
+) -> _Worker:
+    """The policy (`build_policy`, with the freezing overrides, unless given) checked equal
+    in its frozen backbone on every worker, DDP over its trainable view, AdamW and the
+    schedule."""
+    if policy is None:
+        policy = build_policy(spec, meta, storage_options=context.storage_options)
     policy.train()
+    policy.model.vlm_with_expert.attention_fp32 = spec.train.attention_fp32
     # Fingerprints are taken on the host, before the move: hashing device tensors would copy
     # the whole frozen backbone back (1.4 GB at base size).
     base_fingerprint = check_frozen_fingerprint(policy)
@@ -251,7 +276,7 @@ def _build(spec: JobSpec, context: WorkerContext, meta: DatasetMeta) -> _Worker:
     opt, sched = spec.train.optimizer, spec.train.scheduler
     optimizer = build_optimizer(
         ddp.module.params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
-        weight_decay=opt.weight_decay,
+        weight_decay=opt.weight_decay, fused=context.device.type == "cuda",
     )  # fmt: skip
     scheduler = build_scheduler(
         optimizer, kind=sched.type, warmup_steps=sched.warmup_steps,
@@ -272,13 +297,13 @@ def _metrics_log(spec: JobSpec, options: Mapping[str, Any]) -> MetricsLog:
     )
 
 
-def _on_nonfinite(spec: JobSpec, state: TrainState, result) -> None:
-    """A step whose loss or gradient was not finite left the parameters untouched."""
+def _on_nonfinite(spec: JobSpec, state: TrainState, step: int) -> None:
+    """Step `step`'s loss or gradient norm was not finite: its update was not applied."""
     if spec.failure.on_nonfinite == "stop":
         raise RuntimeError(
-            f"non-finite loss {result.loss} or gradient norm {result.grad_norm} at step "
-            f"{state.step}; parameters were not updated. Set failure.on_nonfinite: skip to "
-            "skip such steps, or lower train.optimizer.lr"
+            f"non-finite loss or gradient norm at step {step}; parameters were not updated "
+            f"(noticed at step {state.step}, the first report after it). Set "
+            "failure.on_nonfinite: skip to skip such steps, or lower train.optimizer.lr"
         )
     state.skipped_steps += 1
 

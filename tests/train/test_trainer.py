@@ -131,3 +131,52 @@ def test_the_trainer_imports_no_ray() -> None:
         "assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_first_step_is_read_before_the_first_collective_after_resume(
+    tmp_path: Path, demo_dataset: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow first read (video files fetched into the node's cache) must not hold the other
+    workers inside a collective (the fingerprints' all_gather, DDP's broadcast): each rank
+    reads its first step's micro-batches, from the resumed cursor, before either."""
+    import smolvla_ray.train.trainer as trainer
+    from smolvla_ray.data.loader import ShardedLoader
+
+    order: list[str] = []
+
+    def recorded(what: str, call):
+        def wrapper(*args, **kwargs):
+            order.append(what)
+            return call(*args, **kwargs)
+
+        return wrapper
+
+    real_iter = ShardedLoader.__iter__
+
+    def batches(loader):
+        for batch in real_iter(loader):
+            order.append(f"batch {batch['index'].tolist()}")
+            yield batch
+
+    monkeypatch.setattr(ShardedLoader, "__iter__", batches)
+    monkeypatch.setattr(
+        trainer,
+        "check_frozen_fingerprint",
+        recorded("fingerprint", trainer.check_frozen_fingerprint),
+    )
+    monkeypatch.setattr(trainer, "wrap_ddp", recorded("ddp", trainer.wrap_ddp))
+
+    train = {**TRAIN, "steps": 6, "grad_accum_steps": 2, "batch_size": 2}
+    whole = spec_for(demo_dataset, tmp_path, "whole", train=train)
+    train_in_process(whole)
+    uninterrupted = [o for o in order if o.startswith("batch")]
+    assert len(uninterrupted) == 12  # 6 steps x 2 micro-batches, nothing read ahead in vain
+
+    killed = spec_for(demo_dataset, tmp_path, "killed", train=train)
+    assert train_in_process(killed, stop_after=4)[0] is None  # dies after its step-4 checkpoint
+    order.clear()
+    state, _ = train_in_process(killed)
+    assert state is not None and state.resumed_from_step == 4
+    assert [o.split(" ")[0] for o in order[:4]] == ["batch", "batch", "fingerprint", "ddp"]
+    # From the resumed cursor: exactly the batches of steps 5 and 6 of the uninterrupted run.
+    assert [o for o in order if o.startswith("batch")] == uninterrupted[8:]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from smolvla_ray.cache.build import feature_bytes_per_image, plan_cache
+from smolvla_ray.cache.build import CachePlan, feature_bytes_per_image, plan_cache
 from smolvla_ray.policy.config import PolicyConfig
 
 GIB = 1024**3
@@ -19,24 +19,24 @@ def test_smolvla_base_caches_245760_bytes_per_image() -> None:
 
 
 def test_a_libero_sized_dataset_does_not_fit_the_default_bound(tmp_path: Path) -> None:
-    # LIBERO-sized: about 270k frames, two cameras; data.cache_max_bytes at its 20 GiB default.
+    # LIBERO-sized: about 270k frames (here 1,000 episodes of 270), two cameras;
+    # data.cache_max_bytes at its 20 GiB default.
     base = PolicyConfig.preset("base")
     plan = plan_cache(
-        base, frames=270_000, cameras=2, dtype="float32", max_bytes=20 * GIB, cache_dir=tmp_path
-    )
+        base, episode_frames=[270] * 1000, cameras=2, dtype="float32", max_bytes=20 * GIB,
+        cache_dir=tmp_path,
+    )  # fmt: skip
     assert plan.total_bytes == 270_000 * 2 * 245_760 == 132_710_400_000
-    assert plan.line() == (
-        "270,000 frames x 2 camera(s) x 245,760 bytes (float32) = 132.7 GB, a full copy on "
-        "every node"
-    )
+    assert plan.line() == "270,000 frames x 2 camera(s) x 245,760 bytes (float32) = 132.7 GB"
     assert plan.problem == "it exceeds data.cache_max_bytes=21.5 GB"
     half = plan_cache(
-        base, frames=270_000, cameras=2, dtype="bfloat16", max_bytes=20 * GIB, cache_dir=tmp_path
-    )
+        base, episode_frames=[270] * 1000, cameras=2, dtype="bfloat16", max_bytes=20 * GIB,
+        cache_dir=tmp_path,
+    )  # fmt: skip
     assert half.total_bytes == 66_355_200_000 and half.problem is not None
     # A bound that allows it still needs the disk: the free bytes under data.cache_dir.
     roomy = plan_cache(
-        base, frames=270_000, cameras=2, dtype="float32", max_bytes=10**15,
+        base, episode_frames=[270] * 1000, cameras=2, dtype="float32", max_bytes=10**15,
         cache_dir=tmp_path / "not" / "yet",
     )  # fmt: skip
     fits = roomy.total_bytes <= roomy.free_bytes
@@ -45,3 +45,42 @@ def test_a_libero_sized_dataset_does_not_fit_the_default_bound(tmp_path: Path) -
         assert (
             roomy.problem.startswith("it exceeds the ") and str(tmp_path / "not") in roomy.problem
         )
+
+
+def plan(frames: list[int], max_bytes: float, free_bytes: float) -> CachePlan:
+    """A plan of 10 kB images, one camera (1 MB per 100 frames), `free_bytes` free."""
+    return CachePlan(
+        frames=sum(frames), episodes=len(frames), longest_episode=max(frames), cameras=1,
+        bytes_per_image=10_000, dtype="float32", max_bytes=int(max_bytes),
+        free_bytes=int(free_bytes), cache_dir="/node/cache",
+    )  # fmt: skip
+
+
+def test_over_its_bound_a_cache_trains_through_the_lru_copy_at_a_stated_cost() -> None:
+    # 4 episodes of 100 frames: 4 MB in all, 1 MB per shard, a 2 MB bound.
+    over = plan([100] * 4, max_bytes=2e6, free_bytes=1e12)
+    assert over.problem == "it exceeds data.cache_max_bytes=2.0 MB"
+    assert over.bounded_problem is None  # `on` trains from it, through the LRU copy
+    # Shuffled reads hit a copy holding half the cache half the time; a miss downloads its
+    # episode's shard (1 MB) again: 400 reads x 50% x 1 MB per epoch.
+    assert over.bounded_cost() == (
+        "every node keeps at most data.cache_max_bytes=2.0 MB of it and downloads evicted "
+        "episode shards again when read: about 50% of the reads, ~1.0 MB each, ~0.2 GB per "
+        "epoch, which can be slower than decoding video"
+    )
+
+
+def test_on_is_refused_only_when_the_bounded_copy_cannot_work() -> None:
+    # One shard (the longest episode's, 1.5 MB) larger than the bound: nothing can hold it.
+    assert plan([100, 150], max_bytes=1.2e6, free_bytes=1e12).bounded_problem == (
+        "one episode's shard (1.5 MB) exceeds data.cache_max_bytes=1.2 MB: raise "
+        "data.cache_max_bytes above it"
+    )
+    # A bound larger than the free disk: the node's copy would fill the disk.
+    assert plan([100] * 4, max_bytes=3e6, free_bytes=2.5e6).bounded_problem == (
+        "a node's copy of up to 3.0 MB exceeds the 2.5 MB free under /node/cache: free disk "
+        "there, or lower data.cache_max_bytes to at most 2.5 MB"
+    )
+    # Within the bound but not the disk: the copy is the whole cache.
+    assert "copy of up to 4.0 MB" in plan([100] * 4, 1e7, 2.5e6).bounded_problem
+    assert plan([100] * 4, max_bytes=3e6, free_bytes=3e6).bounded_problem is None

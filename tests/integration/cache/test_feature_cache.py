@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from smolvla_ray.build import open_dataset, resolve_dataset_features
 from smolvla_ray.cache.build import ensure_feature_cache
-from smolvla_ray.cache.store import CacheStore, cache_key, key_inputs
+from smolvla_ray.cache.store import CacheStore, FeatureShards, cache_key, key_inputs
 from smolvla_ray.checkpoint.discovery import fetch_checkpoint, list_checkpoints
 from smolvla_ray.run_layout import run_uri
 from smolvla_ray.spec import SpecError, spec_from_dict
@@ -177,9 +177,16 @@ def test_a_cache_bigger_than_its_bound_is_not_used_or_refused(
     assert "it exceeds data.cache_max_bytes=2.0 MB (raise data.cache_max_bytes" in said, said
     assert said.rstrip().endswith("training decodes video"), said
     assert not (tmp_path / "runs" / "feature-cache").exists()  # nothing built
-    on = spec_for(demo_dataset, storage, "on", "on", {}, data=small)
-    with pytest.raises(ValueError, match="data.feature_cache='on' but the cache is too big"):
-        ensure_feature_cache(on, {})
+    # `on` trains through the node's LRU copy (below), unless one episode's shard (40 frames
+    # x 2 cameras x 8,192 bytes) cannot fit the bound.
+    tiny = spec_for(demo_dataset, storage, "on", "on", {}, data={"cache_max_bytes": "500kB"})
+    with pytest.raises(
+        ValueError,
+        match=r"data.feature_cache='on' but the cache is too big: .*; one episode's shard "
+        r"\(0.7 MB\) exceeds data.cache_max_bytes=0.5 MB",
+    ):
+        ensure_feature_cache(tiny, {})
+    assert not (tmp_path / "runs" / "feature-cache").exists()
     half = spec_for(
         demo_dataset, storage, "half", "auto", {},
         data={**small, "feature_cache_dtype": "bfloat16"},
@@ -187,19 +194,61 @@ def test_a_cache_bigger_than_its_bound_is_not_used_or_refused(
     assert ensure_feature_cache(half, {}) is not None  # half the bytes in bfloat16: it fits
 
 
-def test_the_node_copy_is_fetched_before_the_first_collective(
-    demo_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_on_trains_a_cache_over_its_bound_through_the_nodes_lru_copy(
+    demo_dataset: str, s3_server, s3_bucket: str, tmp_path: Path, capfd
+) -> None:
+    # 4 episodes of 26 to 40 frames: shards of up to 40 x 2 cameras x 8,192 bytes (655 kB),
+    # 2.3 MB in all; the node's copy may hold any two of them, never three. A whole epoch (17
+    # batches of 8) reads every episode, so shards are evicted and downloaded again; the
+    # losses still equal video's.
+    storage, options = s3_server.url(s3_bucket, "runs"), s3_server.storage_options
+    node = tmp_path / "node"
+    bound = 1_400_000
+    train = {"steps": 17, "batch_size": 8}
+    cached_spec = spec_for(
+        demo_dataset, storage, "bounded", "on", options, train=train,
+        data={"cache_max_bytes": bound, "cache_dir": str(node)},
+    )  # fmt: skip
+    frames = sum(e.length for e in open_dataset(cached_spec, storage_options=options).episodes)
+    assert frames // 8 == 17  # one epoch, at most 7 frames left out
+    capfd.readouterr()
+    root = ensure_feature_cache(cached_spec, options)
+    said = capfd.readouterr().err
+    assert f"warning: feature cache over its bound: {frames} frames x 2 camera(s)" in said, said
+    assert "every node keeps at most data.cache_max_bytes=1.4 MB of it" in said, said
+    fs, path = fsspec.core.url_to_fs(root, **options)
+    sizes = sorted(fs.size(p) for p in fs.ls(path) if p.endswith(".safetensors"))
+    assert len(sizes) == 4 and sum(sizes[-2:]) <= bound < sum(sizes[:3])
+
+    train_in_process(cached_spec, feature_cache=root)
+    train_in_process(spec_for(demo_dataset, storage, "video", "off", options, train=train))
+    features = node / "features"
+    held = [p for p in features.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in held) <= bound  # all it holds, temporaries too
+    # Every shard ever downloaded left its entry's lock file: all four were, at most two are
+    # held, so the others were evicted.
+    assert len([p for p in held if p.name.endswith(".safetensors.lock")]) == 4
+    assert 1 <= len([p for p in held if p.suffix == ".safetensors"]) <= 2
+    cached = read_metrics(run_uri(storage, "bounded"), options)
+    video = read_metrics(run_uri(storage, "video"), options)
+    assert len(cached) == 17
+    assert [r["loss"] for r in cached] == pytest.approx([r["loss"] for r in video], rel=1e-6)
+
+
+def test_the_node_copy_is_warmed_before_the_first_collective(
+    demo_dataset: str, s3_server, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A long download must not hold the other workers inside a collective (the frozen
     # fingerprint's all_gather, DDP's broadcast) until the collective timeout.
     import smolvla_ray.train.ddp as ddp
     import smolvla_ray.train.trainer as trainer
 
+    storage, options = s3_server.url(s3_bucket, "runs"), s3_server.storage_options
     spec = spec_for(
-        demo_dataset, str(tmp_path / "runs"), "order", "on", {},
+        demo_dataset, storage, "order", "on", options,
         data={"cache_dir": str(tmp_path / "node-cache")},
     )  # fmt: skip
-    root = ensure_feature_cache(spec, {})
+    root = ensure_feature_cache(spec, options)
     order: list[str] = []
 
     def recorded(what: str, call):
@@ -209,7 +258,7 @@ def test_the_node_copy_is_fetched_before_the_first_collective(
 
         return wrapper
 
-    monkeypatch.setattr(CacheStore, "fetch", recorded("fetch", CacheStore.fetch))
+    monkeypatch.setattr(FeatureShards, "warm", recorded("warm", FeatureShards.warm))
     monkeypatch.setattr(
         trainer,
         "check_frozen_fingerprint",
@@ -217,5 +266,6 @@ def test_the_node_copy_is_fetched_before_the_first_collective(
     )
     monkeypatch.setattr(trainer, "wrap_ddp", recorded("ddp", ddp.wrap_ddp))
     train_in_process(spec, feature_cache=root)
-    assert order == ["fetch", "fingerprint", "ddp"], order
+    assert order == ["warm", "fingerprint", "ddp"], order
+    # The cache fits its bound: the node holds every shard, downloaded before step 1.
     assert len(list((tmp_path / "node-cache" / "features").rglob("*.safetensors"))) == 4

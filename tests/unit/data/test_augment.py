@@ -1,33 +1,99 @@
-"""Image augmentation: deterministic per (seed, step, frame), bounded, and real."""
+"""Image augmentation: a pure function of (seed, epoch, index, camera) run in the loader's
+processes, so batches are the same whatever num_workers and after a resume; bounded; real."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
-from smolvla_ray.data.augment import augment_batch, augment_image
+from smolvla_ray.data.augment import SampleAugmenter, augment_image
+from smolvla_ray.data.loader import ShardedLoader
+from smolvla_ray.data.samples import FrameDataset
+from smolvla_ray.keys import ACTION
 from smolvla_ray.spec.sections import AugmentSpec
 
+from .conftest import Demo
 
-def batch() -> dict:
-    g = torch.Generator().manual_seed(0)
-    return {
-        "observation.images.top": torch.rand(4, 3, 24, 32, generator=g),
-        "index": torch.tensor([3, 9, 11, 40]),
-    }
+SEED = 3
 
 
-def test_same_key_same_result_other_key_other_result() -> None:
+@pytest.fixture(scope="module")
+def dataset(demo_v30: Demo) -> FrameDataset:
+    return FrameDataset(demo_v30.root, episodes=range(2), chunk_size=4)  # 41 frames
+
+
+def augmenter(dataset: FrameDataset) -> SampleAugmenter:
+    return SampleAugmenter(AugmentSpec(enable=True), tuple(dataset.camera_keys), seed=SEED)
+
+
+def loader(dataset: FrameDataset, **kwargs) -> ShardedLoader:
+    return ShardedLoader(
+        dataset, batch_size=4, seed=SEED, sample_transform=augmenter(dataset), **kwargs
+    )
+
+
+def take(loader: ShardedLoader, count: int) -> list[dict]:
+    it = iter(loader)
+    return [next(it) for _ in range(count)]
+
+
+def assert_same_batches(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            if isinstance(x[key], torch.Tensor):
+                assert torch.equal(x[key], y[key]), key
+            else:
+                assert x[key] == y[key], key
+
+
+def test_augmented_batches_are_the_same_whatever_num_workers_and_after_a_resume(
+    dataset: FrameDataset,
+) -> None:
+    per_epoch = loader(dataset).batches_per_epoch
+    total = per_epoch + 2  # into the second epoch
+    reference = take(loader(dataset, num_workers=0), total)
+    assert_same_batches(take(loader(dataset, num_workers=2), total), reference)
+
+    stop = per_epoch // 2  # mid-epoch
+    first = loader(dataset, num_workers=2)
+    assert_same_batches(take(first, stop), reference[:stop])
+    cursor = json.loads(json.dumps(first.cursor()))  # what a checkpoint stores
+    resumed = loader(dataset, num_workers=1, cursor=cursor)
+    assert_same_batches(take(resumed, total - stop), reference[stop:])
+
+    # Each image is the augmenter's output for its row and epoch: nothing else goes in.
+    camera = dataset.camera_keys[0]
+    rows = {int(dataset.frames.index[r]): r for r in range(len(dataset))}
+    batch = reference[per_epoch]  # the first batch of epoch 1
+    for i, index in enumerate(batch["index"].tolist()):
+        alone = augmenter(dataset)(dataset[rows[index]], 1)[camera]
+        assert torch.equal(batch[camera][i], alone)
+
+
+def test_two_epochs_augment_the_same_row_differently(dataset: FrameDataset) -> None:
+    sample = dataset[5]
+    first, second = augmenter(dataset)(sample, 0), augmenter(dataset)(sample, 1)
+    for key in dataset.camera_keys:
+        assert not torch.allclose(first[key], second[key]), key
+        assert not torch.allclose(first[key], sample[key]), key
+        assert first[key].shape == sample[key].shape and first[key].dtype == torch.float32
+        assert first[key].min() >= 0.0 and first[key].max() <= 1.0
+    assert torch.equal(first[ACTION], sample[ACTION])  # only images change
+    # The two cameras of one frame draw differently too.
+    top, wrist = dataset.camera_keys
+    draw = augmenter(dataset)({"index": sample["index"], top: sample[top], wrist: sample[top]}, 0)
+    assert not torch.equal(draw[top], draw[wrist])
+
+
+def test_uint8_frames_are_refused() -> None:
     spec = AugmentSpec(enable=True)
-    b = batch()
-    first = augment_batch(b, ["observation.images.top"], spec, seed=1, step=5)
-    again = augment_batch(b, ["observation.images.top"], spec, seed=1, step=5)
-    other = augment_batch(b, ["observation.images.top"], spec, seed=1, step=6)
-    assert torch.equal(first["observation.images.top"], again["observation.images.top"])
-    assert not torch.allclose(first["observation.images.top"], other["observation.images.top"])
-    assert not torch.allclose(first["observation.images.top"], b["observation.images.top"])
-    out = first["observation.images.top"]
-    assert out.shape == b["observation.images.top"].shape
-    assert out.min() >= 0.0 and out.max() <= 1.0
+    sample = {"index": torch.tensor(0), "cam": torch.zeros(3, 4, 4, dtype=torch.uint8)}
+    with pytest.raises(TypeError, match="augmentation needs float images"):
+        SampleAugmenter(spec, ("cam",), seed=0)(sample, 0)
 
 
 def test_single_transforms_do_what_they_say() -> None:

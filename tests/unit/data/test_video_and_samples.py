@@ -81,6 +81,22 @@ def test_sample_keys_shapes_and_types(demo_v30: Demo) -> None:
     assert float(sample["timestamp"]) == pytest.approx(3 / 30)
 
 
+def test_uint8_frames_scale_to_exactly_the_float32_frames(demo_v30: Demo) -> None:
+    floats = FrameDataset(demo_v30.root, chunk_size=4)
+    uint8 = FrameDataset(demo_v30.root, chunk_size=4, image_dtype=torch.uint8)
+    rows = [0, 1, 23, 24, len(floats) - 1]
+    batch = collate_samples([uint8[r] for r in rows])
+    for key in floats.camera_keys:
+        expected = torch.stack([floats[r][key] for r in rows])
+        assert batch[key].dtype == torch.uint8 and batch[key].shape == expected.shape
+        assert torch.equal(batch[key].float() / 255, expected), key  # bit for bit
+        assert torch.equal(batch[key].float().div_(255.0), expected), key  # as to_device does
+    sample = uint8[rows[0]]
+    assert torch.equal(sample["action"], floats[rows[0]]["action"])  # only images differ
+    with pytest.raises(ValueError, match="image_dtype"):
+        FrameDataset(demo_v30.root, image_dtype=torch.float16)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 10, 50])
 def test_action_chunks_and_pad_masks_at_episode_edges(demo_v30: Demo, chunk_size: int) -> None:
     ds = FrameDataset(demo_v30.root, chunk_size=chunk_size, cameras=[])

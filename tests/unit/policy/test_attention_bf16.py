@@ -38,3 +38,33 @@ def test_under_bf16_autocast_the_matmuls_run_in_bf16_within_the_stated_bound() -
     assert low.dtype == torch.bfloat16  # the float32 cast does not keep autocast out
     error = ((low.float() - reference).norm() / reference.norm()).item()
     assert 0 < error < BF16_RELATIVE_BOUND, error
+
+
+def test_fp32_attention_keeps_autocast_out_and_equals_float32() -> None:
+    """`train.attention_fp32`: under bf16 autocast the attention is exactly the float32 one
+    (for bf16 inputs: the float32 attention of those bf16 values)."""
+    q, k, v, mask, groups = inputs()
+    reference = eager_attention(q, k, v, mask, num_kv_groups=groups)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        exact = eager_attention(q, k, v, mask, num_kv_groups=groups, fp32=True)
+    assert exact.dtype == torch.float32
+    assert torch.equal(exact, reference)
+
+
+def test_the_spec_setting_reaches_the_policy_attention(tmp_path, demo_dataset: str) -> None:
+    from smolvla_ray.build import open_dataset
+    from smolvla_ray.spec import spec_from_dict
+    from smolvla_ray.train.trainer import WorkerContext, _build
+    from tests.inprocess import single_process_group
+    from tests.integration.conftest import tiny_spec_dict
+
+    for flag in (False, True):
+        spec = spec_from_dict(
+            tiny_spec_dict(
+                demo_dataset, tmp_path, "attention", scaling={"num_workers": 1},
+                train={"steps": 1, "batch_size": 2, "attention_fp32": flag},
+            )
+        )  # fmt: skip
+        with single_process_group():
+            worker = _build(spec, WorkerContext(), open_dataset(spec, storage_options={}))
+        assert worker.policy.model.vlm_with_expert.attention_fp32 is flag
