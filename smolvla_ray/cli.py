@@ -154,6 +154,7 @@ def run(
     try:
         resolution = driver.preflight(job)
         driver.check_address(address)
+        driver.check_sink_packages(job, address)  # driver.run checks again, for the API
     except (ValueError, OSError) as err:  # bad dataset, checkpoint, storage, address: input
         _fail(str(err))
     if mode != "json":

@@ -137,6 +137,29 @@ def check_address(address: str | None) -> None:
     reachable(chosen, default_port=port, what="the Ray cluster")
 
 
+def check_sink_packages(spec: JobSpec, address: str | None) -> None:
+    """A metric sink whose package is missing fails here, before Ray starts, rather than on
+    rank 0 once the workers are up. Only a private local Ray's workers run in this
+    environment; a cluster's image may have what the driver lacks."""
+    import importlib.util
+
+    from smolvla_ray.train.metrics import WANDB_INSTALL
+
+    if ray_address(address) != "local":
+        return
+    observe = spec.observe
+    if observe.mlflow_tracking_uri and importlib.util.find_spec("mlflow") is None:
+        raise ValueError(
+            f"observe.mlflow_tracking_uri={observe.mlflow_tracking_uri!r} needs MLflow: pip "
+            "install 'mlflow-skinny>=2.10', or set observe.mlflow_tracking_uri: null"
+        )
+    if observe.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ValueError(
+            f"observe.wandb_project={observe.wandb_project!r} needs W&B: {WANDB_INSTALL}, or "
+            "set observe.wandb_project: null"
+        )
+
+
 def repair_run_dir(spec: JobSpec) -> None:
     """Before Ray Train starts: move its stale bookkeeping aside when it names checkpoints
     that are missing or invalid (else Ray refuses to start, or its retention deletes the new
@@ -263,15 +286,7 @@ def run(
     with held:  # renewed across Ray Train's worker-group restarts; released however it ends
         repair_run_dir(spec)  # Ray's stale checkpoint bookkeeping moved aside (recovery.py)
         spec = hub.pin(spec)  # workers, restarts and exports see the same commits
-        if spec.observe.mlflow_tracking_uri and ray_address(address) == "local":
-            import importlib.util
-
-            if importlib.util.find_spec("mlflow") is None:  # local workers: this environment
-                raise ValueError(
-                    f"observe.mlflow_tracking_uri={spec.observe.mlflow_tracking_uri!r} needs "
-                    "MLflow: pip install 'mlflow-skinny>=2.10', or set "
-                    "observe.mlflow_tracking_uri: null"
-                )
+        check_sink_packages(spec, address)
         display = progress
         if isinstance(progress, str):
             display = None if progress == "quiet" else Progress(progress, spec.train.steps)

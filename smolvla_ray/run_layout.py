@@ -6,6 +6,7 @@
         metrics.jsonl                 rank 0's metric records
         .smolvla-lease.json           the one-writer lease of the run writing here (`LEASE_FILE`)
         .smolvla-shared-storage.json  what every node must see before step 1 (`SHARED_MARKER`)
+        .smolvla-wandb-run.json       the W&B run id, kept for resumes (`WANDB_RUN_FILE`)
         tensorboard/                  TensorBoard event files
         checkpoint_manager_snapshot.json
                                       Ray Train's own bookkeeping (`RAY_RUN_STATE`): left
@@ -39,8 +40,10 @@ STALE_SUFFIX = ".stale-"
 LEASE_FILE = ".smolvla-lease.json"
 # The driver's token that every node must read back before step 1 (`shared_storage.py`).
 SHARED_MARKER = ".smolvla-shared-storage.json"
+# The W&B run this run logs to, so that a resume continues it (`train/metrics.py`).
+WANDB_RUN_FILE = ".smolvla-wandb-run.json"
 # Files in the run directory that are neither checkpoints nor metrics; listings skip them.
-CONTROL_FILES: tuple[str, ...] = (WRITE_PROBE, LEASE_FILE, SHARED_MARKER)
+CONTROL_FILES: tuple[str, ...] = (WRITE_PROBE, LEASE_FILE, SHARED_MARKER, WANDB_RUN_FILE)
 
 
 def run_uri(storage: str, name: str) -> str:

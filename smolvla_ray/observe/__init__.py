@@ -1,4 +1,4 @@
 """Seeing a run from the driver: live progress (`progress`) and the run report (`report`).
 
-Rank 0's metric sinks (metrics.jsonl, TensorBoard, MLflow) live in `smolvla_ray.train.metrics`.
+Rank 0's metric sinks (metrics.jsonl, TensorBoard, MLflow, W&B) live in `smolvla_ray.train.metrics`.
 """

@@ -452,6 +452,7 @@ class FailureSpec(BaseModel):
 
 
 _USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*:[^/@]*@")
+_WANDB_BAD_CHARS = "/\\#?%:"  # W&B refuses these in project and entity names
 
 
 class ObserveSpec(BaseModel):
@@ -476,4 +477,45 @@ class ObserveSpec(BaseModel):
                 "holds a user:password; remove it and set MLFLOW_TRACKING_USERNAME and "
                 "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment"
             )
+        return value
+
+    wandb_project: str | None = None
+    """Weights & Biases project the run is logged in; None = no W&B. Needs the wandb package
+    on the workers: pip install 'smolvla-ray[wandb]'."""
+    wandb_entity: str | None = None
+    """W&B user or team that owns the project; None = the API key's default entity."""
+    wandb_run_name: str | None = None
+    """Display name of the W&B run; None = the job name."""
+    wandb_tags: list[str] = Field(default_factory=list)
+    """Tags of the W&B run."""
+    wandb_mode: Literal["online", "offline"] = "online"
+    """online: stream to the W&B server; offline: write run files for `wandb sync`. W&B's own
+    WANDB_MODE variable, where set on the workers, wins."""
+
+    @field_validator("wandb_project", "wandb_entity")
+    @classmethod
+    def _wandb_name(cls, value: str | None) -> str | None:
+        # Checked here so that a bad name fails validation, not wandb.init on rank 0.
+        if value is None:
+            return None
+        if not value.strip() or len(value) > 128:
+            raise ValueError("must be 1 to 128 characters, or null")
+        bad = sorted({c for c in value if c in _WANDB_BAD_CHARS})
+        if bad:
+            raise ValueError(f"must not contain {' '.join(bad)} (W&B refuses them)")
+        return value
+
+    @field_validator("wandb_run_name")
+    @classmethod
+    def _wandb_run_name(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty; give a name or null for the job name")
+        return value
+
+    @field_validator("wandb_tags")
+    @classmethod
+    def _wandb_tags(cls, value: list[str]) -> list[str]:
+        for tag in value:
+            if not 1 <= len(tag) <= 64:
+                raise ValueError(f"tag {tag[:70]!r} must be 1 to 64 characters (W&B's limit)")
         return value

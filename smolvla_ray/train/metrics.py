@@ -1,9 +1,9 @@
 """Rank 0's metrics: one logger interface (`MetricsLog`) with sinks behind it.
 
 Every record goes to `metrics.jsonl` beside the checkpoints (any fsspec URL); optionally to
-TensorBoard event files in `<run>/tensorboard/` and to an MLflow run. Object stores cannot
-append, so the JSON lines are rewritten whole and the event file is re-uploaded at each
-report; a run logs a few thousand small records at most, which keeps that cheap.
+TensorBoard event files in `<run>/tensorboard/`, to an MLflow run and to a W&B run. Object
+stores cannot append, so the JSON lines are rewritten whole and the event file is re-uploaded
+at each report; a run logs a few thousand small records at most, which keeps that cheap.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
-from smolvla_ray.run_layout import METRICS_FILE, TENSORBOARD_DIR, metrics_lines
-from smolvla_ray.scratch import scratch_tempdir
+from smolvla_ray.run_layout import METRICS_FILE, TENSORBOARD_DIR, WANDB_RUN_FILE, metrics_lines
+from smolvla_ray.scratch import scratch_root, scratch_tempdir
 from smolvla_ray.storage import filesystem, join, with_retries
 
 MLFLOW_RUN_URI_TAG = "smolvla_ray.run_uri"
@@ -23,6 +25,8 @@ MLFLOW_CHECKPOINT_TAG = "smolvla_ray.final_checkpoint"
 # MLflow servers before 2.x accept 500 characters per param value.
 _MLFLOW_PARAM_CHARS = 500
 _MLFLOW_BATCH = 100
+WANDB_CHECKPOINT_KEY = "final_checkpoint"  # in the W&B run's summary
+WANDB_INSTALL = "pip install 'smolvla-ray[wandb]'"
 
 
 def scalar_metrics(record: Mapping[str, Any]) -> dict[str, float]:
@@ -36,7 +40,10 @@ def scalar_metrics(record: Mapping[str, Any]) -> dict[str, float]:
 
 
 def tensorboard_tag(key: str) -> str:
-    """TensorBoard tag of a metric: timings and throughput under `perf/`, the rest `train/`."""
+    """TensorBoard (and W&B) tag of a metric: timings and throughput under `perf/`, the rest
+    `train/`; a key that names its group already (`eval/success`) stays as it is."""
+    if "/" in key:
+        return key
     perf = key.endswith("_s") or key in ("samples_per_s", "comm_bytes")
     return f"{'perf' if perf else 'train'}/{key}"
 
@@ -74,6 +81,11 @@ class JsonlSink:
             self.fs.pipe_file(self.path, payload)
 
         with_retries(write, what=f"write of {self.path}")  # storage hiccups do not kill runs
+
+    @property
+    def last_step(self) -> int | None:
+        """The step of the last record in the log, None while it is empty."""
+        return int(json.loads(self.lines[-1])["step"]) if self.lines else None
 
     def close(self, *, final_checkpoint: str | None) -> None:
         pass
@@ -205,9 +217,108 @@ class MlflowSink:
         self.client.set_terminated(self.run_id, "FINISHED")
 
 
+def wandb_dir() -> Path:
+    """Where W&B keeps its local run files unless WANDB_DIR says otherwise. Not W&B's default
+    (the worker process's working directory, which is Ray's to choose), and not a swept
+    scratch directory: offline runs are synced from here after the run."""
+    path = scratch_root() / "wandb"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def wandb_run_id(
+    uri: str, storage_options: Mapping[str, Any], *, project: str, entity: str | None
+) -> tuple[str, bool]:
+    """The W&B run id of the run at `uri`, and whether it was made before: read from the
+    run directory's `WANDB_RUN_FILE`, or made now and written there (before `wandb.init`, so
+    a worker killed at any later point leaves it for the resume)."""
+    fs, root = filesystem(uri, storage_options)
+    path = join(root, WANDB_RUN_FILE)
+    if with_retries(lambda: fs.exists(path), what=f"lookup of {path}"):
+        text = with_retries(lambda: fs.cat_file(path), what=f"read of {path}")
+        try:
+            return str(json.loads(text)["run_id"]), True
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(
+                f"{uri}/{WANDB_RUN_FILE} does not hold a W&B run id; delete it to log the "
+                "rest of the run to a new W&B run"
+            ) from None
+    run_id = uuid.uuid4().hex[:16]
+    payload = json.dumps({"run_id": run_id, "project": project, "entity": entity}).encode()
+
+    def write() -> None:
+        fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(path, payload)
+
+    with_retries(write, what=f"write of {path}")
+    return run_id, False
+
+
+class WandbSink:
+    """One W&B run per job: config = the spec without secrets, every metric per step under
+    TensorBoard's tags, the final checkpoint URI in the run's summary.
+
+    The run id is kept in the run directory, so a restarted worker group or a resumed rerun
+    continues the same W&B run. W&B drops steps lower than ones it holds (with a warning per
+    record), so after a resume the records up to `logged_until`, the last step logged before
+    the restart, are not sent again."""
+
+    def __init__(
+        self,
+        uri: str,
+        storage_options: Mapping[str, Any],
+        *,
+        project: str,
+        entity: str | None,
+        run_name: str,
+        tags: Sequence[str],
+        mode: str,
+        config: Mapping[str, Any],
+        logged_until: int | None,
+    ) -> None:
+        try:
+            import wandb
+        except ImportError as err:
+            raise ImportError(
+                f"observe.wandb_project={project!r} needs W&B on the workers: {WANDB_INSTALL} "
+                "(or set observe.wandb_project: null)"
+            ) from err
+        run_id, resumed = wandb_run_id(uri, storage_options, project=project, entity=entity)
+        self.logged_until = logged_until if resumed else None
+        self.run = wandb.init(
+            project=project,
+            entity=entity,
+            name=run_name,
+            tags=list(tags),
+            # W&B's own variables win over the spec; init's arguments would win over them.
+            mode=None if os.environ.get("WANDB_MODE") else mode,  # type: ignore[arg-type]
+            dir=None if os.environ.get("WANDB_DIR") else str(wandb_dir()),
+            config=dict(config),
+            id=run_id,
+            resume="allow",
+            # A run an earlier attempt in this process left open (it raised) is finished,
+            # not returned as this one; Ray's restarts start new processes anyway.
+            reinit="finish_previous",
+        )
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        step = int(record["step"])
+        if self.logged_until is not None and step <= self.logged_until:
+            return  # the W&B run holds this step from before the restart
+        metrics = {tensorboard_tag(key): value for key, value in scalar_metrics(record).items()}
+        # commit: the row is written now, not when the next step comes (a killed worker's
+        # last record would be lost, and not sent again after the resume).
+        self.run.log(metrics, step=step, commit=True)
+
+    def close(self, *, final_checkpoint: str | None) -> None:
+        if final_checkpoint is not None:
+            self.run.summary[WANDB_CHECKPOINT_KEY] = final_checkpoint
+        self.run.finish()
+
+
 class MetricsLog:
-    """Rank 0's metrics logger: each `append` goes to `metrics.jsonl` and to TensorBoard
-    and MLflow when asked; `close()` at the end of training finishes them."""
+    """Rank 0's metrics logger: each `append` goes to `metrics.jsonl` and to TensorBoard,
+    MLflow and W&B when asked; `close()` at the end of training finishes them."""
 
     def __init__(
         self,
@@ -219,13 +330,19 @@ class MetricsLog:
         mlflow_experiment: str = "smolvla-ray",
         run_name: str | None = None,
         params: Mapping[str, Any] | None = None,
+        wandb_project: str | None = None,
+        wandb_entity: str | None = None,
+        wandb_run_name: str | None = None,
+        wandb_tags: Sequence[str] = (),
+        wandb_mode: str = "online",
     ) -> None:
         self.uri = uri
-        self.sinks: list[MetricSink] = [JsonlSink(uri, storage_options)]
+        jsonl = JsonlSink(uri, storage_options)
+        self.sinks: list[MetricSink] = [jsonl]
+        name = run_name or uri.rstrip("/").rsplit("/", 1)[-1]
         if tensorboard:
             self.sinks.append(TensorBoardSink(uri, storage_options))
         if mlflow_tracking_uri is not None:
-            name = run_name or uri.rstrip("/").rsplit("/", 1)[-1]
             self.sinks.append(
                 MlflowSink(
                     uri,
@@ -233,6 +350,21 @@ class MetricsLog:
                     experiment=mlflow_experiment,
                     run_name=name,
                     params=params or {},
+                )
+            )
+        if wandb_project is not None:
+            self.sinks.append(
+                WandbSink(
+                    uri,
+                    storage_options,
+                    project=wandb_project,
+                    entity=wandb_entity,
+                    run_name=wandb_run_name or name,
+                    tags=wandb_tags,
+                    mode=wandb_mode,
+                    config=params or {},
+                    # metrics.jsonl is written first, so it holds every step sent before.
+                    logged_until=jsonl.last_step,
                 )
             )
         self.last_step: int | None = None

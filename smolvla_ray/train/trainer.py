@@ -294,6 +294,11 @@ def _metrics_log(spec: JobSpec, options: Mapping[str, Any]) -> MetricsLog:
         mlflow_experiment=spec.observe.mlflow_experiment,
         run_name=spec.name,
         params=spec.public_dict(),
+        wandb_project=spec.observe.wandb_project,
+        wandb_entity=spec.observe.wandb_entity,
+        wandb_run_name=spec.observe.wandb_run_name,
+        wandb_tags=spec.observe.wandb_tags,
+        wandb_mode=spec.observe.wandb_mode,
     )
 
 
