@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from smolvla_ray.data.meta import DatasetMeta, load_meta, select_episodes
+from smolvla_ray.data.split import split_by_task
 from smolvla_ray.features import FeatureResolution, read_pretrained_config, resolve_spec
 from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.spec import JobSpec
@@ -68,11 +69,51 @@ def episode_selection(spec: JobSpec) -> list[int] | range | None:
     return range(episodes.start, episodes.stop)
 
 
-def run_episodes(spec: JobSpec, meta: DatasetMeta) -> list[int]:
-    """The episode indices the run trains on, in order: `data.episodes` checked against the
-    dataset (all episodes when unset). One answer for the cache's build, sizing and node
-    copy and the loader, so they never disagree on which shards a run reads."""
+def _selected(spec: JobSpec, meta: DatasetMeta) -> list[int]:
+    """`data.episodes` checked against the dataset (all episodes when unset)."""
     return select_episodes(meta, episode_selection(spec))  # positions are episode indices
+
+
+def eval_episodes(spec: JobSpec, meta: DatasetMeta) -> list[int]:
+    """The held-out episodes, in order ([] without an eval section): `eval.episodes`, which
+    must lie within `data.episodes`, else LeRobot's per-task split of the selection."""
+    if spec.eval is None:
+        return []
+    selected = _selected(spec, meta)
+    explicit = spec.eval.episodes
+    if explicit is None:
+        return split_by_task(meta, selected, spec.eval.split)
+    try:
+        chosen = select_episodes(
+            meta, explicit if isinstance(explicit, list) else range(explicit.start, explicit.stop)
+        )
+    except ValueError as err:
+        raise ValueError(f"eval.episodes: {err}") from None
+    outside = sorted(set(chosen) - set(selected))
+    if outside:
+        raise ValueError(f"eval.episodes {outside} are not among data.episodes")
+    return chosen
+
+
+def run_episodes(spec: JobSpec, meta: DatasetMeta) -> list[int]:
+    """The episode indices the run trains on, in order: the selection minus the held-out
+    episodes. One answer for the loader and the checks, so a held-out frame never reaches a
+    training batch."""
+    held = set(eval_episodes(spec, meta))
+    train = [e for e in _selected(spec, meta) if e not in held]
+    if not train:
+        raise ValueError(
+            f"the eval section holds out every selected episode ({len(held)}); lower "
+            "eval.split, list fewer eval.episodes, or select more data.episodes"
+        )
+    return train
+
+
+def cached_episodes(spec: JobSpec, meta: DatasetMeta) -> list[int]:
+    """The episodes whose vision features the feature cache holds: training and held-out,
+    in episode order (evaluations read the cache too). One answer for the cache's build,
+    sizing and node copy, so they never disagree on which shards a run reads."""
+    return sorted(run_episodes(spec, meta) + eval_episodes(spec, meta))
 
 
 def open_dataset(spec: JobSpec, *, storage_options: Mapping[str, Any]) -> DatasetMeta:

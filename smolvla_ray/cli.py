@@ -246,18 +246,43 @@ def checkpoints(
         bool, typer.Option(help="Hash every file (slower); sizes are always checked.")
     ] = True,
 ) -> None:
-    """List a run's checkpoints with step, size and whether they verify."""
+    """List a run's checkpoints with step, size, whether they verify and, for evaluated
+    runs, the evaluation metric (`*` marks the best; best copies are listed too)."""
+    from smolvla_ray.checkpoint.best import read_ranking, stored_evaluation
     from smolvla_ray.checkpoint.discovery import list_checkpoints
+    from smolvla_ray.run_layout import BEST_DIR
+    from smolvla_ray.storage import filesystem
 
     _check_url(uri, "the run directory")
-    infos = list_checkpoints(uri, _storage_options(), hashes=verify)
+    options = _storage_options()
+    infos = list_checkpoints(uri, options, hashes=verify)
     if not infos:
         _fail(f"no checkpoints under {uri}", code=1)
-    typer.echo(f"{'step':>9}  {'size':>12}  status      uri")
+    ranking = read_ranking(*filesystem(uri, options))
+    best_step = ranking[0]["step"] if ranking else None
+    evaluations = {info.uri: stored_evaluation(info.uri, options) for info in infos}
+    metric = ranking[0]["metric"] if ranking else None
+    if metric is None:
+        names = {key for e in evaluations.values() for key in e}
+        metric = "eval/action_mse" if "eval/action_mse" in names else None
+    typer.echo(
+        f"{'step':>9}  {'size':>12}  status      " + (f"{metric:>16}   " if metric else "") + "uri"
+    )
     for info in infos:
         status = "verified" if info.valid else f"INVALID: {info.problem}"
         step = "?" if info.step is None else str(info.step)
-        typer.echo(f"{step:>9}  {info.num_bytes:>12,}  {status:<10}  {info.uri}")
+        value = evaluations[info.uri].get(metric) if metric else None
+        column = ""
+        if metric:
+            mark = "*" if info.step is not None and info.step == best_step else " "
+            column = f"{value:>16.6g} {mark} " if value is not None else f"{'-':>16} {mark} "
+        typer.echo(f"{step:>9}  {info.num_bytes:>12,}  {status:<10}  {column}{info.uri}")
+    if ranking:
+        kept = ", ".join(f"step {r['step']} ({r['value']:.6g})" for r in ranking)
+        typer.echo(
+            f"best by {ranking[0]['metric']} ({ranking[0]['mode']}): {kept}; copies under "
+            f"{uri.rstrip('/')}/{BEST_DIR}/ (export {uri.rstrip('/')}/{BEST_DIR} exports the best)"
+        )
     if not any(info.valid for info in infos):
         _fail(f"no checkpoint under {uri} verifies: none can be resumed from or exported", code=1)
 
@@ -304,10 +329,14 @@ def report(
 
 @app.command()
 def export(
-    checkpoint: Annotated[str, typer.Argument(help="Checkpoint URI (a checkpoint_* directory).")],
+    checkpoint: Annotated[
+        str, typer.Argument(help="Checkpoint URI (a checkpoint_* directory, or RUN_URI/best).")
+    ],
     out: Annotated[str, typer.Argument(help="Directory or URL for the pretrained_model/.")],
 ) -> None:
-    """Merge base weights and a checkpoint into a LeRobot pretrained_model/ directory."""
+    """Merge base weights and a checkpoint into a LeRobot pretrained_model/ directory.
+    `RUN_URI/best` exports the run's best checkpoint (checkpoint.keep_best)."""
+    from smolvla_ray.checkpoint.best import resolve_best
     from smolvla_ray.checkpoint.export import destination_problem, export_checkpoint
 
     _check_url(checkpoint, "the checkpoint")
@@ -315,10 +344,80 @@ def export(
     if problem := destination_problem(out, _storage_options()):
         _fail(problem)
     try:
+        checkpoint = resolve_best(checkpoint, _storage_options())
         export_checkpoint(checkpoint, out, _storage_options())
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err), code=1)
     typer.echo(f"exported {checkpoint} -> {out} (load with SmolVLAPolicy.from_pretrained)")
+
+
+def _episode_list(text: str | None) -> list[int] | None:
+    """`--episodes`: "0,3,7" or a half-open range "0:10"."""
+    if text is None:
+        return None
+    try:
+        if ":" in text:
+            start, stop = (int(x) for x in text.split(":", 1))
+            return list(range(start, stop))
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--episodes {text!r}: give indices like 0,3,7 or a range like 0:10")
+        raise  # unreachable: _fail exits
+
+
+@app.command()
+def evaluate(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A checkpoint_* directory, RUN_URI/best, an export, or a LeRobot "
+            "pretrained_model/ (path, URL or hub id)."
+        ),
+    ],
+    data: Annotated[str, typer.Option("--data", help="LeRobot dataset: path, URL or hub id.")],
+    episodes: Annotated[
+        str | None,
+        typer.Option(
+            help="Episodes, 0,3,7 or 0:10 (default: a checkpoint's held-out episodes on "
+            "its own dataset, else all)."
+        ),
+    ] = None,
+    out: Annotated[str, typer.Option("--out", help="Directory for the report files.")] = "eval",
+    max_samples: Annotated[
+        int, typer.Option(help="Samples evaluated, evenly spaced (0 = every frame).")
+    ] = 256,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    seed: Annotated[int, typer.Option(help="Keys the fixed noise and time per sample.")] = 1000,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    plot_episodes: Annotated[
+        int, typer.Option(help="Episodes plotted in trajectories.png (0 = no plot).")
+    ] = 3,
+    revision: Annotated[str | None, typer.Option(help="Hub revision of --data.")] = None,
+) -> None:
+    """The held-out metrics of a policy on a dataset: evaluation.json (summaries and the
+    table per action dimension and horizon step), evaluation.md, trajectories.png."""
+    import torch
+
+    from smolvla_ray.evaluation.offline import evaluate as run_evaluation
+
+    _check_url(source, "the policy")
+    _check_url(data, "the dataset")
+    if Path(out).is_file():
+        _fail(f"--out {out} is a file; give a directory for the evaluation files")
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        _fail(f"--device {device!r}: use cpu, or cuda on a machine with a GPU")
+    try:
+        result = run_evaluation(
+            source, data, out=Path(out), episodes=_episode_list(episodes), revision=revision,
+            max_samples=max_samples or None, batch_size=batch_size, seed=seed,
+            device=torch.device(device), plot_episodes=plot_episodes,
+            storage_options=_storage_options(), say=typer.echo,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    for key, value in result.summary.items():
+        typer.echo(f"{key:>22}  {value:.6g}")
+    typer.echo("wrote " + ", ".join(str(f) for f in result.files))
 
 
 AddressOption = Annotated[

@@ -8,6 +8,7 @@ until the run ends. Everything that can be checked before starting is checked fi
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import uuid
@@ -83,10 +84,10 @@ def preflight(spec: JobSpec) -> FeatureResolution:
     """Fail before starting on what can be known now: the dataset reachable, the pretrained
     policy's config.json readable, the dataset's features resolvable against the policy's
     (cameras, rename map, widths), storage writable. Returns the feature resolution."""
-    from smolvla_ray.build import run_episodes
+    from smolvla_ray.build import cached_episodes, episode_selection
     from smolvla_ray.checkpoint.discovery import inspect_checkpoint
     from smolvla_ray.checkpoint.resume import check_resume_spec
-    from smolvla_ray.data.meta import check_readable, load_meta
+    from smolvla_ray.data.meta import check_readable, load_meta, select_episodes
     from smolvla_ray.features import read_pretrained_config, resolve_spec
     from smolvla_ray.keys import ACTION, OBS_STATE
     from smolvla_ray.policy.weights_file import weights_problem
@@ -96,9 +97,10 @@ def preflight(spec: JobSpec) -> FeatureResolution:
     check_endpoint(options)
     meta = load_meta(hub.dataset_url(spec.data.uri, spec.data.revision), storage_options=options)
     try:
-        episodes = run_episodes(spec, meta)
+        select_episodes(meta, episode_selection(spec))
     except ValueError as err:
         raise ValueError(f"data.episodes: {err}") from None
+    episodes = cached_episodes(spec, meta)  # training and held-out (their errors say eval.)
     check_readable(meta, episodes, needs_stats=[OBS_STATE, ACTION])
     source = spec.checkpoint.from_checkpoint
     if source:
@@ -241,17 +243,42 @@ def build_trainer(
         ),
         checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_last),
     )
+    config = loop_config(
+        spec, feature_cache=feature_cache, stop_key=stop_key, shared_token=shared_token
+    )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(
-            spec, feature_cache=feature_cache, stop_key=stop_key, shared_token=shared_token
-        ),
+        train_loop_config=config,
+        validation_config=validation_config(spec, feature_cache, config["storage_options_ref"]),
         scaling_config=scaling,
         run_config=run_config,
         torch_config=TorchConfig(
             backend="nccl" if spec.scaling.use_gpu else "gloo",
             timeout_s=spec.failure.collective_timeout_s,
         ),
+    )
+
+
+def validation_config(spec: JobSpec, feature_cache: str | None, storage_options_ref):
+    """Ray Train's ValidationConfig for `eval.mode: async` (None otherwise): our
+    `validate_checkpoint` on `eval.async_resources`, one at a time (evaluation/validation.py).
+    The spec travels without secrets; the storage options by object reference."""
+    if spec.eval is None or spec.eval.mode != "async":
+        return None
+    from ray.train.v2.api.validation_config import ValidationConfig, ValidationTaskConfig
+
+    from smolvla_ray.evaluation.validation import validate_checkpoint
+
+    resources = dict(spec.eval.async_resources)
+    remote = {"num_cpus": resources.pop("CPU", 1), "num_gpus": resources.pop("GPU", 0)}
+    if resources:
+        remote["resources"] = resources
+    return ValidationConfig(
+        fn=functools.partial(validate_checkpoint, storage_options_ref=storage_options_ref),
+        task_config=ValidationTaskConfig(
+            fn_kwargs={"spec": spec.public_dict(), "feature_cache": feature_cache}
+        ),
+        ray_remote_kwargs=remote,
     )
 
 

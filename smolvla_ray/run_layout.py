@@ -8,6 +8,9 @@
         .smolvla-shared-storage.json  what every node must see before step 1 (`SHARED_MARKER`)
         .smolvla-wandb-run.json       the W&B run id, kept for resumes (`WANDB_RUN_FILE`)
         tensorboard/                  TensorBoard event files
+        eval/eval_000000100.json      the full table of each held-out evaluation (`EVAL_DIR`)
+        best/                         copies of the best checkpoints and `best.json`
+                                      (`BEST_DIR`, checkpoint.keep_best)
         checkpoint_manager_snapshot.json
                                       Ray Train's own bookkeeping (`RAY_RUN_STATE`): left
                                       alone, except that a stale one is moved aside to
@@ -30,6 +33,9 @@ CHECKPOINT_PREFIX = "checkpoint_"
 CHECKPOINT_DIR = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+EVAL_DIR = "eval"
+BEST_DIR = "best"
+BEST_FILE = "best.json"
 FEATURE_CACHE_DIR = "feature-cache"
 WRITE_PROBE = ".smolvla-write-probe"
 # Ray Train V2's checkpoint bookkeeping in the run directory
@@ -89,3 +95,8 @@ def metrics_lines(text: str, where: str) -> list[str]:
                 "line, or the file to start the log afresh"
             )
     return lines
+
+
+def eval_table_name(step: int) -> str:
+    """File name of the evaluation table of `step` under `EVAL_DIR` (sortable)."""
+    return f"eval_{step:09d}.json"

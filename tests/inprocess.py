@@ -30,7 +30,13 @@ class LocalReporter:
         self.stop_after = stop_after
 
     def report(
-        self, metrics: Mapping[str, Any], checkpoint: Path | None, *, save: bool, sync: bool
+        self,
+        metrics: Mapping[str, Any],
+        checkpoint: Path | None,
+        *,
+        save: bool,
+        sync: bool,
+        validate: bool = False,
     ) -> None:
         self.reports.append(dict(metrics))
         if checkpoint is not None:
@@ -39,6 +45,9 @@ class LocalReporter:
             shutil.rmtree(checkpoint)
         if self.stop_after is not None and metrics["step"] >= self.stop_after:
             raise Killed(f"killed after the report of step {metrics['step']}")
+
+    def validated(self, *, wait: bool) -> list[tuple[int, dict[str, float]]]:
+        return []  # async evaluation needs Ray Train's validation tasks
 
 
 class Killed(RuntimeError):

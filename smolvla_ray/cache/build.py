@@ -266,7 +266,7 @@ def ensure_feature_cache(spec: JobSpec, storage_options: Mapping[str, Any]) -> s
     mode = spec.data.feature_cache
     if mode == "off":
         return None
-    from smolvla_ray.build import open_dataset, resolve_dataset_features, run_episodes
+    from smolvla_ray.build import cached_episodes, open_dataset, resolve_dataset_features
 
     blocker = spec.feature_cache_blocker()
     if blocker is None:
@@ -280,7 +280,7 @@ def ensure_feature_cache(spec: JobSpec, storage_options: Mapping[str, Any]) -> s
             raise ValueError(f"data.feature_cache='on' but {blocker}; use auto or off")
         say(f"feature cache not used: {blocker}")
         return None
-    wanted = run_episodes(spec, meta)
+    wanted = cached_episodes(spec, meta)
     plan = plan_cache(
         config,
         episode_frames=[meta.episodes[e].length for e in wanted],

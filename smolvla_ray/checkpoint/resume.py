@@ -103,6 +103,21 @@ RESUME_RULES: dict[str, Rule] = {
     "checkpoint.from_checkpoint": _refused(
         "the run resumes from its own checkpoints, so a new from_checkpoint would be ignored"
     ),
+    "checkpoint.keep_best": _applied("how many best checkpoints are kept from now on"),
+    "eval": _refused(
+        "held-out episodes are taken out of training: adding or removing the eval section "
+        "changes the data the cursor indexes"
+    ),
+    "eval.split": _refused(_DATA),
+    "eval.episodes": _refused(_DATA),
+    "eval.every_steps": _applied("when the next evaluations run"),
+    "eval.max_samples": _applied("the samples of the next evaluations (curves may jump)"),
+    "eval.batch_size": _applied("the evaluation batch"),
+    "eval.mode": _applied("how the next evaluations run"),
+    "eval.async_resources": _applied("the resources of the next async evaluations"),
+    "eval.metric": _applied("the metric that ranks evaluations; the best so far starts afresh"),
+    "eval.metric_mode": _applied("the ranking direction; the best so far starts afresh"),
+    "eval.patience": _applied("the evaluations without improvement that end the run"),
     "failure": _applied("how failures are handled from now on"),
     "observe": _applied("where metrics go from now on"),
     "storage_options": _applied("how storage is reached (secrets are never recorded)"),

@@ -91,10 +91,11 @@ class CheckpointWriter:
         return directory
 
 
-def upload_checkpoint(local: Path, fs, destination: str) -> None:
+def upload_checkpoint(local: Path, fs, destination: str, *, best: bool = True) -> None:
     """Copy the checkpoint directory `local` to `destination` on the fsspec filesystem
     `fs`, each file retried through transient faults; the manifest goes last, so readers
-    never see a complete-looking checkpoint that is not."""
+    never see a complete-looking checkpoint that is not. Then, with `best`, the run's best
+    checkpoints are updated (`checkpoint/best.py`: a no-op unless `checkpoint.keep_best`)."""
     files = sorted(p for p in local.iterdir() if p.is_file() and p.name != MANIFEST)
     if not (local / MANIFEST).exists():
         raise RuntimeError(f"checkpoint {local} has no {MANIFEST}; refusing to upload it")
@@ -105,3 +106,8 @@ def upload_checkpoint(local: Path, fs, destination: str) -> None:
             lambda path=path, target=target: fs.put_file(str(path), target),
             what=f"upload of {target}",
         )
+    if best:
+        # Imported here: best.py uploads its copies with this very function.
+        from smolvla_ray.checkpoint.best import retain_best
+
+        retain_best(local, fs, destination, lambda a, b, c: upload_checkpoint(a, b, c, best=False))

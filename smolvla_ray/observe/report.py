@@ -1,5 +1,6 @@
 """`smolvla-ray report`: a run's metrics as a PNG (loss, learning rate, throughput over
-steps) and a markdown summary (spec, duration, final loss, checkpoints, restarts).
+steps; with held-out evaluation, its loss beside the training loss and its action MSE) and a
+markdown summary (spec, duration, final loss, evaluations, checkpoints, restarts).
 
 Everything comes from the run directory: `metrics.jsonl`, the checkpoints and the resolved
 spec inside the newest one. The output depends only on those, not on the time or the
@@ -31,6 +32,11 @@ class Plotted:
     loss: list[float]
     lr: list[float]
     samples_per_s: list[float]
+    # Held-out evaluations (docs/evaluation.md), at the step each evaluated (an async one's
+    # `eval/checkpoint_step`); empty for a run without an eval section.
+    eval_steps: list[int] = field(default_factory=list)
+    eval_loss: list[float] = field(default_factory=list)
+    eval_action_mse: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -46,11 +52,15 @@ class Report:
 def plotted_series(records: Sequence[Mapping[str, Any]]) -> Plotted:
     """The series to plot: one point per record, in file order (metrics.jsonl keeps one
     record per step; a resumed run rewrote the steps it redid)."""
+    evaluated = [r for r in records if "eval/loss" in r]
     return Plotted(
         steps=[int(r["step"]) for r in records],
         loss=[float(r.get("loss", math.nan)) for r in records],
         lr=[float(r.get("lr", math.nan)) for r in records],
         samples_per_s=[float(r.get("samples_per_s", math.nan)) for r in records],
+        eval_steps=[int(r.get("eval/checkpoint_step", r["step"])) for r in evaluated],
+        eval_loss=[float(r["eval/loss"]) for r in evaluated],
+        eval_action_mse=[float(r.get("eval/action_mse", math.nan)) for r in evaluated],
     )
 
 
@@ -68,14 +78,25 @@ def render_png(records: Sequence[Mapping[str, Any]], path: Path, *, title: str) 
         ("lr", data.lr, "learning rate"),
         ("samples_per_s", data.samples_per_s, "samples / s (all workers)"),
     ]
+    evaluated = bool(data.eval_steps)
+    if evaluated:
+        panels.insert(1, ("eval/action_mse", data.eval_action_mse, "held-out action MSE"))
+    size = (FIGURE_INCHES[0], FIGURE_INCHES[1] + (2.5 if evaluated else 0.0))
     with matplotlib.rc_context({"svg.hashsalt": "smolvla-ray", "font.size": 9}):
-        fig, axes = plt.subplots(3, 1, sharex=True, figsize=FIGURE_INCHES, dpi=FIGURE_DPI)
+        fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=size, dpi=FIGURE_DPI)
         try:
             for ax, (name, values, label) in zip(axes, panels, strict=True):
-                ax.plot(data.steps, values, marker="o", markersize=3, linewidth=1.2, label=name)
+                steps = data.eval_steps if name.startswith("eval/") else data.steps
+                ax.plot(steps, values, marker="o", markersize=3, linewidth=1.2, label=name)
                 ax.set_ylabel(label)
                 ax.grid(True, alpha=0.3)
-            axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+            if evaluated:  # the held-out loss beside the training loss
+                axes[0].plot(
+                    data.eval_steps, data.eval_loss, marker="s", markersize=4, linewidth=1.2,
+                    label="eval/loss (held out)",
+                )  # fmt: skip
+                axes[0].legend(loc="best")
+            axes[-2].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
             axes[-1].set_xlabel("step")
             fig.suptitle(title)
             fig.tight_layout()
@@ -136,6 +157,7 @@ def summarize(
 ) -> dict[str, Any]:
     """The facts the markdown shows."""
     last = records[-1] if records else {}
+    evaluated = [r for r in records if "eval/loss" in r]
     return {
         "run": run_uri,
         "name": (spec or {}).get("name") or run_uri.rstrip("/").rsplit("/", 1)[-1],
@@ -149,6 +171,12 @@ def summarize(
         ),
         "restarts": count_restarts(records),
         "skipped_steps": last.get("skipped_steps", 0),
+        "evaluations": len(evaluated),
+        "eval_loss": evaluated[-1]["eval/loss"] if evaluated else None,
+        "eval_action_mse": evaluated[-1].get("eval/action_mse") if evaluated else None,
+        "best_metric": last.get("best_metric"),
+        "best_metric_name": last.get("best_of") or "eval/action_mse min",
+        "best_step": last.get("best_step"),
         "checkpoints": [
             {"step": c.step, "uri": c.uri, "bytes": c.num_bytes, "valid": c.valid}
             for c in checkpoints
@@ -178,6 +206,16 @@ def render_markdown(summary: Mapping[str, Any], *, png_name: str = PNG_NAME) -> 
         f"| throughput | {num(summary['mean_samples_per_s'], '.1f')} samples/s (mean) |",
         f"| restarts survived | {summary['restarts']} |",
         f"| skipped steps (non-finite) | {summary['skipped_steps']} |",
+        *(
+            [
+                f"| held-out evaluation | {summary['evaluations']} evaluations; last "
+                f"eval/loss {num(summary['eval_loss'])}, eval/action_mse "
+                f"{num(summary['eval_action_mse'])}; best {summary['best_metric_name']} "
+                f"{num(summary['best_metric'], '.6g')} at step {summary['best_step']} |"
+            ]
+            if summary.get("evaluations")
+            else []
+        ),
         "",
         "## Checkpoints",
         "",

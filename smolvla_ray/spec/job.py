@@ -26,6 +26,7 @@ from smolvla_ray.spec.sections import (
     SECTION_CONFIG,
     CheckpointSpec,
     DataSpec,
+    EvalSpec,
     FailureSpec,
     ObserveSpec,
     PolicySpec,
@@ -114,6 +115,8 @@ class JobSpec(BaseModel):
     checkpoint: CheckpointSpec
     failure: FailureSpec = Field(default_factory=FailureSpec)
     observe: ObserveSpec = Field(default_factory=ObserveSpec)
+    eval: EvalSpec | None = None
+    """Held-out evaluation; None = no episode is held out and nothing is evaluated."""
     storage_options: dict[str, StorageValue] = Field(default_factory=dict)
     """fsspec options for every URI in the spec (merged over $SMOLVLA_STORAGE_OPTIONS)."""
 
@@ -166,6 +169,7 @@ class JobSpec(BaseModel):
                 f"policy.preset={self.policy.preset!r} takes the dataset's cameras as they "
                 "are named; remove data.rename_map (or pick cameras with data.cameras)"
             )
+        self._check_eval()
         gpus = (scaling.resources_per_worker or {}).get("GPU")
         if gpus is not None and (gpus > 0) != scaling.use_gpu:
             raise ValueError(
@@ -181,6 +185,42 @@ class JobSpec(BaseModel):
                 "it to 1, or leave it out, and use scaling.num_workers for more GPUs"
             )
         return self
+
+    def _check_eval(self) -> None:
+        """Best-checkpoint retention and patience need evaluations, and retention needs
+        every checkpoint evaluated (async evaluations run on checkpoints)."""
+        ev, every = self.eval, self.checkpoint.every_steps
+        if ev is None:
+            if self.checkpoint.keep_best:
+                raise ValueError(
+                    "checkpoint.keep_best ranks checkpoints by an evaluation metric, but there "
+                    "is no eval section; add one (e.g. eval: {split: 0.1}) or set keep_best: 0"
+                )
+            return
+        inline_best = ev.mode == "inline" and self.checkpoint.keep_best
+        if inline_best and every is not None and every % ev.every_steps:
+            raise ValueError(
+                f"checkpoint.keep_best needs every checkpoint evaluated, but "
+                f"checkpoint.every_steps={every} is not a multiple of "
+                f"eval.every_steps={ev.every_steps}"
+            )
+        if ev.mode == "async" and every is not None and ev.every_steps % every:
+            raise ValueError(
+                f"eval.mode=async evaluates checkpoints, but eval.every_steps="
+                f"{ev.every_steps} is not a multiple of checkpoint.every_steps={every}"
+            )
+        if ev.mode == "async" and every is None and ev.every_steps < self.train.steps:
+            raise ValueError(
+                "eval.mode=async evaluates checkpoints, and checkpoint.every_steps is null "
+                "(a checkpoint only at the end); set checkpoint.every_steps to a divisor of "
+                "eval.every_steps"
+            )
+
+    def eval_batch_size(self) -> int:
+        """Samples per worker per evaluation batch."""
+        if self.eval is None or self.eval.batch_size is None:
+            return self.train.batch_size
+        return self.eval.batch_size
 
     def feature_cache_blocker(self) -> str | None:
         """Why vision features are not constant per frame (None when they are, as far as

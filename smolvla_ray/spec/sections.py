@@ -398,6 +398,56 @@ class TrainSpec(BaseModel):
     weights against their start, failing on any difference (0 = never)."""
 
 
+class EvalSpec(BaseModel):
+    """Held-out evaluation during training (docs/evaluation.md): which episodes are held out,
+    how often they are evaluated, on how many samples, and what ranks evaluations."""
+
+    model_config = SECTION_CONFIG
+    split: float = Field(0.1, gt=0, lt=1)
+    """Fraction held out, by LeRobot's `dataset.eval_split` rule: the last ceil(n x split)
+    episodes of each task (episodes grouped by their task list), in episode order."""
+    episodes: list[int] | EpisodeRange | None = None
+    """The held-out episodes themselves (indices or a range); overrides `split`."""
+    every_steps: int = Field(500, ge=1)
+    """Evaluate every this many steps, and at the last step."""
+    max_samples: int | None = Field(256, ge=1)
+    """Held-out samples per evaluation: evenly spaced over the held-out frames, the same
+    samples every time; None = every held-out frame."""
+    batch_size: int | None = Field(None, ge=1)
+    """Samples per worker per evaluation batch; None = train.batch_size."""
+    mode: Literal["inline", "async"] = "inline"
+    """inline: sharded across the training workers between steps; async: a Ray Train
+    validation task on its own resources at checkpoint steps (its result arrives one
+    evaluation later)."""
+    async_resources: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: {"CPU": 1}
+    )
+    """Ray resources of the async validation task, e.g. {CPU: 4, GPU: 1}."""
+    metric: str = "eval/action_mse"
+    """The metric that ranks evaluations, for checkpoint.keep_best and patience."""
+    metric_mode: Literal["min", "max"] = "min"
+    patience: int | None = Field(None, ge=1)
+    """Stop the run after this many evaluations in a row without improving `metric`
+    (None = never); the run ends with a checkpoint and says why."""
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, value: str) -> str:
+        if value not in EVAL_METRICS:
+            raise ValueError(f"{value!r} is not an evaluation metric; one of {EVAL_METRICS}")
+        return value
+
+
+# The summaries an evaluation reports (docs/evaluation.md).
+EVAL_METRICS = (
+    "eval/loss",
+    "eval/action_mse",
+    "eval/action_l1",
+    "eval/action_mse_robot",
+    "eval/action_l1_robot",
+)
+
+
 class ScalingSpec(BaseModel):
     """How many Ray Train workers and what each one gets."""
 
@@ -419,6 +469,9 @@ class CheckpointSpec(BaseModel):
     every_steps: int | None = Field(None, ge=1)
     """Checkpoint every this many steps; None = only at the end."""
     keep_last: int = Field(3, ge=1)
+    keep_best: int = Field(0, ge=0)
+    """Besides the last `keep_last`, keep this many best checkpoints by `eval.metric` /
+    `eval.metric_mode` (copies under `<run>/best/`; needs `eval`)."""
     upload_mode: Literal["async", "sync"] = "async"
     """async: upload in the background while training continues."""
     from_checkpoint: str | None = None

@@ -38,9 +38,51 @@ class TrainState:
     epoch: int = 0
     skipped_steps: int = 0
     resumed_from_step: int = 0
+    # Held-out evaluation: the best value of `eval.metric` so far, its step, and the
+    # evaluations since it (patience); `evaluation` is this step's result, when it has one.
+    best_metric: float | None = None
+    best_of: str | None = None  # "<metric> <mode>" the best was ranked by
+    best_step: int | None = None
+    evals_since_best: int = 0
+    evaluation: dict[str, float] = field(default_factory=dict)
+    evaluation_log: dict[str, float] = field(default_factory=dict)  # async results to log
 
-    def counters(self) -> dict[str, int]:
-        return {"skipped_steps": self.skipped_steps, "resumed_from_step": self.resumed_from_step}
+    def counters(self) -> dict[str, Any]:
+        """What every metrics record and checkpoint carries."""
+        out: dict[str, Any] = {
+            "skipped_steps": self.skipped_steps,
+            "resumed_from_step": self.resumed_from_step,
+        }
+        if self.best_step is not None:
+            out.update(
+                best_metric=self.best_metric,
+                best_of=self.best_of,
+                best_step=self.best_step,
+                evals_since_best=self.evals_since_best,
+            )
+        return out
+
+    def record_evaluation(
+        self, summary: dict[str, float], *, metric: str, mode: str, step: int | None = None
+    ) -> bool:
+        """Keep an evaluation: this step's (inline; the checkpoint of this step carries it),
+        or, with `step`, an earlier checkpoint's (async). True when it is the best so far by
+        `metric`."""
+        if step is None:
+            self.evaluation = dict(summary)
+        value = summary[metric]
+        if self.best_of != f"{metric} {mode}":  # a new ranking (first, or changed on resume)
+            self.best_metric, self.best_step, self.evals_since_best = None, None, 0
+            self.best_of = f"{metric} {mode}"
+        better = self.best_metric is None or (
+            value < self.best_metric if mode == "min" else value > self.best_metric
+        )
+        if better:
+            self.best_metric, self.best_step = value, self.step if step is None else step
+            self.evals_since_best = 0
+        else:
+            self.evals_since_best += 1
+        return better
 
 
 @dataclass
@@ -148,7 +190,9 @@ class Checkpointer:
             ddp=ddp,
             optimizer=optimizer,
             scheduler=scheduler,
-            counters=state.counters(),
+            # The checkpoint's own evaluation (made at this step, before the save), which
+            # best-checkpoint retention and `smolvla-ray checkpoints` read.
+            counters={**state.counters(), "evaluation": state.evaluation},
         )
 
 
@@ -173,11 +217,16 @@ def _restore(
         torch.set_rng_state(loaded.rng_states[rank])
     cursor = rank_cursor(loaded, rank)
     counters = dict(state.counters)
+    best_step = counters.get("best_step")
     train_state = TrainState(
         step=state.step,
         epoch=state.epoch,
         skipped_steps=int(counters.get("skipped_steps", 0)),
         resumed_from_step=state.step,
+        best_metric=counters.get("best_metric"),
+        best_of=counters.get("best_of"),
+        best_step=int(best_step) if best_step is not None else None,
+        evals_since_best=int(counters.get("evals_since_best", 0)),
     )
     return Restored(train_state, cursor, source)
 

@@ -13,13 +13,15 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.train import Checkpoint
-from ray.train.v2.api.report_config import CheckpointUploadMode
+from ray.train.v2.api.report_config import CheckpointConsistencyMode, CheckpointUploadMode
+from ray.train.v2.api.reported_checkpoint import ReportedCheckpointStatus
 
 from smolvla_ray.checkpoint.writer import upload_checkpoint
 from smolvla_ray.run_layout import checkpoint_dir_name, run_uri
 from smolvla_ray.shared_storage import marker_problem, not_shared_message
 from smolvla_ray.spec import JobSpec
 from smolvla_ray.storage import filesystem
+from smolvla_ray.train.evaluation import CHECKPOINT_STEP
 from smolvla_ray.train.interrupt import Interrupts
 
 
@@ -56,9 +58,16 @@ class RayReporter:
             if spec.checkpoint.upload_mode == "async"
             else CheckpointUploadMode.SYNC
         )
+        self._seen: set[int] = set()  # checkpoint steps whose async evaluation was handed on
 
     def report(
-        self, metrics: Mapping[str, Any], checkpoint: Path | None, *, save: bool, sync: bool
+        self,
+        metrics: Mapping[str, Any],
+        checkpoint: Path | None,
+        *,
+        save: bool,
+        sync: bool,
+        validate: bool = False,
     ) -> None:
         """Only reports that save reach Ray: Ray Train V2 takes one report per worker-group
         poll (every 2 s) through a queue of one, so reporting every log step made runs wait
@@ -75,7 +84,27 @@ class RayReporter:
             checkpoint_upload_mode=CheckpointUploadMode.SYNC if sync else self.mode,
             checkpoint_upload_fn=self.upload_fn,
             delete_local_checkpoint_after_upload=checkpoint is not None,
+            validation=validate and checkpoint is not None,  # rank 0's checkpoint only
         )
+
+    def validated(self, *, wait: bool) -> list[tuple[int, dict[str, float]]]:
+        """The async evaluations (`eval.mode: async`, evaluation/validation.py) not handed
+        on yet, by checkpoint step: without `wait`, what is finished now (this waits only
+        for the last checkpoint's upload); with `wait`, after the last checkpoint's
+        validation too (the run's end)."""
+        mode = CheckpointConsistencyMode.VALIDATED if wait else CheckpointConsistencyMode.COMMITTED
+        out = []
+        for reported in ray.train.get_all_reported_checkpoints(consistency_mode=mode):
+            metrics = reported.metrics or {}
+            if reported.status != ReportedCheckpointStatus.VALIDATED:
+                continue
+            step = int(metrics.get(CHECKPOINT_STEP, -1))
+            if step >= 0 and step not in self._seen:
+                self._seen.add(step)
+                out.append(
+                    (step, {k: float(v) for k, v in metrics.items() if k.startswith("eval/")})
+                )
+        return sorted(out)
 
 
 def checkpoint_upload_fn(

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from smolvla_ray.build import run_episodes
+from smolvla_ray.build import cached_episodes, eval_episodes, run_episodes
 from smolvla_ray.cache.store import CachedFeatures, FeatureShards
 from smolvla_ray.data.augment import SampleAugmenter
 from smolvla_ray.data.loader import ShardedLoader
@@ -18,6 +18,7 @@ from smolvla_ray.data.samples import FrameDataset
 from smolvla_ray.data.storage import FileCache, Storage, node_cache_dir
 from smolvla_ray.policy.modeling import SmolVLAPolicy
 from smolvla_ray.spec import JobSpec
+from smolvla_ray.train.evaluation import HeldOut, evenly_spaced
 
 
 def build_loader(
@@ -41,25 +42,13 @@ def build_loader(
     images back to uint8 would change them. Otherwise frames travel as uint8, a quarter of
     the bytes, and the step's `to_device` scales them on the device, to exactly the same
     floats. For a CUDA `device` batches are collated into pinned memory."""
-    cache = FileCache(
-        directory=node_cache_dir(spec.data.cache_dir) / "files",
-        max_bytes=spec.data.cache_max_bytes,
-    )
     sources = policy.feature_resolution.sources  # policy camera key -> dataset camera key
     processor = policy.processor
     augment = spec.data.augment if spec.data.augment.enable else None
-    uint8 = augment is None and (processor is None or processor.takes_uint8_images())
-    dataset: Dataset = FrameDataset(
-        meta,
-        episodes=run_episodes(spec, meta),
-        cameras=[] if features else list(sources.values()),
-        chunk_size=policy.config.chunk_size,
-        storage_options=storage_options,
-        cache=cache,
-        image_dtype=torch.uint8 if uint8 else torch.float32,
-    )
-    if features:
-        dataset = CachedFeatures(dataset, features, list(sources))  # stored by policy key
+    dataset = _frames(
+        spec, meta, policy, run_episodes(spec, meta), storage_options=storage_options,
+        features=features, uint8=augment is None,
+    )  # fmt: skip
     augmenter = (
         SampleAugmenter(augment, tuple(sources.values()), seed=spec.train.seed) if augment else None
     )
@@ -75,6 +64,66 @@ def build_loader(
         batch_transform=processor.preprocess if processor is not None else None,
         pin_memory=device.type == "cuda",
     )
+
+
+def build_held_out(
+    spec: JobSpec,
+    meta: DatasetMeta,
+    policy: SmolVLAPolicy,
+    *,
+    storage_options: Mapping[str, Any],
+    features: FeatureShards | None = None,
+) -> HeldOut | None:
+    """The run's held-out samples (None without an eval section): the frames of the
+    held-out episodes, read like the training frames (the feature cache when it is on),
+    never augmented, `eval.max_samples` of them evenly spaced."""
+    if spec.eval is None:
+        return None
+    dataset = _frames(
+        spec, meta, policy, eval_episodes(spec, meta), storage_options=storage_options,
+        features=features, uint8=True,
+    )  # fmt: skip
+    processor = policy.processor
+    return HeldOut(
+        dataset,
+        evenly_spaced(len(dataset), spec.eval.max_samples),  # type: ignore[arg-type]
+        batch_size=spec.eval_batch_size(),
+        num_workers=min(spec.data.num_loader_workers, 1),
+        transform=processor.preprocess if processor is not None else None,
+    )
+
+
+def _frames(
+    spec: JobSpec,
+    meta: DatasetMeta,
+    policy: SmolVLAPolicy,
+    episodes: list[int],
+    *,
+    storage_options: Mapping[str, Any],
+    features: FeatureShards | None,
+    uint8: bool,
+) -> Dataset:
+    """The frames of `episodes` (video through the node's file cache, or cached features),
+    as uint8 images when asked and the processor leaves images alone."""
+    cache = FileCache(
+        directory=node_cache_dir(spec.data.cache_dir) / "files",
+        max_bytes=spec.data.cache_max_bytes,
+    )
+    sources = policy.feature_resolution.sources  # policy camera key -> dataset camera key
+    processor = policy.processor
+    uint8 = uint8 and (processor is None or processor.takes_uint8_images())
+    dataset: Dataset = FrameDataset(
+        meta,
+        episodes=episodes,
+        cameras=[] if features else list(sources.values()),
+        chunk_size=policy.config.chunk_size,
+        storage_options=storage_options,
+        cache=cache,
+        image_dtype=torch.uint8 if uint8 else torch.float32,
+    )
+    if features:
+        dataset = CachedFeatures(dataset, features, list(sources))  # stored by policy key
+    return dataset
 
 
 def fetch_feature_cache(
@@ -96,5 +145,5 @@ def fetch_feature_cache(
         node_cache_dir(spec.data.cache_dir) / "features", max_bytes=spec.data.cache_max_bytes
     )
     shards = FeatureShards(Storage(feature_cache, storage_options), cache)
-    shards.warm(run_episodes(spec, meta))
+    shards.warm(cached_episodes(spec, meta))
     return shards

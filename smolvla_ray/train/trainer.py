@@ -44,10 +44,11 @@ from smolvla_ray.train.checkpointer import (
     resume_source,
 )
 from smolvla_ray.train.ddp import CommCounter, collective_timeout_s, wrap_ddp
+from smolvla_ray.train.evaluation import HeldOut, evaluate_batches, write_table
 from smolvla_ray.train.interrupt import Decision
 from smolvla_ray.train.metrics import MetricsLog
 from smolvla_ray.train.optim import build_optimizer, build_scheduler
-from smolvla_ray.train.setup import build_loader, fetch_feature_cache
+from smolvla_ray.train.setup import build_held_out, build_loader, fetch_feature_cache
 from smolvla_ray.train.step import train_step
 from smolvla_ray.train.window import MetricWindow
 
@@ -63,11 +64,22 @@ class Reporter(Protocol):
     """Where the trainer's reports go; every rank calls it equally often."""
 
     def report(
-        self, metrics: Mapping[str, Any], checkpoint: Path | None, *, save: bool, sync: bool
+        self,
+        metrics: Mapping[str, Any],
+        checkpoint: Path | None,
+        *,
+        save: bool,
+        sync: bool,
+        validate: bool = False,
     ) -> None:
         """`metrics` of this report; `checkpoint` a local directory (rank 0 at checkpoint
         steps, else None) to upload and delete; `save`: a checkpoint step on every rank;
-        `sync`: the upload must finish before returning (an interrupt checkpoint)."""
+        `sync`: the upload must finish before returning (an interrupt checkpoint);
+        `validate`: evaluate the checkpoint asynchronously (`eval.mode: async`)."""
+
+    def validated(self, *, wait: bool) -> list[tuple[int, dict[str, float]]]:
+        """Rank 0: the async evaluations finished since the last call, by checkpoint step
+        (`wait`: also the last checkpoint's, at the run's end)."""
 
 
 class Interrupter(Protocol):
@@ -129,6 +141,7 @@ def train(
     )  # fmt: skip
     batches = iter(loader)
     first_step = [next(batches) for _ in range(spec.train.grad_accum_steps)]
+    held_out = build_held_out(spec, meta, policy, storage_options=options, features=features)
     w = _build(spec, context, meta, policy)  # DDP over the trainable view, optimizer, schedule
     ddp, optimizer, scheduler = w.ddp, w.optimizer, w.scheduler
 
@@ -159,6 +172,8 @@ def train(
     autocast_dtype = torch.bfloat16 if spec.resolved_precision() == "bf16" else None
     window = MetricWindow(world_size=context.world_size)
     run_start, start_step, last_report_s = time.perf_counter(), state.step, 0.0
+    metrics: dict[str, Any] = {}
+    async_eval = spec.eval is not None and spec.eval.mode == "async"
     while state.step < spec.train.steps:
         wait_start = time.perf_counter()
         micro = first_step or [next(batches) for _ in range(spec.train.grad_accum_steps)]
@@ -176,10 +191,13 @@ def train(
             _check_replicas(ddp, w.policy, w.local_frozen)
 
         interrupt = interrupts.poll()  # agreed by all ranks
-        save = checkpointer.should_save(state.step, interrupt=interrupt.checkpoint)
-        # Metrics are summarised across workers (a collective) at log_every and checkpoint
-        # steps only; of these reports, the Ray adapter passes on those that save (loop.py).
-        if not (save or state.step % spec.train.log_every == 0):
+        evaluate = held_out is not None and _evaluation_step(spec, state.step, "inline")
+        validate = _evaluation_step(spec, state.step, "async")  # an async one, on this step's
+        save = validate or checkpointer.should_save(state.step, interrupt=interrupt.checkpoint)
+        # Metrics are summarised across workers (a collective) at log_every, evaluation and
+        # checkpoint steps only; of these reports, the Ray adapter passes on those that save
+        # (loop.py).
+        if not (save or evaluate or validate or state.step % spec.train.log_every == 0):
             continue
         state.epoch = loader.epoch
         # The window's device values are read here, not at every step (train/step.py);
@@ -187,7 +205,20 @@ def train(
         summary, nonfinite = window.summary()
         for bad_step in nonfinite:
             _on_nonfinite(spec, state, bad_step)
-        metrics = {"step": state.step, "epoch": state.epoch, **summary,
+        state.evaluation = {}
+        patience_out = False
+        if evaluate and held_out is not None:
+            patience_out = _evaluate(spec, state, w.policy, held_out, context, autocast_dtype)
+            save = save or patience_out  # the run ends here: with a checkpoint
+            window.started = time.perf_counter()  # the evaluation is not training time
+        arrived_any = False
+        if async_eval:  # async evaluations finished since the last report, logged now
+            arrived = _broadcast(reporter.validated(wait=False) if rank == 0 else None)
+            arrived_any = bool(arrived)
+            patience_out = _record_async(spec, state, arrived)
+            save = save or patience_out
+        metrics = {"step": state.step, "epoch": state.epoch, **summary, **state.evaluation,
+                   **(state.evaluation_log if arrived_any else {}),
                    **state.counters(), "frozen_fingerprint": w.base_fingerprint}  # fmt: skip
         checkpoint, checkpoint_s = None, 0.0
         if save:
@@ -221,7 +252,12 @@ def train(
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
         report_start = time.perf_counter()
-        reporter.report(metrics, checkpoint, save=save, sync=interrupt.exit)
+        if validate:
+            reporter.report(
+                metrics, checkpoint, save=save, sync=interrupt.exit, validate=checkpoint is not None
+            )
+        else:
+            reporter.report(metrics, checkpoint, save=save, sync=interrupt.exit)
         if interrupt.exit and dist.is_initialized():
             # Ray's report passes its barrier before rank 0 uploads: without this, a worker
             # leaving after SIGTERM could take the group down mid-upload.
@@ -230,14 +266,92 @@ def train(
             if rank == 0:
                 say(f"stopped on request at step {state.step}: {checkpoint_dir_name(state.step)}")
             break
+        if patience_out:
+            if rank == 0:
+                assert spec.eval is not None
+                say(
+                    f"stopping early at step {state.step}: {spec.eval.metric} has not improved "
+                    f"for {state.evals_since_best} evaluation(s) (eval.patience="
+                    f"{spec.eval.patience}); best {state.best_metric:.6g} at step "
+                    f"{state.best_step}. Checkpoint: {checkpoint_dir_name(state.step)}"
+                )
+            break
         if interrupt.exit and state.step < spec.train.steps:
             interrupts.exit_after_checkpoint(
                 step=state.step, checkpoint_dir=checkpoint_dir_name(state.step)
             )
         last_report_s = time.perf_counter() - report_start
+    if async_eval and state.step == spec.train.steps:
+        # The run's last evaluations, waited for: their results join the final record.
+        arrived = _broadcast(reporter.validated(wait=True) if rank == 0 else None)
+        _record_async(spec, state, arrived)
+        if metrics_log is not None and arrived and metrics:
+            metrics_log.append({**metrics, **state.evaluation_log, **state.counters()})
     if metrics_log is not None:
         metrics_log.close()
     return state
+
+
+def _evaluation_step(spec: JobSpec, step: int, mode: str) -> bool:
+    """Whether `step` ends with an evaluation of `mode`: every `eval.every_steps` and the
+    last step."""
+    ev = spec.eval
+    if ev is None or ev.mode != mode:
+        return False
+    return step % ev.every_steps == 0 or step == spec.train.steps
+
+
+def _record_async(
+    spec: JobSpec, state: TrainState, arrived: list[tuple[int, dict[str, float]]]
+) -> bool:
+    """Record async evaluations of earlier checkpoints (their best, patience); the newest
+    joins this step's metrics (`state.evaluation_log`): when several arrive between two
+    reports the sinks get the newest, and every one is in the run's `eval/` tables. True
+    when patience ran out."""
+    assert spec.eval is not None
+    state.evaluation_log = {}
+    for step, summary in arrived:
+        state.record_evaluation(
+            summary, metric=spec.eval.metric, mode=spec.eval.metric_mode, step=step
+        )
+        state.evaluation_log = dict(summary)
+    patience = spec.eval.patience
+    return bool(arrived) and patience is not None and state.evals_since_best >= patience
+
+
+def _evaluate(
+    spec: JobSpec,
+    state: TrainState,
+    policy: SmolVLAPolicy,
+    held_out: HeldOut,
+    context: WorkerContext,
+    autocast_dtype: torch.dtype | None,
+) -> bool:
+    """Evaluate the held-out samples, sharded across the workers (one all-reduce); record
+    the result in `state` and rank 0's table in `<run>/eval/`. True when patience ran out."""
+    assert spec.eval is not None
+    start = time.perf_counter()
+    sums = evaluate_batches(
+        policy, held_out.batches(rank=context.rank, world_size=context.world_size),
+        seed=spec.train.seed, device=context.device, autocast_dtype=autocast_dtype,
+    )  # fmt: skip
+    sums.all_reduce()
+    summary = {**sums.summary(), "eval/seconds": time.perf_counter() - start}
+    best = state.record_evaluation(summary, metric=spec.eval.metric, mode=spec.eval.metric_mode)
+    if context.rank == 0:
+        say(
+            f"evaluation at step {state.step}: loss {summary['eval/loss']:.4f}, action MSE "
+            f"{summary['eval/action_mse']:.4f} ({sums.samples} held-out samples, "
+            f"{summary['eval/seconds']:.1f} s)"
+            + (" - best so far" if best else f"; best {state.best_metric:.6g} at step "
+               f"{state.best_step}")
+        )  # fmt: skip
+        write_table(
+            run_uri(spec.checkpoint.storage, spec.name), context.storage_options,
+            step=state.step, summary=summary, table=sums.table(), best=best,
+        )  # fmt: skip
+    patience = spec.eval.patience
+    return patience is not None and state.evals_since_best >= patience
 
 
 @dataclass

@@ -317,3 +317,31 @@ RAW_INFERENCE_GOLDEN_KEYS = (
     "pre.observation.state",
     "_image_features",
 )
+
+
+# ---------------------------------------------------------------- evaluate: LeRobot re-saved
+
+
+def evaluate_both(workdir: Path, theirs: Path) -> tuple[dict, dict]:
+    """`smolvla-ray evaluate` of our export (WORKDIR/pretrained_model) and of the same weights
+    as LeRobot saved them (`theirs`: its config, processors and rename map), on the
+    LIBERO-shaped dataset the raw-inference inputs wrote: (ours, theirs), each the JSON
+    record evaluate wrote."""
+    from smolvla_ray.evaluation.offline import JSON_NAME, evaluate
+
+    dataset = str(workdir / "build" / "libero")
+    records = []
+    for source, out in ((workdir / "pretrained_model", "ours"), (theirs, "theirs")):
+        evaluate(
+            str(source), dataset, out=workdir / "eval" / out, max_samples=None, batch_size=4,
+            plot_episodes=0, say=lambda _: None,
+        )  # fmt: skip
+        records.append(json.loads((workdir / "eval" / out / JSON_NAME).read_text()))
+    return records[0], records[1]
+
+
+def assert_evaluations_equal(ours: dict, theirs: dict) -> None:
+    """Every summary and table entry equal, bit for bit (same weights, same samples)."""
+    assert ours["summary"]["eval/samples"] == 13  # every frame of the 2 episodes (10 + 3)
+    for key in ("summary", "per_dimension", "per_horizon_step", "valid_per_horizon_step"):
+        assert ours[key] == theirs[key], key

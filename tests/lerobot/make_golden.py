@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from tests.lerobot import cases
 
 DEFAULT_LEROBOT_PYTHON = "/work/lerobot-venv/bin/python"
-CASES = [*cases.PARITY_CASES, "raw_inference"]
+CASES = [*cases.PARITY_CASES, "raw_inference", "evaluate_resaved"]
 
 
 def lerobot_versions(python: str) -> dict[str, str]:
@@ -49,15 +49,7 @@ def parity_golden(name: str, python: str, workdir: Path, target: Path) -> dict:
     digest = cases.write_parity_inputs(case, workdir)
     theirs = cases.run_oracle(python, "oracle.py", workdir)
     saved = workdir / "lerobot_saved"
-    (target / "lerobot_saved").mkdir(parents=True)
-    for file in sorted(saved.iterdir()):
-        if file.name == "model.safetensors":
-            continue
-        if file.suffix == ".json":
-            text = cases.canonical_json(file.read_text(), workdir)
-            (target / "lerobot_saved" / file.name).write_text(text)
-        else:
-            shutil.copyfile(file, target / "lerobot_saved" / file.name)
+    _keep_saved(workdir, target)
     save_file(
         {k: v.contiguous() for k, v in cases.compact_parity_outputs(theirs).items()},
         str(target / "outputs.safetensors"),
@@ -71,6 +63,32 @@ def raw_inference_golden(python: str, workdir: Path, target: Path) -> dict:
     kept = {k: theirs[k].contiguous() for k in cases.RAW_INFERENCE_GOLDEN_KEYS}
     save_file(kept, str(target / "outputs.safetensors"))
     return {"inputs_sha256": digest, "lerobot_output_keys": sorted(theirs)}
+
+
+def evaluate_resaved_golden(python: str, workdir: Path, target: Path) -> dict:
+    """LeRobot re-saves our real-shaped export (policy and processors): keep what it wrote
+    besides the weights, and a manifest of the weights."""
+    digest = cases.write_raw_inference_inputs(workdir)
+    cases.run_oracle(python, "oracle_resave.py", workdir)
+    _keep_saved(workdir, target)
+    save_file({}, str(target / "outputs.safetensors"))
+    return {
+        "inputs_sha256": digest,
+        "lerobot_saved_weights": cases.weights_manifest(workdir / "lerobot_saved"),
+    }
+
+
+def _keep_saved(workdir: Path, target: Path) -> None:
+    saved = workdir / "lerobot_saved"
+    (target / "lerobot_saved").mkdir(parents=True)
+    for file in sorted(saved.iterdir()):
+        if file.name == "model.safetensors":
+            continue
+        if file.suffix == ".json":
+            text = cases.canonical_json(file.read_text(), workdir)
+            (target / "lerobot_saved" / file.name).write_text(text)
+        else:
+            shutil.copyfile(file, target / "lerobot_saved" / file.name)
 
 
 def main() -> None:
@@ -94,6 +112,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix=f"golden-{name}-") as tmp:
             if name == "raw_inference":
                 meta = raw_inference_golden(args.lerobot_python, Path(tmp), target)
+            elif name == "evaluate_resaved":
+                meta = evaluate_resaved_golden(args.lerobot_python, Path(tmp), target)
             else:
                 meta = parity_golden(name, args.lerobot_python, Path(tmp), target)
         meta = {

@@ -19,6 +19,18 @@ COMMANDS = {
     "checkpoints": {"uri", "verify"},
     "report": None,  # options owned by the report command's docs
     "export": {"checkpoint", "out"},
+    "evaluate": {
+        "source",
+        "data",
+        "episodes",
+        "out",
+        "max_samples",
+        "batch_size",
+        "seed",
+        "device",
+        "plot_episodes",
+        "revision",
+    },
     "submit": {"spec", "address", "set_", "ship_package", "wait", "force"},
     "status": {"job_id", "address"},
     "logs": {"job_id", "address", "follow", "progress"},

@@ -21,6 +21,7 @@ RANKS = {
     "build": 4,
     "train": 5,  # the trainer and its Ray adapter
     "cache.build": 6,  # driver side: decides and builds the feature cache
+    "evaluation": 6,  # offline `evaluate` and the async validation task (over train/)
     "observe": 6,
     "driver": 7,  # driver, jobs, cli
 }

@@ -207,6 +207,28 @@ def test_episode_range_and_byte_size_strings():
             {"scaling": {"use_gpu": True, "resources_per_worker": {"CPU": 8, "GPU": 2}}},
             "scaling.resources_per_worker.GPU=2.0: each worker drives exactly one GPU",
         ),
+        (
+            {"checkpoint": {"keep_best": 2}},
+            "checkpoint.keep_best ranks checkpoints by an evaluation metric, but there is no "
+            "eval section",
+        ),
+        (
+            {"checkpoint": {"keep_best": 1, "every_steps": 30}, "eval": {"every_steps": 20}},
+            "checkpoint.every_steps=30 is not a multiple of eval.every_steps=20",
+        ),
+        (
+            {"checkpoint": {"every_steps": 20}, "eval": {"every_steps": 30, "mode": "async"}},
+            "eval.every_steps=30 is not a multiple of checkpoint.every_steps=20",
+        ),
+        (
+            {"eval": {"every_steps": 30, "mode": "async"}},
+            "eval.mode=async evaluates checkpoints, and checkpoint.every_steps is null",
+        ),
+        (
+            {"eval": {"metric": "eval/accuracy"}},
+            "'eval/accuracy' is not an evaluation metric",
+        ),
+        ({"eval": {"split": 1.0}}, "eval.split"),
     ],
 )
 def test_cross_field_checks(sections: dict[str, Any], expected: str):
@@ -214,6 +236,16 @@ def test_cross_field_checks(sections: dict[str, Any], expected: str):
     for key, value in sections.items():
         data[key] = value if key == "policy" else {**data.get(key, {}), **value}
     assert expected in error_of(data)
+
+
+def test_an_eval_section_takes_lerobots_split_and_keep_best_follows_it():
+    spec = spec_from_dict(
+        minimal(eval={"every_steps": 25}, checkpoint={"keep_best": 2, "every_steps": 50})
+    )
+    assert spec.eval is not None and spec.eval.split == 0.1 and spec.eval.mode == "inline"
+    assert spec.eval.metric == "eval/action_mse" and spec.eval.metric_mode == "min"
+    assert spec.eval_batch_size() == 2  # train.batch_size unless eval.batch_size says
+    assert spec_from_dict(minimal()).eval is None
 
 
 def test_bf16_accepted_on_gpu():

@@ -269,3 +269,51 @@ def test_the_node_copy_is_warmed_before_the_first_collective(
     assert order == ["warm", "fingerprint", "ddp"], order
     # The cache fits its bound: the node holds every shard, downloaded before step 1.
     assert len(list((tmp_path / "node-cache" / "features").rglob("*.safetensors"))) == 4
+
+
+def test_held_out_episodes_are_cached_and_never_trained_on(
+    demo_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the cache on: the held-out episodes' features are in the cache (evaluations
+    read them), every training sample is from a training episode, every evaluated one from
+    a held-out one, and the evaluation equals the one made from video."""
+    from smolvla_ray.data.loader import ShardedLoader
+    from smolvla_ray.train.evaluation import HeldOut
+
+    trained: list[int] = []
+    evaluated: list[int] = []
+    real_iter, real_batches = ShardedLoader.__iter__, HeldOut.batches
+
+    def training_batches(loader):
+        for batch in real_iter(loader):
+            trained.extend(batch["episode_index"].tolist())
+            yield batch
+
+    def held_out_batches(held_out, **kwargs):
+        for batch in real_batches(held_out, **kwargs):
+            evaluated.extend(batch["episode_index"].tolist())
+            yield batch
+
+    monkeypatch.setattr(ShardedLoader, "__iter__", training_batches)
+    monkeypatch.setattr(HeldOut, "batches", held_out_batches)
+    held = {"episodes": [3], "every_steps": 2, "max_samples": 8}
+    storage = str(tmp_path / "runs")
+    cached = spec_for(
+        demo_dataset, storage, "held-cache", "on", {}, eval=held,
+        train={"steps": 4, "log_every": 1}, data={"cache_dir": str(tmp_path / "node")},
+    )  # fmt: skip
+    root = ensure_feature_cache(cached, {})
+    assert root is not None and len(CacheStore(root, {}).shards()) == 4  # episode 3 too
+    train_in_process(cached, feature_cache=root)
+    assert len(trained) == 4 * 4 and set(trained) <= {0, 1, 2}
+    assert len(evaluated) == 2 * 8 and set(evaluated) == {3}
+    video = spec_for(
+        demo_dataset, storage, "held-video", "off", {}, eval=held,
+        train={"steps": 4, "log_every": 1},
+    )  # fmt: skip
+    train_in_process(video)
+    a = [r for r in read_metrics(run_uri(storage, "held-cache")) if "eval/loss" in r]
+    b = [r for r in read_metrics(run_uri(storage, "held-video")) if "eval/loss" in r]
+    assert [r["step"] for r in a] == [2, 4]
+    for key in ("eval/loss", "eval/action_mse"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-5), key

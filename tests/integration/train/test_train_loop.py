@@ -16,6 +16,7 @@ from smolvla_ray import driver
 from smolvla_ray.checkpoint.discovery import fetch_checkpoint, list_checkpoints
 from smolvla_ray.run_layout import run_uri
 from smolvla_ray.spec import spec_from_dict
+from smolvla_ray.train.evaluation import read_tables
 from smolvla_ray.train.metrics import read_metrics
 from tests.inprocess import train_in_process
 from tests.integration.conftest import tiny_spec_dict
@@ -108,3 +109,48 @@ def test_a_full_finetune_with_the_cache_on_auto_trains_two_workers_to_the_end(
     said = capfd.readouterr().err
     assert "feature cache not used: the policy's connector trains" in said, said[-2000:]
     assert not (tmp_path / "feature-cache").exists()
+
+
+def test_async_evaluation_runs_beside_training_and_keeps_the_best(
+    tmp_path: Path, demo_dataset: str
+) -> None:
+    """eval.mode async: Ray Train validation tasks evaluate each checkpoint while training
+    goes on; each result is logged one evaluation later, naming its checkpoint, the last
+    one at the end; they equal an inline evaluation of the same weights; keep_best copies
+    the best checkpoint."""
+    spec = spec_from_dict(
+        tiny_spec_dict(
+            demo_dataset, tmp_path, "async-eval", scaling={"num_workers": 1},
+            train={"steps": 6, "batch_size": 4, "log_every": 1, "optimizer": {"lr": 3e-3}},
+            eval={"episodes": [3], "every_steps": 2, "max_samples": 8, "mode": "async"},
+            checkpoint={"storage": str(tmp_path), "every_steps": 2, "keep_last": 3,
+                        "keep_best": 1},
+        )
+    )  # fmt: skip
+    driver.run(spec)
+    run = run_uri(str(tmp_path), "async-eval")
+    records = read_metrics(run)
+    logged = [r for r in records if "eval/checkpoint_step" in r]
+    for r in logged:  # a result is logged at or after its checkpoint's step, never before
+        assert r["eval/checkpoint_step"] <= r["step"]
+    assert logged[-1]["eval/checkpoint_step"] == 6 and logged[-1]["step"] == 6  # waited for
+    # Every checkpoint was evaluated; the sinks get the newest result at each report.
+    evaluated = {t["step"]: t["summary"]["eval/action_mse"] for t in read_tables(run, {})}
+    assert sorted(evaluated) == [2, 4, 6]
+    for r in logged:
+        assert r["eval/action_mse"] == evaluated[int(r["eval/checkpoint_step"])]
+    best = min(evaluated, key=evaluated.__getitem__)
+    assert [p.name for p in (Path(run) / "best").iterdir() if p.is_dir()] == [
+        f"checkpoint_{best:09d}"
+    ]
+    # The same weights evaluated inline (in-process, same samples and noise) agree.
+    inline = spec_from_dict({**spec.public_dict(), "name": "inline-eval",
+                             "eval": {**spec.public_dict()["eval"], "mode": "inline"}})  # fmt: skip
+    train_in_process(inline)
+    same = {
+        r["step"]: r["eval/action_mse"]
+        for r in read_metrics(run_uri(str(tmp_path), "inline-eval"))
+        if "eval/action_mse" in r
+    }
+    for step, value in evaluated.items():
+        assert value == pytest.approx(same[step], rel=1e-5), step

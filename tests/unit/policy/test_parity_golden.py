@@ -24,8 +24,11 @@ from tests.lerobot.cases import (
     REGENERATE,
     REPO_ROOT,
     ROOT_TOKEN,
+    WORKDIR_TOKEN,
+    assert_evaluations_equal,
     assert_parity,
     assert_raw_inference_like_lerobot,
+    evaluate_both,
     our_parity_outputs,
     parity_case,
     weights_manifest,
@@ -99,3 +102,26 @@ def test_raw_observation_under_dataset_keys_acts_like_lerobot(tmp_path: Path) ->
     meta, theirs = load_golden("raw_inference")
     assert_inputs_unchanged("raw_inference", meta, write_raw_inference_inputs(tmp_path))
     assert_raw_inference_like_lerobot(tmp_path, theirs, meta["lerobot_output_keys"])
+
+
+def test_evaluate_equals_on_our_export_and_lerobots_resave(tmp_path: Path) -> None:
+    """LeRobot re-saved our real-shaped export, processors and rename map included: the
+    golden keeps what it wrote besides the weights (which must be ours); `evaluate` gives
+    the same numbers on both directories."""
+    meta, _ = load_golden("evaluate_resaved")
+    assert_inputs_unchanged("evaluate_resaved", meta, write_raw_inference_inputs(tmp_path))
+    assert weights_manifest(tmp_path / "pretrained_model") == meta["lerobot_saved_weights"]
+    theirs = tmp_path / "lerobot_saved"
+    theirs.mkdir()
+    for file in (GOLDEN_DIR / "evaluate_resaved" / "lerobot_saved").iterdir():
+        if file.suffix == ".json":
+            text = file.read_text().replace(ROOT_TOKEN, str(REPO_ROOT))
+            (theirs / file.name).write_text(text.replace(WORKDIR_TOKEN, str(tmp_path)))
+        else:
+            shutil.copyfile(file, theirs / file.name)
+    shutil.copyfile(
+        tmp_path / "pretrained_model" / "model.safetensors", theirs / "model.safetensors"
+    )
+    assert "rename_observations_processor" in (theirs / "policy_preprocessor.json").read_text()
+    ours, resaved = evaluate_both(tmp_path, theirs)
+    assert_evaluations_equal(ours, resaved)
