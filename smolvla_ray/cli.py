@@ -384,10 +384,20 @@ def evaluate(
     ] = None,
     out: Annotated[str, typer.Option("--out", help="Directory for the report files.")] = "eval",
     max_samples: Annotated[
-        int, typer.Option(help="Samples evaluated, evenly spaced (0 = every frame).")
-    ] = 256,
+        int | None,
+        typer.Option(
+            help="Samples evaluated, evenly spaced (0 = every frame; default: a checkpoint's "
+            "eval.max_samples on its held-out episodes, else 256)."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
-    seed: Annotated[int, typer.Option(help="Keys the fixed noise and time per sample.")] = 1000,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Keys the fixed noise and time per sample (default: a checkpoint's "
+            "train.seed on its held-out episodes, else 1000)."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     plot_episodes: Annotated[
         int, typer.Option(help="Episodes plotted in trajectories.png (0 = no plot).")
@@ -409,7 +419,8 @@ def evaluate(
     try:
         result = run_evaluation(
             source, data, out=Path(out), episodes=_episode_list(episodes), revision=revision,
-            max_samples=max_samples or None, batch_size=batch_size, seed=seed,
+            max_samples="auto" if max_samples is None else (max_samples or None),
+            batch_size=batch_size, seed=seed,
             device=torch.device(device), plot_episodes=plot_episodes,
             storage_options=_storage_options(), say=typer.echo,
         )  # fmt: skip

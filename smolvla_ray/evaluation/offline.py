@@ -15,7 +15,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -25,7 +25,7 @@ from smolvla_ray.data.samples import FrameDataset, collate_samples
 from smolvla_ray.features import resolve_features
 from smolvla_ray.keys import ACTION
 from smolvla_ray.policy.modeling import SmolVLAPolicy
-from smolvla_ray.storage import filesystem, join
+from smolvla_ray.storage import absolute, filesystem, join
 from smolvla_ray.train.evaluation import (
     SAMPLING_KEY,
     EvalSums,
@@ -36,6 +36,7 @@ from smolvla_ray.train.evaluation import (
 from smolvla_ray.train.step import flow_noise_and_time, to_device
 
 JSON_NAME, MARKDOWN_NAME, PNG_NAME = "evaluation.json", "evaluation.md", "trajectories.png"
+DEFAULT_SAMPLES, DEFAULT_SEED = 256, 1000
 
 
 @dataclass
@@ -68,7 +69,8 @@ def default_episodes(
     meta: DatasetMeta, data: str, spec: Mapping[str, Any] | None
 ) -> tuple[list[int], str]:
     """A checkpoint's own held-out episodes on its own dataset, else all; and why."""
-    if spec and spec.get("eval") and spec.get("data", {}).get("uri") == data:
+    trained_on = (spec or {}).get("data", {}).get("uri")
+    if spec and spec.get("eval") and trained_on and absolute(trained_on) == absolute(data):
         from smolvla_ray.build import eval_episodes
         from smolvla_ray.spec import JobSpec
 
@@ -84,9 +86,9 @@ def evaluate(
     out: Path,
     episodes: Sequence[int] | None = None,
     revision: str | None = None,
-    max_samples: int | None = 256,
+    max_samples: int | Literal["auto"] | None = "auto",
     batch_size: int = 8,
-    seed: int = 1000,
+    seed: int | None = None,
     device: torch.device | None = None,
     plot_episodes: int = 3,
     storage_options: Mapping[str, Any] | None = None,
@@ -103,6 +105,13 @@ def evaluate(
         chosen, why = default_episodes(meta, data, spec)
     else:
         chosen, why = select_episodes(meta, list(episodes)), "--episodes"
+    # On a checkpoint's own held-out episodes, its own samples and seed by default: the
+    # numbers then equal the ones the run logged for this checkpoint.
+    own = why == "the checkpoint's held-out episodes" and spec is not None
+    if max_samples == "auto":
+        max_samples = spec["eval"].get("max_samples") if own and spec else DEFAULT_SAMPLES
+    if seed is None:
+        seed = int(spec["train"]["seed"]) if own and spec else DEFAULT_SEED
     resolution = resolve_features(
         policy.config, meta.features, rename_map=policy.processor.rename_map,
         policy_source=source, dataset_source=data,

@@ -221,3 +221,22 @@ def test_the_evaluate_command_on_a_checkpoint_and_bad_input(
     missing = runner.invoke(app, ["evaluate", str(tmp_path / "nope"), "--data", nine_episodes])
     assert missing.exit_code == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_report_plots_the_held_out_curves(tmp_path: Path, nine_episodes: str) -> None:
+    from PIL import Image
+
+    from smolvla_ray.observe.report import write_report
+
+    spec = spec_for(nine_episodes, tmp_path, "report")
+    train_in_process(spec)
+    run = run_uri(str(tmp_path), "report")
+    report = write_report(run, tmp_path / "out", {})
+    evaluated = [r for r in read_metrics(run) if "eval/loss" in r]
+    assert report.plotted.eval_steps == [3, 6] == [r["step"] for r in evaluated]
+    assert report.plotted.eval_loss == [r["eval/loss"] for r in evaluated]
+    assert report.plotted.eval_action_mse == [r["eval/action_mse"] for r in evaluated]
+    assert Image.open(report.png).size == (800, 1150)  # a fourth panel
+    markdown = report.markdown.read_text()
+    assert "| held-out evaluation | 2 evaluations;" in markdown
+    assert f"at step {report.summary['best_step']}" in markdown
