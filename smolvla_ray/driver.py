@@ -372,11 +372,14 @@ def check_shared_storage(spec: JobSpec, *, timeout_s: float = 120.0) -> str | No
         ).remote(run_dir, token, options)
         for node in nodes
     }
+    # One deadline for all nodes (they check in parallel), not one per node in turn.
+    ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=timeout_s)
     for node, ref in pending.items():
-        try:
-            problem = ray.get(ref, timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            problem = f"did not answer the storage check within {timeout_s:g} s"
+        problem = (
+            ray.get(ref)
+            if ref in ready
+            else f"did not answer the storage check within {timeout_s:g} s"
+        )
         if problem:
             raise StorageNotSharedError(not_shared_message(spec.checkpoint.storage, node, problem))
     return token

@@ -144,11 +144,14 @@ def _no_ambient_auth(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def demo_overrides(dataset: str, storage: str, *extra: str) -> list[str]:
-    """tiny-demo.yaml made small: 1 worker, 4 steps, the test's dataset and storage.
+    """tiny-demo.yaml made small: 1 worker, 4 steps, the test's dataset and storage, no
+    held-out evaluation (2 episodes of 2 tasks: LeRobot's split would hold out both).
 
     Timeouts below are generous: this 2-core machine is shared with other test runs."""
     items = [
         f"data.uri={dataset}",
+        "eval=null",
+        "checkpoint.keep_best=0",
         "data.num_loader_workers=0",
         f"checkpoint.storage={storage}",
         "checkpoint.every_steps=null",

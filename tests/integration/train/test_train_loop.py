@@ -154,3 +154,38 @@ def test_async_evaluation_runs_beside_training_and_keeps_the_best(
     }
     for step, value in evaluated.items():
         assert value == pytest.approx(same[step], rel=1e-5), step
+
+
+def test_keep_best_survives_ray_rotating_keep_last_and_the_run_resumes(
+    tmp_path: Path, demo_dataset: str
+) -> None:
+    """Ray Train rotates the last checkpoints (keep_last 1); the best one by the held-out
+    metric stays, as a copy Ray never sees; the run resumes from Ray's newest and goes on."""
+    sections = dict(
+        scaling={"num_workers": 1},
+        eval={"episodes": [3], "every_steps": 2, "max_samples": 8},
+        checkpoint={"storage": str(tmp_path), "every_steps": 2, "keep_last": 1, "keep_best": 1},
+    )
+    train = {"steps": 8, "batch_size": 4, "log_every": 1, "optimizer": {"lr": 3e-3}}
+    driver.run(spec_from_dict(tiny_spec_dict(demo_dataset, tmp_path, "rotate", train=train,
+                                             **sections)))  # fmt: skip
+    run = run_uri(str(tmp_path), "rotate")
+    assert [i.step for i in list_checkpoints(run)] == [8]  # Ray kept the last one only
+    values = {r["step"]: r["eval/action_mse"] for r in read_metrics(run) if "eval/action_mse" in r}
+    best = min(values, key=values.__getitem__)
+    (copy,) = [p for p in (Path(run) / "best").iterdir() if p.is_dir()]
+    assert copy.name == f"checkpoint_{best:09d}"
+    with tempfile.TemporaryDirectory() as tmp:  # a complete checkpoint: it verifies
+        assert (fetch_checkpoint(str(copy), Path(tmp)) / "trainable.safetensors").is_file()
+
+    longer = {**train, "steps": 12}
+    result = driver.run(spec_from_dict(tiny_spec_dict(demo_dataset, tmp_path, "rotate",
+                                                      train=longer, **sections)))  # fmt: skip
+    assert result.metrics["step"] == 12 and result.metrics["resumed_from_step"] == 8
+    assert [i.step for i in list_checkpoints(run)] == [12]
+    values = {r["step"]: r["eval/action_mse"] for r in read_metrics(run) if "eval/action_mse" in r}
+    assert sorted(values) == [2, 4, 6, 8, 10, 12]
+    best = min(values, key=values.__getitem__)
+    assert [p.name for p in (Path(run) / "best").iterdir() if p.is_dir()] == [
+        f"checkpoint_{best:09d}"
+    ]
