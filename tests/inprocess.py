@@ -80,3 +80,38 @@ def train_in_process(
             return train(spec, reporter, context), reporter
         except Killed:
             return None, reporter
+
+
+def recorded(order: list[str], what: str, call):
+    """`call`, appending `what` to `order` each time it is called (to test call order)."""
+
+    def wrapper(*args, **kwargs):
+        order.append(what)
+        return call(*args, **kwargs)
+
+    return wrapper
+
+
+def record_episodes(monkeypatch) -> tuple[list[int], list[int]]:
+    """The episode index of every sample the trainer trains on and of every sample it
+    evaluates, recorded as the batches are read (checked sample by sample by tests)."""
+    from smolvla_ray.data.loader import ShardedLoader
+    from smolvla_ray.train.evaluation import HeldOut
+
+    trained: list[int] = []
+    evaluated: list[int] = []
+    real_iter, real_batches = ShardedLoader.__iter__, HeldOut.batches
+
+    def training_batches(loader):
+        for batch in real_iter(loader):
+            trained.extend(batch["episode_index"].tolist())
+            yield batch
+
+    def held_out_batches(held_out, **kwargs):
+        for batch in real_batches(held_out, **kwargs):
+            evaluated.extend(batch["episode_index"].tolist())
+            yield batch
+
+    monkeypatch.setattr(ShardedLoader, "__iter__", training_batches)
+    monkeypatch.setattr(HeldOut, "batches", held_out_batches)
+    return trained, evaluated

@@ -15,7 +15,6 @@ from smolvla_ray.build import eval_episodes, open_dataset, run_episodes
 from smolvla_ray.checkpoint.best import read_ranking, resolve_best
 from smolvla_ray.checkpoint.discovery import list_checkpoints
 from smolvla_ray.checkpoint.export import export_checkpoint
-from smolvla_ray.data.loader import ShardedLoader
 from smolvla_ray.data.meta import load_meta
 from smolvla_ray.data.split import split_by_task
 from smolvla_ray.data.synthetic import TASKS, write_demo_dataset
@@ -24,10 +23,10 @@ from smolvla_ray.policy.modeling import SmolVLAPolicy
 from smolvla_ray.run_layout import BEST_DIR, run_uri
 from smolvla_ray.spec import JobSpec, spec_from_dict
 from smolvla_ray.storage import filesystem
-from smolvla_ray.train.evaluation import HeldOut, evaluate_batches
+from smolvla_ray.train.evaluation import evaluate_batches
 from smolvla_ray.train.metrics import read_metrics
 from smolvla_ray.train.setup import build_held_out
-from tests.inprocess import train_in_process
+from tests.inprocess import record_episodes, train_in_process
 from tests.integration.conftest import tiny_spec_dict
 
 CPU = torch.device("cpu")
@@ -74,22 +73,7 @@ def test_held_out_frames_never_reach_a_training_batch(
     assert eval_episodes(spec, meta) == [6, 7, 8]
     assert run_episodes(spec, meta) == [0, 1, 2, 3, 4, 5]
 
-    trained: list[int] = []
-    evaluated: list[int] = []
-    real_iter, real_batches = ShardedLoader.__iter__, HeldOut.batches
-
-    def training_batches(loader):
-        for batch in real_iter(loader):
-            trained.extend(batch["episode_index"].tolist())
-            yield batch
-
-    def held_out_batches(held_out, **kwargs):
-        for batch in real_batches(held_out, **kwargs):
-            evaluated.extend(batch["episode_index"].tolist())
-            yield batch
-
-    monkeypatch.setattr(ShardedLoader, "__iter__", training_batches)
-    monkeypatch.setattr(HeldOut, "batches", held_out_batches)
+    trained, evaluated = record_episodes(monkeypatch)
     state, _ = train_in_process(spec)
     assert state is not None and state.step == 12
     assert len(trained) == 12 * 4  # every training sample, checked one by one

@@ -15,7 +15,7 @@ from smolvla_ray.checkpoint.format import read_checkpoint
 from smolvla_ray.run_layout import run_uri
 from smolvla_ray.spec import spec_from_dict
 from smolvla_ray.train.metrics import read_metrics
-from tests.inprocess import train_in_process
+from tests.inprocess import recorded, train_in_process
 from tests.integration.conftest import tiny_spec_dict
 
 TRAIN = {"steps": 12, "log_every": 2, "optimizer": {"lr": 1e-3}}
@@ -143,14 +143,6 @@ def test_the_first_step_is_read_before_the_first_collective_after_resume(
     from smolvla_ray.data.loader import ShardedLoader
 
     order: list[str] = []
-
-    def recorded(what: str, call):
-        def wrapper(*args, **kwargs):
-            order.append(what)
-            return call(*args, **kwargs)
-
-        return wrapper
-
     real_iter = ShardedLoader.__iter__
 
     def batches(loader):
@@ -162,9 +154,9 @@ def test_the_first_step_is_read_before_the_first_collective_after_resume(
     monkeypatch.setattr(
         trainer,
         "check_frozen_fingerprint",
-        recorded("fingerprint", trainer.check_frozen_fingerprint),
+        recorded(order, "fingerprint", trainer.check_frozen_fingerprint),
     )
-    monkeypatch.setattr(trainer, "wrap_ddp", recorded("ddp", trainer.wrap_ddp))
+    monkeypatch.setattr(trainer, "wrap_ddp", recorded(order, "ddp", trainer.wrap_ddp))
 
     train = {**TRAIN, "steps": 6, "grad_accum_steps": 2, "batch_size": 2}
     whole = spec_for(demo_dataset, tmp_path, "whole", train=train)

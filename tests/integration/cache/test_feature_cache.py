@@ -19,7 +19,7 @@ from smolvla_ray.checkpoint.discovery import fetch_checkpoint, list_checkpoints
 from smolvla_ray.run_layout import run_uri
 from smolvla_ray.spec import SpecError, spec_from_dict
 from smolvla_ray.train.metrics import read_metrics
-from tests.inprocess import train_in_process
+from tests.inprocess import record_episodes, recorded, train_in_process
 from tests.integration.conftest import tiny_spec_dict
 
 # The cache is built by Ray tasks: on the session's private Ray, never one ray.remote() would
@@ -250,21 +250,13 @@ def test_the_node_copy_is_warmed_before_the_first_collective(
     )  # fmt: skip
     root = ensure_feature_cache(spec, options)
     order: list[str] = []
-
-    def recorded(what: str, call):
-        def wrapper(*args, **kwargs):
-            order.append(what)
-            return call(*args, **kwargs)
-
-        return wrapper
-
-    monkeypatch.setattr(FeatureShards, "warm", recorded("warm", FeatureShards.warm))
+    monkeypatch.setattr(FeatureShards, "warm", recorded(order, "warm", FeatureShards.warm))
     monkeypatch.setattr(
         trainer,
         "check_frozen_fingerprint",
-        recorded("fingerprint", trainer.check_frozen_fingerprint),
+        recorded(order, "fingerprint", trainer.check_frozen_fingerprint),
     )
-    monkeypatch.setattr(trainer, "wrap_ddp", recorded("ddp", ddp.wrap_ddp))
+    monkeypatch.setattr(trainer, "wrap_ddp", recorded(order, "ddp", ddp.wrap_ddp))
     train_in_process(spec, feature_cache=root)
     assert order == ["warm", "fingerprint", "ddp"], order
     # The cache fits its bound: the node holds every shard, downloaded before step 1.
@@ -277,25 +269,7 @@ def test_held_out_episodes_are_cached_and_never_trained_on(
     """With the cache on: the held-out episodes' features are in the cache (evaluations
     read them), every training sample is from a training episode, every evaluated one from
     a held-out one, and the evaluation equals the one made from video."""
-    from smolvla_ray.data.loader import ShardedLoader
-    from smolvla_ray.train.evaluation import HeldOut
-
-    trained: list[int] = []
-    evaluated: list[int] = []
-    real_iter, real_batches = ShardedLoader.__iter__, HeldOut.batches
-
-    def training_batches(loader):
-        for batch in real_iter(loader):
-            trained.extend(batch["episode_index"].tolist())
-            yield batch
-
-    def held_out_batches(held_out, **kwargs):
-        for batch in real_batches(held_out, **kwargs):
-            evaluated.extend(batch["episode_index"].tolist())
-            yield batch
-
-    monkeypatch.setattr(ShardedLoader, "__iter__", training_batches)
-    monkeypatch.setattr(HeldOut, "batches", held_out_batches)
+    trained, evaluated = record_episodes(monkeypatch)
     held = {"episodes": [3], "every_steps": 2, "max_samples": 8}
     storage = str(tmp_path / "runs")
     cached = spec_for(
