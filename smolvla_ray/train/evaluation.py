@@ -121,11 +121,13 @@ def evaluate_batches(
     autocast_dtype: torch.dtype | None = None,
 ) -> EvalSums:
     """This worker's totals over `batches` (preprocessed, as the training loader yields
-    them). The policy is left in training mode if it was in it."""
+    them), with the policy in eval mode (inline, offline and async evaluations alike); it is
+    put back in training mode afterwards if it was in it."""
     config = policy.config
     processor = policy.processor
     was_training = policy.training
     sums = EvalSums.zeros(config.chunk_size, config.action_dim, device)
+    policy.eval()
     try:
         for raw in batches:
             batch = to_device(dict(raw), device)
