@@ -5,6 +5,7 @@ retrying upload function, asynchronously unless an interrupt needs it to land fi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.train import Checkpoint
+from ray.train.v2._internal.execution import context as ray_train_context
 from ray.train.v2.api.report_config import CheckpointConsistencyMode, CheckpointUploadMode
 from ray.train.v2.api.reported_checkpoint import ReportedCheckpointStatus
 
@@ -30,6 +32,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # Imported here, on the worker: the driver imports this module only to name this
     # function, and the model's imports (transformers) would cost it seconds on every run.
     from smolvla_ray.train.trainer import WorkerContext, train
+
+    # Ray Train logs every report, whole metrics dict included, at INFO on every worker, and
+    # Ray forwards it to the driver's console; our progress lines say what matters. (Its
+    # logger is named after the module's file, not its dotted name.)
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
 
     spec = JobSpec.model_validate(loop_config["spec"])
     storage_options = ray.get(loop_config["storage_options_ref"])
