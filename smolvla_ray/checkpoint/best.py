@@ -22,11 +22,12 @@ from smolvla_ray.run_layout import BEST_DIR, BEST_FILE, checkpoint_dir_name
 from smolvla_ray.storage import join, with_retries
 
 
-def checkpoint_evaluation(local: Path) -> tuple[dict[str, Any], dict[str, float]]:
-    """The spec a checkpoint directory was written with, and its own evaluation (empty when
-    the step was not evaluated)."""
+def checkpoint_evaluation(local: Path) -> tuple[int, dict[str, Any], dict[str, float]]:
+    """A checkpoint directory's step, the spec it was written with, and its own evaluation
+    (empty when the step was not evaluated)."""
     state = json.loads((local / STATE).read_text())
-    return state.get("spec", {}), dict(state.get("counters", {}).get("evaluation") or {})
+    evaluation = dict(state.get("counters", {}).get("evaluation") or {})
+    return int(state["step"]), state.get("spec", {}), evaluation
 
 
 def read_ranking(fs, run_root: str) -> list[dict[str, Any]]:
@@ -43,27 +44,26 @@ def retain_best(
     """After `local` was uploaded to `destination` (a `checkpoint_*` directory of a run):
     copy it into the run's `best/` if it ranks among `checkpoint.keep_best` by `eval.metric`,
     and drop the copies that fell out. Returns the new ranking (None: nothing to do)."""
-    _, evaluation = checkpoint_evaluation(local)
-    return retain_best_with(local, fs, destination, evaluation, upload)
+    return retain_best_with(local, fs, destination, None, upload)
 
 
 def retain_best_with(
     local: Path,
     fs,
     destination: str,
-    evaluation: Mapping[str, float],
+    evaluation: Mapping[str, float] | None,
     upload: Callable[[Path, Any, str], None],
 ) -> list[dict[str, Any]] | None:
     """`retain_best` with the checkpoint's evaluation given (an async evaluation happens
-    after the checkpoint was written)."""
-    spec, _ = checkpoint_evaluation(local)
+    after the checkpoint was written); None: the one the checkpoint holds."""
+    step, spec, held = checkpoint_evaluation(local)
+    evaluation = held if evaluation is None else evaluation
     keep = int((spec.get("checkpoint") or {}).get("keep_best") or 0)
     ev = spec.get("eval") or {}
     metric, mode = ev.get("metric"), ev.get("metric_mode", "min")
     if not keep or metric not in evaluation:
         return None
     run_root = destination.rstrip("/").rsplit("/", 1)[0]
-    step = int(json.loads((local / STATE).read_text())["step"])
     ranking = [r for r in read_ranking(fs, run_root) if r["step"] != step]
     entry = {"step": step, "metric": metric, "mode": mode, "value": evaluation[metric]}
     ranked = sorted([*ranking, entry], key=lambda r: r["value"], reverse=mode == "max")

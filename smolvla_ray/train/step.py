@@ -188,17 +188,20 @@ def train_step(
     config = policy.config
     world = dist.get_world_size() if dist.is_initialized() else 1
     clock = PhaseClock(device)
-    batches = [to_device(raw, device) for raw in micro_batches]
-    weights = [valid_elements(b, config.action_dim) for b in batches]
-    global_valid = torch.stack([w.sum() for w in weights]).sum().reshape(1)
+    # Counted on the host batches (CPU tensors: no device sync), so that each micro-batch
+    # moves to the device only when its turn comes (one micro-batch's memory, not all).
+    local_valid = sum(float(valid_elements(raw, config.action_dim).sum()) for raw in micro_batches)
+    global_valid = torch.tensor([local_valid], dtype=torch.float64)
+    global_valid = _pinned(global_valid, device).to(device, non_blocking=True)
     if world > 1:
         dist.all_reduce(global_valid)
     global_valid = global_valid.clamp(min=1.0)
 
     clock.mark()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    pairs = zip(micro_batches, batches, weights, strict=True)
-    for position, (raw, batch, weight) in enumerate(pairs):
+    for position, raw in enumerate(micro_batches):
+        batch = to_device(raw, device)
+        weight = valid_elements(batch, config.action_dim)
         noise, flow_time = flow_noise_and_time(
             raw["index"].tolist(),
             seed=seed,
