@@ -224,3 +224,34 @@ def test_the_report_plots_the_held_out_curves(tmp_path: Path, nine_episodes: str
     markdown = report.markdown.read_text()
     assert "| held-out evaluation | 2 evaluations;" in markdown
     assert f"at step {report.summary['best_step']}" in markdown
+
+
+def test_evaluation_on_a_dataset_lerobot_wrote_after_an_interrupted_run(
+    tmp_path: Path, lerobot_dataset: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shapes we did not choose: LeRobot's own writer, one camera `front`, 5-D state, 4-D
+    action (padded to the policy's 8), two tasks. LeRobot's split holds out episode 2 of
+    "pick the cube" and episode 1 of "place the cube"; a killed run resumes and its
+    evaluations equal the uninterrupted run's."""
+    trained, evaluated = record_episodes(monkeypatch)
+    sections = {
+        "eval": {"split": 0.5, "every_steps": 2, "max_samples": 8},
+        "checkpoint": {"storage": str(tmp_path), "every_steps": 2, "keep_best": 1},
+    }
+    whole = spec_for(lerobot_dataset, tmp_path, "whole", train={"steps": 6}, **sections)
+    meta = open_dataset(whole, storage_options={})
+    assert eval_episodes(whole, meta) == [1, 2] and run_episodes(whole, meta) == [0]
+    train_in_process(whole)
+    assert set(trained) == {0} and set(evaluated) == {1, 2}
+    killed = spec_for(lerobot_dataset, tmp_path, "killed", train={"steps": 6}, **sections)
+    assert train_in_process(killed, stop_after=4)[0] is None
+    state, _ = train_in_process(killed)
+    assert state is not None and state.resumed_from_step == 4
+    a, b = (
+        {r["step"]: r["eval/action_mse_robot"] for r in read_metrics(run_uri(str(tmp_path), n))
+         if "eval/action_mse_robot" in r}
+        for n in ("whole", "killed")
+    )  # fmt: skip
+    assert sorted(a) == [2, 4, 6] and a == b
+    table = json.loads((tmp_path / "whole" / "eval" / "eval_000000006.json").read_text())
+    assert len(table["per_dimension"]["mse"]) == 4  # the dataset's action width, not 8
