@@ -42,6 +42,11 @@ JSON_NAME, MARKDOWN_NAME, PNG_NAME = "evaluation.json", "evaluation.md", "trajec
 # Which weights were evaluated: a checkpoint's EMA or raw trained weights, or what a
 # pretrained_model/ holds.
 Weights = Literal["ema", "raw", "saved"]
+_WEIGHTS_SHOWN = {
+    "ema": "the run's EMA of its trained weights",
+    "raw": "the raw trained weights",
+    "saved": "as saved",
+}
 DEFAULT_SAMPLES, DEFAULT_SEED = 256, 1000
 
 
@@ -171,7 +176,7 @@ def render_markdown(record: Mapping[str, Any]) -> str:
     lines = [
         f"# Evaluation of {record['source']}",
         "",
-        *([f"Weights: {record['weights']}.", ""] if "weights" in record else []),
+        *([f"Weights: {_WEIGHTS_SHOWN[record['weights']]}.", ""] if "weights" in record else []),
         f"Data: {record['data']}, episodes {record['episodes']}, "
         f"{int(s['eval/samples'])} samples (seed {record['seed']}).",
         "",

@@ -13,11 +13,13 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 import smolvla_ray.train.trainer as trainer
 from smolvla_ray.checkpoint.discovery import fetch_checkpoint, list_checkpoints
 from smolvla_ray.checkpoint.export import export_checkpoint
 from smolvla_ray.checkpoint.format import EMA, MANIFEST, STATE
+from smolvla_ray.cli import app
 from smolvla_ray.evaluation.offline import evaluate
 from smolvla_ray.policy.modeling import SmolVLAPolicy
 from smolvla_ray.run_layout import run_uri
@@ -200,6 +202,11 @@ def test_evaluation_and_export_use_the_ema_and_say_so(
         assert set(exported) == set(expected)
         for name, param in exported.items():
             assert torch.equal(param.detach(), expected[name]), (raw, name)
+
+    # The command says which weights it wrote.
+    said = CliRunner().invoke(app, ["export", last.uri, str(tmp_path / "cli-export")])
+    assert said.exit_code == 0, said.output
+    assert "weights: the EMA of the trained weights (train.ema; --raw-weights" in said.output
 
     # Offline evaluation of the checkpoint on its held-out episodes: the EMA, recorded as
     # such, reproducing the run's own evaluation of step 6.
