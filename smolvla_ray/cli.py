@@ -327,15 +327,32 @@ def report(
     typer.echo(f"wrote {written.png} and {written.markdown}")
 
 
+RawWeightsOption = Annotated[
+    bool,
+    typer.Option(
+        "--raw-weights",
+        help="Use the checkpoint's raw trained weights, not the EMA of them that a run with "
+        "train.ema keeps (the default when there is one).",
+    ),
+]
+_WEIGHTS = {
+    "ema": "the EMA of the trained weights (train.ema; --raw-weights for the raw ones)",
+    "raw": "the trained weights as they are (no EMA used)",
+    "saved": "as saved in the pretrained_model/",
+}
+
+
 @app.command()
 def export(
     checkpoint: Annotated[
         str, typer.Argument(help="Checkpoint URI (a checkpoint_* directory, or RUN_URI/best).")
     ],
     out: Annotated[str, typer.Argument(help="Directory or URL for the pretrained_model/.")],
+    raw_weights: RawWeightsOption = False,
 ) -> None:
     """Merge base weights and a checkpoint into a LeRobot pretrained_model/ directory.
-    `RUN_URI/best` exports the run's best checkpoint (checkpoint.keep_best)."""
+    `RUN_URI/best` exports the run's best checkpoint (checkpoint.keep_best). A run that kept
+    an EMA of its weights (train.ema) exports the EMA, unless --raw-weights."""
     from smolvla_ray.checkpoint.best import resolve_best
     from smolvla_ray.checkpoint.export import destination_problem, export_checkpoint
 
@@ -345,9 +362,10 @@ def export(
         _fail(problem)
     try:
         checkpoint = resolve_best(checkpoint, _storage_options())
-        export_checkpoint(checkpoint, out, _storage_options())
+        trained = export_checkpoint(checkpoint, out, _storage_options(), raw_weights=raw_weights)
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err), code=1)
+    typer.echo(f"weights: {_WEIGHTS[trained.weights]}")
     typer.echo(f"exported {checkpoint} -> {out} (load with SmolVLAPolicy.from_pretrained)")
 
 
@@ -403,6 +421,7 @@ def evaluate(
         int, typer.Option(help="Episodes plotted in trajectories.png (0 = no plot).")
     ] = 3,
     revision: Annotated[str | None, typer.Option(help="Hub revision of --data.")] = None,
+    raw_weights: RawWeightsOption = False,
 ) -> None:
     """The held-out metrics of a policy on a dataset: evaluation.json (summaries and the
     table per action dimension and horizon step), evaluation.md, trajectories.png."""
@@ -421,11 +440,12 @@ def evaluate(
             source, data, out=Path(out), episodes=_episode_list(episodes), revision=revision,
             max_samples="auto" if max_samples is None else (max_samples or None),
             batch_size=batch_size, seed=seed,
-            device=torch.device(device), plot_episodes=plot_episodes,
+            device=torch.device(device), plot_episodes=plot_episodes, raw_weights=raw_weights,
             storage_options=_storage_options(), say=typer.echo,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
+    typer.echo(f"{'weights':>22}  {_WEIGHTS[result.weights]}")
     for key, value in result.summary.items():
         typer.echo(f"{key:>22}  {value:.6g}")
     typer.echo("wrote " + ", ".join(str(f) for f in result.files))

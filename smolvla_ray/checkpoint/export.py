@@ -3,14 +3,18 @@
 The base is rebuilt from the identity the checkpoint recorded (a pretrained URI, or a preset
 with the run's seed) and must hash to the recorded frozen fingerprint, so an export never
 silently merges trained tensors into the wrong backbone.
+
+The trained tensors are the checkpoint's EMA of the trainable weights when the run kept one
+(`train.ema`), unless the raw weights are asked for; `TrainedPolicy.weights` says which.
 """
 
 from __future__ import annotations
 
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -25,10 +29,33 @@ from smolvla_ray.run_layout import checkpoint_step
 from smolvla_ray.storage import absolute, filesystem
 
 
+@dataclass(frozen=True)
+class TrainedPolicy:
+    """A checkpoint's policy and which of its trained tensors it holds."""
+
+    policy: SmolVLAPolicy
+    weights: Literal["ema", "raw"]
+    """`ema`: the run's EMA of the trainable weights; `raw`: the weights as trained."""
+
+
 def policy_from_checkpoint(
-    checkpoint_uri: str, storage_options: Mapping[str, Any] | None = None
+    checkpoint_uri: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    raw_weights: bool = False,
 ) -> SmolVLAPolicy:
-    """The trained policy a checkpoint describes (base + trained tensors + processor)."""
+    """The trained policy a checkpoint describes (base + trained tensors + processor): its
+    EMA weights when it has them and `raw_weights` is false."""
+    return load_trained(checkpoint_uri, storage_options, raw_weights=raw_weights).policy
+
+
+def load_trained(
+    checkpoint_uri: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    raw_weights: bool = False,
+) -> TrainedPolicy:
+    """`policy_from_checkpoint`, saying which weights it merged."""
     options = dict(storage_options or {})
     with tempfile.TemporaryDirectory(prefix="smolvla-export-") as tmp:
         local = fetch_checkpoint(checkpoint_uri, Path(tmp), options)
@@ -57,15 +84,17 @@ def policy_from_checkpoint(
                 f"{checkpoint_uri} was trained on (frozen fingerprint {fingerprint[:12]} vs "
                 f"{state.base['frozen_sha256'][:12]}); export needs the same base checkpoint"
             )
+        use_ema = loaded.ema is not None and not raw_weights
+        tensors = loaded.ema if use_ema and loaded.ema is not None else loaded.trainable
         trainable = policy.trainable_parameters()
         check_state_dict_keys(
-            {k: v.detach() for k, v in trainable.items()}, loaded.trainable, source=checkpoint_uri
+            {k: v.detach() for k, v in trainable.items()}, tensors, source=checkpoint_uri
         )
         with torch.no_grad():
             for name, param in trainable.items():
-                param.copy_(loaded.trainable[name])
+                param.copy_(tensors[name])
         policy.processor = PolicyProcessor.load(config, local)
-    return policy
+    return TrainedPolicy(policy, "ema" if use_ema else "raw")
 
 
 def destination_problem(out: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
@@ -85,12 +114,17 @@ def destination_problem(out: str, storage_options: Mapping[str, Any] | None = No
 
 
 def export_checkpoint(
-    checkpoint_uri: str, out: str, storage_options: Mapping[str, Any] | None = None
-) -> SmolVLAPolicy:
-    """Write the checkpoint's policy as a LeRobot `pretrained_model/` at `out`."""
+    checkpoint_uri: str,
+    out: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    raw_weights: bool = False,
+) -> TrainedPolicy:
+    """Write the checkpoint's policy as a LeRobot `pretrained_model/` at `out`: its EMA
+    weights when it has them and `raw_weights` is false (`weights` says which)."""
     problem = destination_problem(out, storage_options)
     if problem:
         raise ValueError(problem)
-    policy = policy_from_checkpoint(checkpoint_uri, storage_options)
-    policy.save_pretrained(out, **dict(storage_options or {}))
-    return policy
+    trained = load_trained(checkpoint_uri, storage_options, raw_weights=raw_weights)
+    trained.policy.save_pretrained(out, **dict(storage_options or {}))
+    return trained

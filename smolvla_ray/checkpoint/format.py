@@ -8,6 +8,8 @@ A checkpoint directory holds
                             cursor of every worker, the spec, the policy config and the base
                             weights' identity
     rng.safetensors         torch RNG state of every worker
+    ema.safetensors         with `train.ema` on: the EMA of the trainable parameters by
+                            state-dict name (float32)
     processor files         LeRobot's normalizer statistics (for export)
     manifest.json           size and sha256 of every file above; written last
 
@@ -31,6 +33,7 @@ TRAINABLE = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
 RNG = "rng.safetensors"
+EMA = "ema.safetensors"  # only with train.ema on
 MANIFEST = "manifest.json"
 # What every checkpoint holds; a manifest that leaves one out does not verify.
 REQUIRED_FILES = (TRAINABLE, OPTIMIZER, RNG, STATE)
@@ -119,18 +122,26 @@ def write_checkpoint(
     optimizer: Mapping[str, torch.Tensor],
     rng_states: list[torch.Tensor],
     state: TrainingState,
+    ema: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Write the checkpoint's files, then the manifest of every file in `directory` (files
     placed there before, such as processor files, are covered too). Refuses non-finite
-    weights or optimizer state: resuming from them could never recover."""
+    weights, EMA or optimizer state: resuming from them could never recover."""
     check_finite(trainable, what=f"trainable parameters at step {state.step}")
     check_finite(optimizer, what=f"optimizer state at step {state.step}")
+    if ema is not None:
+        check_finite(ema, what=f"EMA of the trainable parameters at step {state.step}")
     directory.mkdir(parents=True, exist_ok=True)
     save_file(
         {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in trainable.items()},
         str(directory / TRAINABLE),
     )
     save_file(dict(optimizer), str(directory / OPTIMIZER))
+    if ema is not None:
+        save_file(
+            {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in ema.items()},
+            str(directory / EMA),
+        )
     save_file({f"rank{i}": t for i, t in enumerate(rng_states)}, str(directory / RNG))
     (directory / STATE).write_text(json.dumps(state.__dict__, indent=1, default=str))
     files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
@@ -201,6 +212,8 @@ class LoadedCheckpoint:
     rng_states: list[torch.Tensor]
     state: TrainingState
     directory: Path
+    ema: dict[str, torch.Tensor] | None = None
+    """The EMA of the trainable parameters (`train.ema`); None when the run kept none."""
 
 
 def read_checkpoint(directory: Path) -> LoadedCheckpoint:
@@ -216,4 +229,5 @@ def read_checkpoint(directory: Path) -> LoadedCheckpoint:
         rng_states=[rng[f"rank{i}"] for i in range(len(rng))],
         state=state,
         directory=directory,
+        ema=load_file(str(directory / EMA)) if (directory / EMA).exists() else None,
     )

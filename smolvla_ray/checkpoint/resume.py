@@ -4,8 +4,9 @@ and what each change does. docs/job-spec.md ("What may change on resume") is its
 copy.
 
 A change is either APPLIED (the resumed run uses the new value, and rank 0 announces it in
-one line) or REFUSED (the checkpoint's state means nothing under the new value: the run does
-not start, and the error names the field and the fix). A differing field the table does not
+one line) or REFUSED (the checkpoint's state means nothing under the new value, or would be
+lost: the run does not start, and the error names the field and the fix). A switch may be
+applied one way and refused the other (`train.ema.enable`). A differing field the table does not
 name is refused too: a setting is never silently ignored. The driver checks before Ray
 starts (`check_resume_spec`); the trainer checks again on the checkpoint it restores.
 """
@@ -32,6 +33,14 @@ class Rule:
     applied: bool
     effect: str
     """Applied: what the change does. Refused: what in the checkpoint depends on the value."""
+    turned_off: Rule | None = None
+    """For a switch: the rule of a change from true to false, where it differs."""
+
+    def for_change(self, old: Any, new: Any) -> Rule:
+        """The rule of a change from `old` to `new`."""
+        if self.turned_off is not None and old is True and new is False:
+            return self.turned_off
+        return self
 
 
 def _applied(effect: str) -> Rule:
@@ -84,6 +93,19 @@ RESUME_RULES: dict[str, Rule] = {
     "train.attention_fp32": _applied("the attention's precision in the remaining steps"),
     "train.log_every": _applied("how often metrics are reported"),
     "train.check_replicas_every": _applied("how often replicas are compared"),
+    "train.ema.enable": Rule(
+        True,
+        "the EMA starts from the weights of the resumed step",
+        turned_off=_refused(
+            "the checkpoint holds the run's EMA of its weights, which would be lost; to drop "
+            "it, start a new run from this checkpoint (checkpoint.from_checkpoint)"
+        ),
+    ),
+    "train.ema.decay": _applied("the EMA continues with the new decay from the next update"),
+    "train.ema.start_step": _applied(
+        "the steps up to it copy the weights into the EMA, later ones average"
+    ),
+    "train.ema.update_every": _applied("the EMA is updated every this many steps from now on"),
     "train.batch_size": _refused("the data cursor counts batches of that size"),
     "train.grad_accum_steps": _refused("the data cursor counts micro-batches per step"),
     "train.seed": _refused(
@@ -144,7 +166,8 @@ class Change:
 
     @property
     def rule(self) -> Rule | None:
-        return rule_for(self.field)
+        rule = rule_for(self.field)
+        return rule.for_change(self.old, self.new) if rule is not None else None
 
     @property
     def applied(self) -> bool:

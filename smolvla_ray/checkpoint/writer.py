@@ -55,8 +55,10 @@ class CheckpointWriter:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         counters: dict[str, Any],
+        ema: dict[str, torch.Tensor] | None = None,
     ) -> Path:
-        """Write the checkpoint of this step into `directory` (created) and return it."""
+        """Write the checkpoint of this step into `directory` (created) and return it;
+        `ema`: the EMA of the trainable parameters by name, when the run keeps one."""
         names: list[str] = ddp.module.names
         trainable = dict(zip(names, ddp.module.params, strict=True))
         optim_tensors, groups = optimizer_tensors(optimizer, names)
@@ -87,6 +89,7 @@ class CheckpointWriter:
             optimizer=optim_tensors,
             rng_states=rng_states,
             state=state,
+            ema=ema,
         )
         return directory
 

@@ -5,7 +5,10 @@ export, or a `pretrained_model/` that LeRobot itself saved, rename map included 
 saved preprocessor). Its own processor normalizes (the statistics it was trained with); the
 dataset's cameras are matched to the policy's as in training (`features.resolve_features`).
 Episodes default to a checkpoint's own held-out episodes when the dataset is the one it
-trained on, else every episode. Writes `evaluation.json` (summaries and the full table),
+trained on, else every episode. A checkpoint of a run that kept an EMA of its weights
+(`train.ema`) is evaluated with the EMA, as export writes it, unless `raw_weights`; the
+record's `weights` says which (`saved` for an export or a LeRobot `pretrained_model/`: the
+weights it holds). Writes `evaluation.json` (summaries and the full table),
 `evaluation.md` and `trajectories.png` (predicted vs recorded actions per dimension).
 """
 
@@ -36,6 +39,14 @@ from smolvla_ray.train.evaluation import (
 from smolvla_ray.train.step import flow_noise_and_time, to_device
 
 JSON_NAME, MARKDOWN_NAME, PNG_NAME = "evaluation.json", "evaluation.md", "trajectories.png"
+# Which weights were evaluated: a checkpoint's EMA or raw trained weights, or what a
+# pretrained_model/ holds.
+Weights = Literal["ema", "raw", "saved"]
+_WEIGHTS_SHOWN = {
+    "ema": "the run's EMA of its trained weights",
+    "raw": "the raw trained weights",
+    "saved": "as saved",
+}
 DEFAULT_SAMPLES, DEFAULT_SEED = 256, 1000
 
 
@@ -47,22 +58,30 @@ class Evaluated:
     table: dict[str, Any]
     episodes: list[int]
     files: list[Path]
+    weights: Weights = "saved"
 
 
 def load_policy(
-    source: str, storage_options: Mapping[str, Any]
-) -> tuple[SmolVLAPolicy, dict[str, Any] | None]:
-    """The policy at `source` and, for one of our checkpoints, the spec it was trained with."""
+    source: str, storage_options: Mapping[str, Any], *, raw_weights: bool = False
+) -> tuple[SmolVLAPolicy, dict[str, Any] | None, Weights]:
+    """The policy at `source`, for one of our checkpoints the spec it was trained with, and
+    which weights the policy holds (a checkpoint's EMA unless `raw_weights`)."""
     from smolvla_ray.checkpoint.best import resolve_best
-    from smolvla_ray.checkpoint.export import policy_from_checkpoint
+    from smolvla_ray.checkpoint.export import load_trained
     from smolvla_ray.checkpoint.format import MANIFEST, STATE
 
     source = resolve_best(source, storage_options)
     fs, root = filesystem(source, storage_options)
     if fs.exists(join(root, MANIFEST)):
         spec = json.loads(fs.cat_file(join(root, STATE))).get("spec")
-        return policy_from_checkpoint(source, storage_options), spec
-    return SmolVLAPolicy.from_pretrained(source, **dict(storage_options)), None
+        trained = load_trained(source, storage_options, raw_weights=raw_weights)
+        return trained.policy, spec, trained.weights
+    if raw_weights:
+        raise ValueError(
+            f"--raw-weights picks a checkpoint's raw weights over its EMA, but {source} is a "
+            "pretrained_model/ (it holds one set of weights); drop --raw-weights"
+        )
+    return SmolVLAPolicy.from_pretrained(source, **dict(storage_options)), None, "saved"
 
 
 def default_episodes(
@@ -91,13 +110,15 @@ def evaluate(
     seed: int | None = None,
     device: torch.device | None = None,
     plot_episodes: int = 3,
+    raw_weights: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     say=print,
 ) -> Evaluated:
-    """Evaluate `source` on `data` and write the report files into `out`."""
+    """Evaluate `source` on `data` and write the report files into `out` (a checkpoint
+    with its EMA weights when it has them, unless `raw_weights`)."""
     options = dict(storage_options or {})
     device = device or torch.device("cpu")
-    policy, spec = load_policy(source, options)
+    policy, spec, weights = load_policy(source, options, raw_weights=raw_weights)
     if policy.processor is None:
         raise ValueError(f"{source} has no processor files: its normalization is unknown")
     meta = load_meta(hub.dataset_url(data, revision), storage_options=options)
@@ -124,13 +145,17 @@ def evaluate(
         image_dtype=torch.uint8 if policy.processor.takes_uint8_images() else torch.float32,
     )  # fmt: skip
     rows = evenly_spaced(len(dataset), max_samples)
-    say(f"evaluating {source} on {len(rows)} samples of {len(chosen)} episode(s) ({why}) of {data}")
+    shown = {"ema": " (its EMA weights)", "raw": " (its raw weights)", "saved": ""}[weights]
+    say(
+        f"evaluating {source}{shown} on {len(rows)} samples of {len(chosen)} episode(s) "
+        f"({why}) of {data}"
+    )
     held_out = HeldOut(dataset, rows, batch_size=batch_size, transform=policy.processor.preprocess)
     sums: EvalSums = evaluate_batches(policy, held_out.batches(), seed=seed, device=device)
     summary, table = sums.summary(), sums.table()
     out.mkdir(parents=True, exist_ok=True)
     record = {
-        "source": source, "data": data, "episodes": chosen, "seed": seed,
+        "source": source, "weights": weights, "data": data, "episodes": chosen, "seed": seed,
         "summary": summary, **table,
     }  # fmt: skip
     (out / JSON_NAME).write_text(json.dumps(record, indent=1))
@@ -142,7 +167,7 @@ def evaluate(
                 policy, dataset, chosen[:plot_episodes], out / PNG_NAME, seed=seed, device=device
             )
         )
-    return Evaluated(summary, table, chosen, files)
+    return Evaluated(summary, table, chosen, files, weights)
 
 
 def render_markdown(record: Mapping[str, Any]) -> str:
@@ -151,6 +176,7 @@ def render_markdown(record: Mapping[str, Any]) -> str:
     lines = [
         f"# Evaluation of {record['source']}",
         "",
+        *([f"Weights: {_WEIGHTS_SHOWN[record['weights']]}.", ""] if "weights" in record else []),
         f"Data: {record['data']}, episodes {record['episodes']}, "
         f"{int(s['eval/samples'])} samples (seed {record['seed']}).",
         "",

@@ -3,9 +3,10 @@
 At an evaluation step the trainer's rank 0 reports its checkpoint with `validation=True`;
 Ray runs `validate_checkpoint` on that checkpoint in a task of its own (`eval.async_resources`,
 one at a time) while training goes on. The task rebuilds the policy from the checkpoint
-(as `export` does), evaluates the held-out samples on one process, writes the evaluation
-table, updates the best checkpoints (`checkpoint/best.py`, from its local copy) and returns
-the `eval/...` summaries, which Ray attaches to that checkpoint's metrics. The trainer picks
+(as `export` does: with its EMA weights when the run keeps an EMA), evaluates the held-out
+samples on one process, writes the evaluation table (naming the weights), updates the best
+checkpoints (`checkpoint/best.py`, from its local copy) and returns the `eval/...`
+summaries, which Ray attaches to that checkpoint's metrics. The trainer picks
 the results up at its next evaluation step (`train/loop.py::RayReporter.validated`) and
 logs them then, with `eval/checkpoint_step` naming the step they belong to: a result arrives
 one evaluation later.
@@ -33,7 +34,7 @@ def validate_checkpoint(
     from smolvla_ray.build import open_dataset, resolve_dataset_features
     from smolvla_ray.checkpoint.best import retain_best_with
     from smolvla_ray.checkpoint.discovery import fetch_checkpoint
-    from smolvla_ray.checkpoint.export import policy_from_checkpoint
+    from smolvla_ray.checkpoint.export import load_trained
     from smolvla_ray.checkpoint.format import read_checkpoint
     from smolvla_ray.checkpoint.writer import upload_checkpoint
     from smolvla_ray.run_layout import checkpoint_step, run_uri
@@ -52,7 +53,8 @@ def validate_checkpoint(
     assert step is not None, checkpoint.path
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    policy = policy_from_checkpoint(uri, options)
+    trained = load_trained(uri, options)  # the EMA weights when the run keeps an EMA
+    policy = trained.policy
     meta = open_dataset(job, storage_options=options)
     policy.feature_resolution = resolve_dataset_features(job, meta, storage_options=options)[1]
     policy.to(device)
@@ -65,7 +67,10 @@ def validate_checkpoint(
         policy, held_out.batches(), seed=job.train.seed, device=device, autocast_dtype=autocast
     )
     summary = {**sums.summary(), "eval/seconds": time.perf_counter() - start}
-    write_table(run, options, step=step, summary=summary, table=sums.table(), best=False)
+    write_table(
+        run, options, step=step, summary=summary, table=sums.table(), best=False,
+        weights=trained.weights,
+    )  # fmt: skip
     if job.checkpoint.keep_best:
         fs, path = filesystem(uri, options)
         with tempfile.TemporaryDirectory(prefix="smolvla-validate-") as tmp:

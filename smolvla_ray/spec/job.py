@@ -145,6 +145,12 @@ class JobSpec(BaseModel):
                 f"checkpoint.every_steps={every} exceeds train.steps={train.steps}; lower it "
                 "or set it to null (checkpoint only at the end)"
             )
+        if train.ema.enable and train.ema.start_step >= train.steps:
+            raise ValueError(
+                f"train.ema.start_step={train.ema.start_step} is not below train.steps="
+                f"{train.steps}: the EMA would only copy the weights; lower start_step or set "
+                "train.ema.enable: false"
+            )
         if train.precision == "bf16" and not scaling.use_gpu:
             raise ValueError(
                 "train.precision='bf16' needs scaling.use_gpu=true (got false); "

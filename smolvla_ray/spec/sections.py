@@ -372,6 +372,32 @@ class SchedulerSpec(BaseModel):
         return self
 
 
+class EmaSpec(BaseModel):
+    """An exponential moving average of the trainable weights (off by default), kept in
+    float32 beside training, saved in every checkpoint, and used by evaluation and export
+    when on (`smolvla_ray/train/ema.py`)."""
+
+    model_config = SECTION_CONFIG
+    enable: bool = False
+    decay: float = 0.999
+    """Each update: ema = decay x ema + (1 - decay) x weights; in (0, 1). The EMA averages
+    over about 1 / (1 - decay) updates."""
+    start_step: int = Field(0, ge=0)
+    """Up to this step the EMA is a copy of the weights; it averages from the next."""
+    update_every: int = Field(1, ge=1)
+    """Update the EMA after every this many steps (counted from step 0)."""
+
+    @field_validator("decay")
+    @classmethod
+    def _decay(cls, value: float) -> float:
+        if not 0.0 < value < 1.0:
+            raise ValueError(
+                f"decay {value} must be in (0, 1), e.g. 0.999 (about the last 1,000 updates) "
+                "or 0.99; to turn the EMA off set train.ema.enable: false"
+            )
+        return value
+
+
 class TrainSpec(BaseModel):
     """The optimization: steps, batch, optimizer, schedule, precision, seed, logging."""
 
@@ -396,6 +422,8 @@ class TrainSpec(BaseModel):
     check_replicas_every: int = Field(0, ge=0)
     """Every this many steps, compare the trainable weights across workers and the frozen
     weights against their start, failing on any difference (0 = never)."""
+    ema: EmaSpec = Field(default_factory=EmaSpec)
+    """An exponential moving average of the trainable weights (off by default)."""
 
 
 class EvalSpec(BaseModel):

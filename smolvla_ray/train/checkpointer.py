@@ -28,6 +28,7 @@ from smolvla_ray.policy.modeling import SmolVLAPolicy
 from smolvla_ray.run_layout import run_uri
 from smolvla_ray.scratch import make_scratch_dir, scratch_tempdir
 from smolvla_ray.spec import JobSpec
+from smolvla_ray.train.ema import WeightEMA
 
 
 @dataclass
@@ -151,16 +152,25 @@ class Checkpointer:
         return run_uri(self.spec.checkpoint.storage, self.spec.name)
 
     def restore(
-        self, uri: str, loaded: LoadedCheckpoint, ddp, optimizer, scheduler, *, rank: int
+        self,
+        uri: str,
+        loaded: LoadedCheckpoint,
+        ddp,
+        optimizer,
+        scheduler,
+        *,
+        rank: int,
+        ema: WeightEMA | None = None,
     ) -> Restored:
         """Put `loaded` (`uri`'s content, `load_checkpoint`) in place: trainable tensors,
-        optimizer, scheduler and this rank's RNG, after checking it was trained on this
-        run's base."""
+        optimizer, scheduler, this rank's RNG and the EMA (`ema`, when the run keeps one),
+        after checking it was trained on this run's base."""
         current = base_identity(self.spec, self.base_fingerprint)
         check_resume_base(loaded.state.base, current, checkpoint_uri=uri)
         restored = _restore(loaded, ddp, optimizer, scheduler, rank=rank, source=uri)
         apply_optimizer_settings(self.spec, optimizer, scheduler)
         restored.changes = resume_changes(self.spec, uri, loaded)
+        restored.changes += _restore_ema(ema, loaded, ddp.module.names)
         return restored
 
     def should_save(self, step: int, *, interrupt: bool = False) -> bool:
@@ -178,6 +188,7 @@ class Checkpointer:
         ddp,
         optimizer,
         scheduler,
+        ema: WeightEMA | None = None,
     ) -> Path:
         """A new local directory holding this step's checkpoint (the reporter uploads it and
         deletes it)."""
@@ -193,7 +204,27 @@ class Checkpointer:
             # The checkpoint's own evaluation (made at this step, before the save), which
             # best-checkpoint retention and `smolvla-ray checkpoints` read.
             counters={**state.counters(), "evaluation": state.evaluation},
+            ema=ema.tensors(ddp.module.names) if ema is not None else None,
         )
+
+
+def _restore_ema(ema: WeightEMA | None, loaded: LoadedCheckpoint, names: list[str]) -> list[str]:
+    """The checkpoint's EMA put in place (exactly: a resumed EMA equals an uninterrupted
+    one's), or, where it has none (the EMA turned on since), the EMA started from the
+    restored weights. Returns what the spec changes' lines do not already announce: an EMA
+    dropped by a new run from `checkpoint.from_checkpoint` (a resume refuses that)."""
+    if ema is None:
+        if loaded.ema is None:
+            return []
+        return [
+            f"resume: the checkpoint's EMA (step {loaded.state.step}) is not used: "
+            "train.ema.enable is false"
+        ]
+    if loaded.ema is None:
+        ema.reset()  # the parameters hold the restored weights by now
+    else:
+        ema.load(loaded.ema, names)
+    return []
 
 
 def _restore(

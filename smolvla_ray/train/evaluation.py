@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -223,13 +223,14 @@ def write_table(
     summary: Mapping[str, float],
     table: Mapping[str, Any],
     best: bool,
+    weights: Literal["ema", "raw"] = "raw",
 ) -> str:
-    """Write step `step`'s evaluation; returns its path in the run's filesystem."""
+    """Write step `step`'s evaluation, which evaluated `weights` (the run's EMA or the raw
+    trained weights); returns its path in the run's filesystem."""
     fs, root = filesystem(run, storage_options)
     path = join(root, EVAL_DIR, eval_table_name(step))
-    payload = json.dumps(
-        {"step": step, "summary": dict(summary), "best_so_far": best, **table}, indent=1
-    ).encode()
+    record = {"step": step, "weights": weights, "summary": dict(summary), "best_so_far": best}
+    payload = json.dumps({**record, **table}, indent=1).encode()
 
     def write() -> None:
         fs.makedirs(join(root, EVAL_DIR), exist_ok=True)

@@ -16,9 +16,10 @@ import resource
 import sys
 import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,7 @@ from smolvla_ray.train.checkpointer import (
     resume_source,
 )
 from smolvla_ray.train.ddp import CommCounter, collective_timeout_s, wrap_ddp
+from smolvla_ray.train.ema import WeightEMA
 from smolvla_ray.train.evaluation import HeldOut, evaluate_batches, write_table
 from smolvla_ray.train.interrupt import Decision
 from smolvla_ray.train.metrics import MetricsLog
@@ -144,13 +146,16 @@ def train(
     held_out = build_held_out(spec, meta, policy, storage_options=options, features=features)
     w = _build(spec, context, meta, policy)  # DDP over the trainable view, optimizer, schedule
     ddp, optimizer, scheduler = w.ddp, w.optimizer, w.scheduler
+    ema = WeightEMA.from_spec(spec.train.ema, ddp.module.params)  # None when off
 
     checkpointer = Checkpointer(
         spec, w.policy, base_fingerprint=w.base_fingerprint, storage_options=options
     )
     state = TrainState()
     if source is not None and loaded is not None:
-        restored = checkpointer.restore(source, loaded, ddp, optimizer, scheduler, rank=rank)
+        restored = checkpointer.restore(
+            source, loaded, ddp, optimizer, scheduler, rank=rank, ema=ema
+        )
         state, loaded = restored.state, None  # the host copy is no longer needed
         if rank == 0:
             say(f"resuming at step {state.step} from {source}")
@@ -185,6 +190,8 @@ def train(
             autocast_dtype=autocast_dtype,
         )  # fmt: skip
         state.step += 1
+        if ema is not None:  # on the device, moved only by a step that was applied
+            ema.update(state.step, result.finite)
         window.add(state.step, result, data_wait_s=data_wait, comm_bytes=w.comm.take())
         check = spec.train.check_replicas_every
         if check and (state.step % check == 0 or state.step == spec.train.steps):
@@ -208,7 +215,9 @@ def train(
         state.evaluation = {}
         patience_out = False
         if evaluate and held_out is not None:
-            patience_out = _evaluate(spec, state, w.policy, held_out, context, autocast_dtype)
+            patience_out = _evaluate(
+                spec, state, w.policy, held_out, context, autocast_dtype, ema=ema
+            )
             save = save or patience_out  # the run ends here: with a checkpoint
             window.started = time.perf_counter()  # the evaluation is not training time
         arrived_any = False
@@ -227,7 +236,7 @@ def train(
             if rank == 0:
                 checkpoint = checkpointer.write(
                     state, cursors=cursors, rng_states=rngs, ddp=ddp, optimizer=optimizer,
-                    scheduler=scheduler,
+                    scheduler=scheduler, ema=ema,
                 )  # fmt: skip
             checkpoint_s = time.perf_counter() - start
         # report_s: the previous report's duration; with a checkpoint and sync upload it
@@ -326,21 +335,27 @@ def _evaluate(
     held_out: HeldOut,
     context: WorkerContext,
     autocast_dtype: torch.dtype | None,
+    *,
+    ema: WeightEMA | None = None,
 ) -> bool:
-    """Evaluate the held-out samples, sharded across the workers (one all-reduce); record
-    the result in `state` and rank 0's table in `<run>/eval/`. True when patience ran out."""
+    """Evaluate the held-out samples, sharded across the workers (one all-reduce), with the
+    EMA weights when the run keeps an EMA (the raw ones back afterwards); record the result
+    in `state` and rank 0's table in `<run>/eval/`. True when patience ran out."""
     assert spec.eval is not None
     start = time.perf_counter()
-    sums = evaluate_batches(
-        policy, held_out.batches(rank=context.rank, world_size=context.world_size),
-        seed=spec.train.seed, device=context.device, autocast_dtype=autocast_dtype,
-    )  # fmt: skip
+    with ema.swapped_in() if ema is not None else nullcontext():
+        sums = evaluate_batches(
+            policy, held_out.batches(rank=context.rank, world_size=context.world_size),
+            seed=spec.train.seed, device=context.device, autocast_dtype=autocast_dtype,
+        )  # fmt: skip
+    weights: Literal["ema", "raw"] = "ema" if ema is not None else "raw"
     sums.all_reduce()
     summary = {**sums.summary(), "eval/seconds": time.perf_counter() - start}
     best = state.record_evaluation(summary, metric=spec.eval.metric, mode=spec.eval.metric_mode)
     if context.rank == 0:
         say(
-            f"evaluation at step {state.step}: loss {summary['eval/loss']:.4f}, action MSE "
+            f"evaluation at step {state.step}{' of the EMA weights' if ema else ''}: loss "
+            f"{summary['eval/loss']:.4f}, action MSE "
             f"{summary['eval/action_mse']:.4f} ({sums.samples} held-out samples, "
             f"{summary['eval/seconds']:.1f} s)"
             + (" - best so far" if best else f"; best {state.best_metric:.6g} at step "
@@ -348,7 +363,7 @@ def _evaluate(
         )  # fmt: skip
         write_table(
             run_uri(spec.checkpoint.storage, spec.name), context.storage_options,
-            step=state.step, summary=summary, table=sums.table(), best=best,
+            step=state.step, summary=summary, table=sums.table(), best=best, weights=weights,
         )  # fmt: skip
     patience = spec.eval.patience
     return patience is not None and state.evals_since_best >= patience

@@ -18,7 +18,7 @@ COMMANDS = {
     "run": {"spec", "set_", "address", "progress", "force"},
     "checkpoints": {"uri", "verify"},
     "report": None,  # options owned by the report command's docs
-    "export": {"checkpoint", "out"},
+    "export": {"checkpoint", "out", "raw_weights"},
     "evaluate": {
         "source",
         "data",
@@ -30,6 +30,7 @@ COMMANDS = {
         "device",
         "plot_episodes",
         "revision",
+        "raw_weights",
     },
     "submit": {"spec", "address", "set_", "ship_package", "wait", "force"},
     "status": {"job_id", "address"},

@@ -58,6 +58,23 @@ def test_every_spec_field_has_a_rule_and_every_rule_a_field() -> None:
         assert any(f == key or f.startswith(f"{key}.") for f in fields), key
 
 
+def test_the_ema_may_be_turned_on_at_a_resume_not_off(tmp_path: Path) -> None:
+    off, on = spec(tmp_path), spec(tmp_path, ema={"enable": True, "decay": 0.99})
+    lines = check_resume_changes(off.public_dict(), on, checkpoint_uri="ckpt")
+    assert lines == [
+        "resume: train.ema.enable: false -> true (the EMA starts from the weights of the "
+        "resumed step)",
+        "resume: train.ema.decay: 0.999 -> 0.99 (the EMA continues with the new decay from "
+        "the next update)",
+    ]
+    with pytest.raises(ResumeRefused) as err:
+        check_resume_changes(on.public_dict(), off, checkpoint_uri="ckpt")
+    message = str(err.value)
+    assert "train.ema.enable: true -> false (the checkpoint holds the run's EMA" in message
+    assert "checkpoint.from_checkpoint" in message
+    assert "train.ema.decay" not in message  # applied, whichever way
+
+
 def test_applied_changes_are_announced_and_the_others_refused(tmp_path: Path) -> None:
     recorded = spec(tmp_path).public_dict()
     lr = spec(tmp_path, optimizer={"lr": 5e-4}, steps=20)

@@ -62,6 +62,8 @@ def test_minimal_spec_takes_defaults():
     assert spec.data.cache_max_bytes == 20 * 1024**3
     assert spec.resolved_precision() == "fp32" and spec.resolved_frozen_dtype() == "fp32"
     assert spec.global_batch_size == 2
+    assert not spec.train.ema.enable and spec.train.ema.decay == 0.999
+    assert spec.train.ema.start_step == 0 and spec.train.ema.update_every == 1
 
 
 def test_spec_module_imports_no_heavy_libraries():
@@ -133,6 +135,17 @@ def test_unknown_key_suggests_close_match():
         ({"policy": {"preset": "tiny", "pretrained": "x/y"}}, "exactly one of pretrained"),
         ({"policy": {}}, "exactly one of pretrained"),
         ({"train": {"optimizer": {"betas": [0.9, 1.5]}}}, "train.optimizer.betas"),
+        (
+            {"train": {"ema": {"enable": True, "decay": 1.0}}},
+            "train.ema.decay: decay 1.0 must be in (0, 1), e.g. 0.999",
+        ),
+        ({"train": {"ema": {"decay": 0}}}, "to turn the EMA off set train.ema.enable: false"),
+        ({"train": {"ema": {"update_every": 0}}}, "train.ema.update_every: Input should be"),
+        ({"train": {"ema": {"start_step": -1}}}, "train.ema.start_step: Input should be"),
+        (
+            {"train": {"ema": {"enable": True, "start_step": 100}}},
+            "train.ema.start_step=100 is not below train.steps=100: the EMA would only copy",
+        ),
     ],
 )
 def test_bad_fields_name_field_and_fix(sections: dict[str, Any], expected: str):

@@ -136,7 +136,7 @@ def test_s3_checkpoints_resume_and_export(
 
     # Export to a LeRobot pretrained_model/ and load it back: same actions as trained.
     out = tmp_path / "pretrained_model"
-    trained = export_checkpoint(infos[-1].uri, str(out), options)
+    trained = export_checkpoint(infos[-1].uri, str(out), options).policy
     loaded = SmolVLAPolicy.from_pretrained(str(out))
     config = trained.config
     g = torch.Generator().manual_seed(0)
