@@ -22,7 +22,7 @@ import torch
 from smolvla_ray.checkpoint.base import base_identity, check_resume_base
 from smolvla_ray.checkpoint.discovery import fetch_checkpoint, latest_valid_checkpoint
 from smolvla_ray.checkpoint.format import LoadedCheckpoint, load_optimizer_state, read_checkpoint
-from smolvla_ray.checkpoint.resume import check_resume_changes, spec_changes
+from smolvla_ray.checkpoint.resume import check_resume_changes, resumed_spec, spec_changes
 from smolvla_ray.checkpoint.writer import CheckpointWriter
 from smolvla_ray.policy.modeling import SmolVLAPolicy
 from smolvla_ray.run_layout import run_uri
@@ -124,10 +124,22 @@ def resume_changes(spec: JobSpec, uri: str, loaded: LoadedCheckpoint) -> list[st
     return check_resume_changes(loaded.state.spec, spec, checkpoint_uri=uri)
 
 
-def rank_cursor(loaded: LoadedCheckpoint, rank: int) -> dict[str, Any]:
-    """This rank's data cursor in `loaded`."""
-    cursors = loaded.state.cursors
-    return cursors[rank] if rank < len(cursors) else cursors[0]
+def resume_spec(spec: JobSpec, uri: str, loaded: LoadedCheckpoint) -> JobSpec:
+    """The spec a resume from `loaded` (`uri`'s content) trains with, after `resume_changes`
+    (a refused change raises here): on the run's own checkpoint and another
+    `scaling.num_workers`, each worker's `train.batch_size` is derived from the recorded
+    global batch (`checkpoint/resume.resumed_spec`). A new run from
+    `checkpoint.from_checkpoint` takes its spec as written."""
+    resume_changes(spec, uri, loaded)
+    if uri == spec.checkpoint.from_checkpoint:
+        return spec
+    return resumed_spec(loaded.state.spec, spec)
+
+
+def data_cursor(loaded: LoadedCheckpoint) -> dict[str, Any]:
+    """The data cursor in `loaded`: (epoch, global sample offset), the same on every rank
+    that wrote it, so any world size with the same global batch resumes from it."""
+    return loaded.state.cursors[0]
 
 
 class Checkpointer:
@@ -151,14 +163,24 @@ class Checkpointer:
         return run_uri(self.spec.checkpoint.storage, self.spec.name)
 
     def restore(
-        self, uri: str, loaded: LoadedCheckpoint, ddp, optimizer, scheduler, *, rank: int
+        self,
+        uri: str,
+        loaded: LoadedCheckpoint,
+        ddp,
+        optimizer,
+        scheduler,
+        *,
+        rank: int,
+        world_size: int,
     ) -> Restored:
         """Put `loaded` (`uri`'s content, `load_checkpoint`) in place: trainable tensors,
-        optimizer, scheduler and this rank's RNG, after checking it was trained on this
-        run's base."""
+        optimizer, scheduler and (on the same number of workers) this rank's RNG, after
+        checking it was trained on this run's base."""
         current = base_identity(self.spec, self.base_fingerprint)
         check_resume_base(loaded.state.base, current, checkpoint_uri=uri)
-        restored = _restore(loaded, ddp, optimizer, scheduler, rank=rank, source=uri)
+        restored = _restore(
+            loaded, ddp, optimizer, scheduler, rank=rank, world_size=world_size, source=uri
+        )
         apply_optimizer_settings(self.spec, optimizer, scheduler)
         restored.changes = resume_changes(self.spec, uri, loaded)
         return restored
@@ -197,7 +219,7 @@ class Checkpointer:
 
 
 def _restore(
-    loaded: LoadedCheckpoint, ddp, optimizer, scheduler, *, rank: int, source: str
+    loaded: LoadedCheckpoint, ddp, optimizer, scheduler, *, rank: int, world_size: int, source: str
 ) -> Restored:
     state = loaded.state
     names: list[str] = ddp.module.names
@@ -213,9 +235,12 @@ def _restore(
     load_optimizer_state(optimizer, loaded.optimizer, names, state.param_groups)
     groups = len(optimizer.param_groups)
     scheduler.load_state_dict({**state.scheduler, "lr_lambdas": [None] * groups})
-    if rank < len(loaded.rng_states):
+    # Training draws nothing from torch's global RNG (noise and time are keyed by (seed,
+    # step, sample), augmentation by (seed, epoch, sample, camera)), so on another number of
+    # workers, where rank r is not the worker that saved state r, no state is needed.
+    if len(loaded.rng_states) == world_size:
         torch.set_rng_state(loaded.rng_states[rank])
-    cursor = rank_cursor(loaded, rank)
+    cursor = data_cursor(loaded)
     counters = dict(state.counters)
     best_step = counters.get("best_step")
     train_state = TrainState(

@@ -100,12 +100,11 @@ def _global_batches(
     (from `cursor`): each the rows of all ranks, put back in the epoch's order (rank r holds
     every world_size-th row from the r-th); and the cursor after them (the same on every
     rank)."""
+    settings = {"seed": 9, "drop_last": drop_last, "cursor": cursor}
+    per_worker = global_batch // world_size
     loaders = [
-        ShardedLoader(
-            _Rows(n), batch_size=global_batch // world_size, rank=rank, world_size=world_size,
-            seed=9, drop_last=drop_last, cursor=cursor,
-        )  # fmt: skip
-        for rank in range(world_size)
+        ShardedLoader(_Rows(n), batch_size=per_worker, rank=r, world_size=world_size, **settings)
+        for r in range(world_size)
     ]
     per_rank = [_indices(loader, num_batches) for loader in loaders]
     batches = []
@@ -138,9 +137,8 @@ def test_every_global_step_holds_the_same_rows_on_1_2_and_4_workers(drop_last: b
     for position, rows in enumerate(reference):
         epoch, batch = divmod(position, per_epoch)
         order = np.resize(loader.epoch_order(epoch), per_epoch * 8)
-        assert rows == order[batch * 8 : (batch + 1) * 8].tolist() == (
-            loader.global_batch_rows(epoch, batch).tolist()
-        )
+        block = order[batch * 8 : (batch + 1) * 8].tolist()
+        assert rows == block == loader.global_batch_rows(epoch, batch).tolist()
     epoch_rows = {row for rows in reference[:per_epoch] for row in rows}
     assert len(epoch_rows) == (72 if drop_last else 75)  # no row twice (drop_last), or all
     steps = [sorted(reference[i] + reference[i + 1]) for i in range(0, total - 1, 2)]
