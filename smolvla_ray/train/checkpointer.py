@@ -7,7 +7,9 @@ Resume discovery is the run directory's newest checkpoint whose manifest verifie
 fingerprint) is refused, since its trained tensors mean nothing on another backbone. Spec
 changes since the checkpoint follow one table (`checkpoint/resume.py`): refused on a resume
 of the run's own checkpoint, otherwise applied (the optimizer's hyperparameters are set on
-the restored optimizer) and announced.
+the restored optimizer) and announced. A resume on another number of workers keeps the
+run's global batch (`resume_spec`) and reads the data cursor, a global position, whatever
+rank it is on.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class TrainState:
 
 @dataclass
 class Restored:
-    """What a resume hands the trainer: its state, this rank's loader cursor, the source."""
+    """What a resume hands the trainer: its state, the loader cursor, the source."""
 
     state: TrainState
     cursor: dict[str, Any] | None
@@ -235,9 +237,10 @@ def _restore(
     load_optimizer_state(optimizer, loaded.optimizer, names, state.param_groups)
     groups = len(optimizer.param_groups)
     scheduler.load_state_dict({**state.scheduler, "lr_lambdas": [None] * groups})
-    # Training draws nothing from torch's global RNG (noise and time are keyed by (seed,
-    # step, sample), augmentation by (seed, epoch, sample, camera)), so on another number of
-    # workers, where rank r is not the worker that saved state r, no state is needed.
+    # No result of training depends on torch's global RNG (noise and time are keyed by
+    # (seed, step, sample), augmentation by (seed, epoch, sample, camera); the loader
+    # processes' seeds, drawn from it, key nothing), so on another number of workers, where
+    # rank r is not the worker that saved state r, no state is restored.
     if len(loaded.rng_states) == world_size:
         torch.set_rng_state(loaded.rng_states[rank])
     cursor = data_cursor(loaded)
