@@ -5,9 +5,11 @@ A checkpoint directory holds
     trainable.safetensors   trainable parameters by state-dict name (float32)
     optimizer.safetensors   AdamW moments and step per parameter name
     state.json              step, epoch, optimizer param groups, scheduler state, the data
-                            cursor of every worker, the spec, the policy config and the base
-                            weights' identity
-    rng.safetensors         torch RNG state of every worker
+                            cursor of every worker (the same global position on each: any
+                            world size with the run's global batch resumes from it), the
+                            spec, the policy config and the base weights' identity
+    rng.safetensors         torch RNG state of every worker (restored on the same number of
+                            workers only: no training result depends on it)
     ema.safetensors         with `train.ema` on: the EMA of the trainable parameters by
                             state-dict name (float32)
     processor files         LeRobot's normalizer statistics (for export)

@@ -9,6 +9,13 @@ lost: the run does not start, and the error names the field and the fix). A swit
 applied one way and refused the other (`train.ema.enable`). A differing field the table does not
 name is refused too: a setting is never silently ignored. The driver checks before Ray
 starts (`check_resume_spec`); the trainer checks again on the checkpoint it restores.
+
+Two fields are judged together: a run keeps its global batch for life, so it may resume on
+another `scaling.num_workers` (a preempted job back with fewer or more GPUs) with each
+worker's `train.batch_size` derived from the recorded global batch (`resumed_spec`), and is
+refused, naming the worker counts that work, when that batch does not divide across the new
+count. The data cursor counts global samples and noise, time and augmentation are keyed by
+sample, so the resumed run sees the samples and draws the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -106,14 +113,18 @@ RESUME_RULES: dict[str, Rule] = {
         "the steps up to it copy the weights into the EMA, later ones average"
     ),
     "train.ema.update_every": _applied("the EMA is updated every this many steps from now on"),
-    "train.batch_size": _refused("the data cursor counts batches of that size"),
+    "train.batch_size": _refused(
+        "the data cursor counts global batches of train.batch_size x scaling.num_workers "
+        "samples; to resume on another scaling.num_workers, leave train.batch_size as it was "
+        "and each worker's batch is derived"
+    ),
     "train.grad_accum_steps": _refused("the data cursor counts micro-batches per step"),
     "train.seed": _refused(
         "noise, flow-matching time, augmentation and data order are keyed by it"
     ),
-    "scaling.num_workers": _refused(
-        "resuming on another number of workers is not supported: the data cursor and the RNG "
-        "states are per worker"
+    "scaling.num_workers": _applied(
+        "the global batch is kept: each worker's train.batch_size is derived from it, and the "
+        "data order goes on from the same sample"
     ),
     "scaling.use_gpu": _applied("where the remaining steps run"),
     "scaling.resources_per_worker": _applied("what each worker is granted"),
@@ -163,10 +174,12 @@ class Change:
     field: str
     old: Any
     new: Any
+    override: Rule | None = None
+    """What this change does where it depends on other fields (the batch and worker count)."""
 
     @property
     def rule(self) -> Rule | None:
-        rule = rule_for(self.field)
+        rule = self.override or rule_for(self.field)
         return rule.for_change(self.old, self.new) if rule is not None else None
 
     @property
@@ -219,12 +232,94 @@ class ResumeRefused(ValueError):
     """The resuming spec changes what cannot change on resume."""
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """A spec's batch: samples per worker per micro-batch, workers, micro-batches per step."""
+
+    per_worker: int
+    workers: int
+    accum: int
+
+    @classmethod
+    def of(cls, spec: Mapping[str, Any]) -> _Batch | None:
+        try:
+            train, scaling = spec["train"], spec.get("scaling") or {}
+            return cls(
+                int(train["batch_size"]),
+                int(scaling.get("num_workers", 1)),
+                int(train.get("grad_accum_steps", 1)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+
+    @property
+    def across_workers(self) -> int:
+        """Samples of one micro-batch on all workers together (the loader's global batch,
+        which its cursor counts)."""
+        return self.per_worker * self.workers
+
+    def describe(self) -> str:
+        return (
+            f"the global batch of {self.across_workers * self.accum} samples "
+            f"(train.batch_size {self.per_worker} x grad_accum_steps {self.accum} x "
+            f"{self.workers} worker(s))"
+        )
+
+
+def resumed_spec(recorded: Mapping[str, Any], current: JobSpec) -> JobSpec:
+    """`current` as it resumes a checkpoint whose spec was `recorded`: on another
+    `scaling.num_workers`, with `train.batch_size` left as recorded, each worker's batch is
+    derived from the recorded global batch (`batch_size x grad_accum_steps x num_workers`,
+    with grad_accum_steps unchanged). Otherwise `current` as it is, also when the global
+    batch does not divide across the new count (`check_resume_changes` refuses that)."""
+    old = _Batch.of(_normalized(recorded))
+    if old is None:
+        return current
+    workers = current.scaling.num_workers
+    if workers == old.workers or current.train.batch_size != old.per_worker:
+        return current  # nothing to derive, or a batch the user chose (checked as such)
+    if old.across_workers % workers:
+        return current
+    train = current.train.model_copy(update={"batch_size": old.across_workers // workers})
+    return current.model_copy(update={"train": train})
+
+
+def _batch_rules(recorded: Mapping[str, Any], current: JobSpec) -> dict[str, Rule]:
+    """What changes of `train.batch_size` and `scaling.num_workers` do together: applied
+    when the samples per micro-batch across all workers (so the global batch) stay, refused
+    otherwise, naming the worker counts that keep it."""
+    old, new = _Batch.of(_normalized(recorded)), _Batch.of(current.public_dict())
+    if old is None or new is None or old.accum != new.accum:
+        return {}  # a grad_accum_steps change is refused by the table
+    if old.across_workers == new.across_workers:
+        return {
+            "train.batch_size": _applied(
+                f"derived: {old.describe()} is kept on {new.workers} worker(s)"
+            )
+        }
+    if new.per_worker != old.per_worker:
+        return {}  # the table refuses a batch the user changed
+    valid = [n for n in range(1, old.across_workers + 1) if old.across_workers % n == 0]
+    return {
+        "scaling.num_workers": _refused(
+            f"{old.describe()} does not divide across {new.workers} workers; resume with "
+            f"scaling.num_workers {', '.join(map(str, valid))} (each worker then takes "
+            f"{old.across_workers} / num_workers samples per micro-batch)"
+        )
+    }
+
+
 def check_resume_changes(
     recorded: Mapping[str, Any], current: JobSpec, *, checkpoint_uri: str
 ) -> list[str]:
     """Raise ResumeRefused listing every refused (or unknown) change; else the lines that
-    announce the applied ones (empty when nothing changed)."""
-    changes = spec_changes(recorded, current)
+    announce the applied ones (empty when nothing changed). `current` is taken as it would
+    run (`resumed_spec`: a batch derived for another worker count)."""
+    current = resumed_spec(recorded, current)
+    rules = _batch_rules(recorded, current)
+    changes = [
+        Change(c.field, c.old, c.new, rules.get(c.field)) for c in spec_changes(recorded, current)
+    ]
     refused = [c for c in changes if not c.applied]
     if refused:
         listing = "\n".join(f"  {c.describe()}" for c in refused)

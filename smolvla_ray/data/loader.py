@@ -1,12 +1,19 @@
 """Sharded, resumable batches with decoding in background processes.
 
 The order of an epoch is a pure function of (seed, epoch): a permutation of the dataset's
-rows, dealt round-robin to the `world_size` Ray workers, cut into batches. The loader's
-position is therefore two integers (epoch, batch), the JSON cursor that goes into
-checkpoints: a loader built from a cursor yields exactly the batches that would have come
-next, whatever the number of loader processes, because batches are assembled and yielded in
-order (torch's DataLoader with an in-order batch sampler). Every rank has the same number of
-batches per epoch, so DDP ranks never wait on a rank that ran out of data.
+rows, dealt round-robin to the `world_size` Ray workers, each rank's share cut into
+consecutive batches. Batch b on all ranks together is therefore the contiguous block
+[b * G, (b + 1) * G) of the epoch's order, where G = batch_size x world_size is the global
+batch: which rows a global batch holds depends on G alone, not on how many ranks share it.
+So does the end of an epoch: an epoch is a whole number of global batches (the rows after
+the last whole one go to nobody; without drop_last the order wraps around to fill it).
+
+The loader's position is therefore two integers, (epoch, global sample offset), the JSON
+cursor that goes into checkpoints: a loader built from a cursor yields exactly the batches
+that would have come next, for any world size with the same global batch (4 ranks of 2 or
+1 rank of 8), whatever the number of loader processes, because batches are assembled and
+yielded in order (torch's DataLoader with an in-order batch sampler). Every rank has the
+same number of batches per epoch, so DDP ranks never wait on a rank that ran out of data.
 
 The batch sampler hands each row to the loader processes together with its epoch, so a
 per-sample transform (image augmentation) can be keyed by (epoch, sample) and stays exact on
@@ -24,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from smolvla_ray.data.samples import collate_samples
 
-CURSOR_VERSION = 1
+CURSOR_VERSION = 2
 Batch = dict[str, Any]
 Sample = dict[str, Any]
 
@@ -80,27 +87,32 @@ class ShardedLoader:
         self.multiprocessing_context = multiprocessing_context
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"{self.num_samples} samples over world_size={world_size} give rank {rank} "
-                f"fewer than batch_size={batch_size} samples per epoch; lower batch_size, use "
-                "more episodes or set drop_last=False"
+                f"{self.num_samples} samples are fewer than one global batch (batch_size="
+                f"{batch_size} x world_size={world_size} = {self.global_batch_size}); lower "
+                "batch_size, use more episodes or set drop_last=False"
             )
         self._epoch, self._batch = 0, 0
         if cursor is not None:
             self._epoch, self._batch = self._check_cursor(cursor)
 
     @property
-    def samples_per_rank(self) -> int:
-        """Samples of one rank per epoch (equal on every rank)."""
-        if self.drop_last:
-            return self.num_samples // self.world_size
-        return -(-self.num_samples // self.world_size)
+    def global_batch_size(self) -> int:
+        """Samples of one batch on all ranks together (one micro-batch of every worker under
+        gradient accumulation): `batch_size x world_size`."""
+        return self.batch_size * self.world_size
 
     @property
     def batches_per_epoch(self) -> int:
-        """Batches one rank yields per epoch (equal on every rank)."""
+        """Batches one rank yields per epoch: equal on every rank, and set by the global
+        batch alone, so the epoch ends at the same sample for every world size."""
         if self.drop_last:
-            return self.samples_per_rank // self.batch_size
-        return -(-self.samples_per_rank // self.batch_size)
+            return self.num_samples // self.global_batch_size
+        return -(-self.num_samples // self.global_batch_size)
+
+    @property
+    def samples_per_rank(self) -> int:
+        """Samples of one rank per epoch (equal on every rank)."""
+        return self.batches_per_epoch * self.batch_size
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The dataset rows of the whole epoch in order (all ranks), set by (seed, epoch)."""
@@ -112,30 +124,38 @@ class ShardedLoader:
     def shard(self, epoch: int) -> np.ndarray:
         """This rank's rows of `epoch`, in order; disjoint from other ranks' when drop_last.
 
-        With drop_last the `num_samples % world_size` rows at the end of the epoch's order go
-        to nobody (different ones each epoch); without it the order wraps around so every row
-        is covered and at most `world_size - 1` rows are seen twice.
+        The epoch is its first `batches_per_epoch` global batches of the epoch's order. With
+        drop_last the `num_samples % global_batch_size` rows at the end of the order go to
+        nobody (different ones each epoch); without it the order wraps around to a whole
+        last global batch, so every row is covered and fewer than `global_batch_size` rows
+        are seen twice. Either way the count depends on the global batch, not the world size.
         """
-        order = self.epoch_order(epoch)
-        total = self.samples_per_rank * self.world_size
-        if total > len(order):
-            order = np.concatenate([order, order[: total - len(order)]])
-        return order[:total][self.rank :: self.world_size]
+        total = self.batches_per_epoch * self.global_batch_size
+        order = np.resize(self.epoch_order(epoch), total)  # resize repeats the order cyclically
+        return order[self.rank :: self.world_size]
 
     def batch_rows(self, epoch: int, batch: int) -> np.ndarray:
         """Rows of batch `batch` of `epoch` on this rank."""
         rows = self.shard(epoch)
         return rows[batch * self.batch_size : (batch + 1) * self.batch_size]
 
+    def global_batch_rows(self, epoch: int, batch: int) -> np.ndarray:
+        """Rows of batch `batch` of `epoch` on all ranks together, in the epoch's order (rank
+        r holds every world_size-th row from the r-th): the same for every world size."""
+        total = self.batches_per_epoch * self.global_batch_size
+        order = np.resize(self.epoch_order(epoch), total)
+        return order[batch * self.global_batch_size : (batch + 1) * self.global_batch_size]
+
     def cursor(self) -> dict[str, Any]:
-        """Where the next batch comes from: JSON-serialisable, the same on every rank."""
+        """Where the next batch comes from, as (epoch, global sample offset into the epoch's
+        order): JSON-serialisable, the same on every rank, and valid for any world size with
+        the same global batch."""
         return {
             "version": CURSOR_VERSION,
             "epoch": self._epoch,
-            "batch": self._batch,
+            "offset": self._batch * self.global_batch_size,
+            "global_batch_size": self.global_batch_size,
             "seed": self.seed,
-            "world_size": self.world_size,
-            "batch_size": self.batch_size,
             "num_samples": self.num_samples,
             "drop_last": self.drop_last,
             "shuffle": self.shuffle,
@@ -168,21 +188,46 @@ class ShardedLoader:
             yield batch
 
     def _check_cursor(self, cursor: dict[str, Any]) -> tuple[int, int]:
-        if not isinstance(cursor, dict) or cursor.get("version") != CURSOR_VERSION:
-            raise ValueError(
-                f"data cursor {cursor!r} is not a version-{CURSOR_VERSION} loader cursor"
-            )
-        for key in ("seed", "world_size", "batch_size", "num_samples", "drop_last", "shuffle"):
+        cursor = _upgraded(cursor)
+        for key in ("seed", "num_samples", "drop_last", "shuffle"):
             if cursor.get(key) != getattr(self, key):
                 raise ValueError(
                     f"data cursor has {key}={cursor.get(key)!r} but this loader has "
-                    f"{key}={getattr(self, key)!r}; resume with the same data settings and "
-                    "number of workers, or start the data order afresh without a cursor"
+                    f"{key}={getattr(self, key)!r}; resume with the same data settings, or "
+                    "start the data order afresh without a cursor"
                 )
-        epoch, batch = int(cursor["epoch"]), int(cursor["batch"])
-        if epoch < 0 or not 0 <= batch <= self.batches_per_epoch:
-            raise ValueError(f"data cursor position epoch={epoch}, batch={batch} is invalid")
-        return _advance(epoch, batch - 1, self.batches_per_epoch)
+        size = cursor.get("global_batch_size")
+        if size != self.global_batch_size:
+            raise ValueError(
+                f"data cursor counts global batches of {size} samples but this loader's is "
+                f"batch_size={self.batch_size} x world_size={self.world_size} = "
+                f"{self.global_batch_size}; resume with a batch_size and world_size whose "
+                f"product is {size}, or start the data order afresh without a cursor"
+            )
+        epoch, offset = int(cursor["epoch"]), int(cursor["offset"])
+        end = self.batches_per_epoch * self.global_batch_size
+        if epoch < 0 or not 0 <= offset <= end or offset % self.global_batch_size:
+            raise ValueError(
+                f"data cursor position epoch={epoch}, offset={offset} is invalid (offsets are "
+                f"multiples of {self.global_batch_size} up to {end})"
+            )
+        return _advance(epoch, offset // self.global_batch_size - 1, self.batches_per_epoch)
+
+
+def _upgraded(cursor: Any) -> dict[str, Any]:
+    """A version-1 cursor (epoch, batch, world_size, batch_size: written before cursors were
+    global) as a version-2 one; a version-2 cursor as it is."""
+    if isinstance(cursor, dict) and cursor.get("version") == 1:
+        try:
+            size = int(cursor["batch_size"]) * int(cursor["world_size"])
+            offset = int(cursor["batch"]) * size
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"data cursor {cursor!r} is not a version-1 loader cursor") from None
+        rest = {k: v for k, v in cursor.items() if k not in ("batch", "batch_size", "world_size")}
+        return {**rest, "version": 2, "offset": offset, "global_batch_size": size}
+    if not isinstance(cursor, dict) or cursor.get("version") != CURSOR_VERSION:
+        raise ValueError(f"data cursor {cursor!r} is not a version-{CURSOR_VERSION} loader cursor")
+    return cursor
 
 
 def _advance(epoch: int, batch: int, per_epoch: int) -> tuple[int, int]:

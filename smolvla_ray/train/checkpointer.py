@@ -7,7 +7,9 @@ Resume discovery is the run directory's newest checkpoint whose manifest verifie
 fingerprint) is refused, since its trained tensors mean nothing on another backbone. Spec
 changes since the checkpoint follow one table (`checkpoint/resume.py`): refused on a resume
 of the run's own checkpoint, otherwise applied (the optimizer's hyperparameters are set on
-the restored optimizer) and announced.
+the restored optimizer) and announced. A resume on another number of workers keeps the
+run's global batch (`resume_spec`) and reads the data cursor, a global position, whatever
+rank it is on.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from smolvla_ray.checkpoint.base import base_identity, check_resume_base
 from smolvla_ray.checkpoint.discovery import fetch_checkpoint, latest_valid_checkpoint
 from smolvla_ray.checkpoint.format import LoadedCheckpoint, load_optimizer_state, read_checkpoint
-from smolvla_ray.checkpoint.resume import check_resume_changes, spec_changes
+from smolvla_ray.checkpoint.resume import check_resume_changes, resumed_spec, spec_changes
 from smolvla_ray.checkpoint.writer import CheckpointWriter
 from smolvla_ray.policy.modeling import SmolVLAPolicy
 from smolvla_ray.run_layout import run_uri
@@ -88,7 +90,7 @@ class TrainState:
 
 @dataclass
 class Restored:
-    """What a resume hands the trainer: its state, this rank's loader cursor, the source."""
+    """What a resume hands the trainer: its state, the loader cursor, the source."""
 
     state: TrainState
     cursor: dict[str, Any] | None
@@ -125,10 +127,22 @@ def resume_changes(spec: JobSpec, uri: str, loaded: LoadedCheckpoint) -> list[st
     return check_resume_changes(loaded.state.spec, spec, checkpoint_uri=uri)
 
 
-def rank_cursor(loaded: LoadedCheckpoint, rank: int) -> dict[str, Any]:
-    """This rank's data cursor in `loaded`."""
-    cursors = loaded.state.cursors
-    return cursors[rank] if rank < len(cursors) else cursors[0]
+def resume_spec(spec: JobSpec, uri: str, loaded: LoadedCheckpoint) -> JobSpec:
+    """The spec a resume from `loaded` (`uri`'s content) trains with, after `resume_changes`
+    (a refused change raises here): on the run's own checkpoint and another
+    `scaling.num_workers`, each worker's `train.batch_size` is derived from the recorded
+    global batch (`checkpoint/resume.resumed_spec`). A new run from
+    `checkpoint.from_checkpoint` takes its spec as written."""
+    resume_changes(spec, uri, loaded)
+    if uri == spec.checkpoint.from_checkpoint:
+        return spec
+    return resumed_spec(loaded.state.spec, spec)
+
+
+def data_cursor(loaded: LoadedCheckpoint) -> dict[str, Any]:
+    """The data cursor in `loaded`: (epoch, global sample offset), the same on every rank
+    that wrote it, so any world size with the same global batch resumes from it."""
+    return loaded.state.cursors[0]
 
 
 class Checkpointer:
@@ -160,14 +174,17 @@ class Checkpointer:
         scheduler,
         *,
         rank: int,
+        world_size: int,
         ema: WeightEMA | None = None,
     ) -> Restored:
         """Put `loaded` (`uri`'s content, `load_checkpoint`) in place: trainable tensors,
-        optimizer, scheduler, this rank's RNG and the EMA (`ema`, when the run keeps one),
-        after checking it was trained on this run's base."""
+        optimizer, scheduler, (on the same number of workers) this rank's RNG and the
+        EMA (`ema`, when the run keeps one), after checking it was trained on this run's base."""
         current = base_identity(self.spec, self.base_fingerprint)
         check_resume_base(loaded.state.base, current, checkpoint_uri=uri)
-        restored = _restore(loaded, ddp, optimizer, scheduler, rank=rank, source=uri)
+        restored = _restore(
+            loaded, ddp, optimizer, scheduler, rank=rank, world_size=world_size, source=uri
+        )
         apply_optimizer_settings(self.spec, optimizer, scheduler)
         restored.changes = resume_changes(self.spec, uri, loaded)
         restored.changes += _restore_ema(ema, loaded, ddp.module.names)
@@ -228,7 +245,7 @@ def _restore_ema(ema: WeightEMA | None, loaded: LoadedCheckpoint, names: list[st
 
 
 def _restore(
-    loaded: LoadedCheckpoint, ddp, optimizer, scheduler, *, rank: int, source: str
+    loaded: LoadedCheckpoint, ddp, optimizer, scheduler, *, rank: int, world_size: int, source: str
 ) -> Restored:
     state = loaded.state
     names: list[str] = ddp.module.names
@@ -244,9 +261,13 @@ def _restore(
     load_optimizer_state(optimizer, loaded.optimizer, names, state.param_groups)
     groups = len(optimizer.param_groups)
     scheduler.load_state_dict({**state.scheduler, "lr_lambdas": [None] * groups})
-    if rank < len(loaded.rng_states):
+    # No result of training depends on torch's global RNG (noise and time are keyed by
+    # (seed, step, sample), augmentation by (seed, epoch, sample, camera); the loader
+    # processes' seeds, drawn from it, key nothing), so on another number of workers, where
+    # rank r is not the worker that saved state r, no state is restored.
+    if len(loaded.rng_states) == world_size:
         torch.set_rng_state(loaded.rng_states[rank])
-    cursor = rank_cursor(loaded, rank)
+    cursor = data_cursor(loaded)
     counters = dict(state.counters)
     best_step = counters.get("best_step")
     train_state = TrainState(

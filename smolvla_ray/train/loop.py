@@ -25,6 +25,7 @@ from smolvla_ray.spec import JobSpec
 from smolvla_ray.storage import filesystem
 from smolvla_ray.train.evaluation import CHECKPOINT_STEP
 from smolvla_ray.train.interrupt import Interrupts
+from smolvla_ray.train.sample_log import sample_log_path
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -48,6 +49,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         device=device,
         storage_options=storage_options,
         feature_cache=loop_config.get("feature_cache"),
+        sample_log=loop_config.get("sample_log"),
     )
     check_shared_storage(spec, loop_config.get("shared_token"), storage_options)
     reporter = RayReporter(spec, storage_options)
@@ -141,13 +143,16 @@ def loop_config(
     """The train_loop_config for `spec`: the spec without secrets (Ray records this config
     in its run state), a reference to the storage options in Ray's object store, which
     workers read from memory, the key the driver's stop request is written under, and the
-    token of the run directory's shared-storage marker (None: a single-node private Ray)."""
+    token of the run directory's shared-storage marker (None: a single-node private Ray),
+    and the driver's `SMOLVLA_RAY_SAMPLE_LOG` (train/sample_log.py), which workers of a Ray
+    started earlier would not inherit."""
     return {
         "spec": spec.public_dict(),
         "storage_options_ref": ray.put(spec.storage_options_plain()),
         "feature_cache": feature_cache,
         "stop_key": stop_key,
         "shared_token": shared_token,
+        "sample_log": sample_log_path(),
     }
 
 

@@ -39,10 +39,10 @@ from smolvla_ray.spec import JobSpec
 from smolvla_ray.train.checkpointer import (
     Checkpointer,
     TrainState,
+    data_cursor,
     load_checkpoint,
-    rank_cursor,
-    resume_changes,
     resume_source,
+    resume_spec,
 )
 from smolvla_ray.train.ddp import CommCounter, collective_timeout_s, wrap_ddp
 from smolvla_ray.train.ema import WeightEMA
@@ -50,6 +50,7 @@ from smolvla_ray.train.evaluation import HeldOut, evaluate_batches, write_table
 from smolvla_ray.train.interrupt import Decision
 from smolvla_ray.train.metrics import MetricsLog
 from smolvla_ray.train.optim import build_optimizer, build_scheduler
+from smolvla_ray.train.sample_log import append_samples, sample_log_path
 from smolvla_ray.train.setup import build_held_out, build_loader, fetch_feature_cache
 from smolvla_ray.train.step import train_step
 from smolvla_ray.train.window import MetricWindow
@@ -109,6 +110,8 @@ class WorkerContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     feature_cache: str | None = None
+    sample_log: str | None = field(default_factory=sample_log_path)
+    """Where each step's sample indices are appended (train/sample_log.py); None: nowhere."""
 
 
 def train(
@@ -129,7 +132,9 @@ def train(
     source = _broadcast(resume_source(spec, options) if rank == 0 else None)
     loaded = load_checkpoint(source, options) if source is not None else None
     if source is not None and loaded is not None:
-        resume_changes(spec, source, loaded)  # a refused change stops here, before its use
+        # A refused change stops here, before its use; on another number of workers each
+        # worker's batch is derived from the run's global batch.
+        spec = resume_spec(spec, source, loaded)
     # Then everything slow that needs no other worker, before the next collective
     # (fingerprints, DDP's broadcast), so that a long download never holds the others inside
     # one until the collective timeout: the node's copy of the feature cache, the policy,
@@ -138,7 +143,7 @@ def train(
     policy = build_policy(spec, meta, storage_options=options)
     loader = build_loader(
         spec, meta, policy, rank=rank, world_size=context.world_size,
-        cursor=rank_cursor(loaded, rank) if loaded is not None else None,
+        cursor=data_cursor(loaded) if loaded is not None else None,
         storage_options=options, device=device, features=features,
     )  # fmt: skip
     batches = iter(loader)
@@ -154,7 +159,14 @@ def train(
     state = TrainState()
     if source is not None and loaded is not None:
         restored = checkpointer.restore(
-            source, loaded, ddp, optimizer, scheduler, rank=rank, ema=ema
+            source,
+            loaded,
+            ddp,
+            optimizer,
+            scheduler,
+            rank=rank,
+            world_size=context.world_size,
+            ema=ema,
         )
         state, loaded = restored.state, None  # the host copy is no longer needed
         if rank == 0:
@@ -192,6 +204,11 @@ def train(
         state.step += 1
         if ema is not None:  # on the device, moved only by a step that was applied
             ema.update(state.step, result.finite)
+        if context.sample_log:
+            append_samples(
+                context.sample_log, step=state.step, rank=rank,
+                world_size=context.world_size, micro_batches=micro,
+            )  # fmt: skip
         window.add(state.step, result, data_wait_s=data_wait, comm_bytes=w.comm.take())
         check = spec.train.check_replicas_every
         if check and (state.step % check == 0 or state.step == spec.train.steps):

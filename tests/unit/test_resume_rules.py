@@ -19,6 +19,7 @@ from smolvla_ray.checkpoint.resume import (
     ResumeRefused,
     check_resume_changes,
     check_resume_spec,
+    resumed_spec,
     rule_for,
     spec_changes,
 )
@@ -36,6 +37,13 @@ def spec(tmp_path: Path, **train: Any) -> JobSpec:
             "train": {"steps": 10, "batch_size": 4, **train},
             "checkpoint": {"storage": str(tmp_path / "runs")},
         }
+    )
+
+
+def scaled(tmp_path: Path, workers: int, **train: Any) -> JobSpec:
+    """`spec` on `workers` workers."""
+    return spec(tmp_path, **train).model_copy(
+        update={"scaling": spec(tmp_path).scaling.model_copy(update={"num_workers": workers})}
     )
 
 
@@ -104,6 +112,87 @@ def test_a_field_the_table_does_not_name_is_refused(tmp_path: Path) -> None:
     assert change.field == "train.momentum" and not change.applied
     with pytest.raises(ResumeRefused, match=r"train.momentum: 0.9 -> \(unset\) \(the table"):
         check_resume_changes(recorded, spec(tmp_path), checkpoint_uri="ckpt")
+
+
+KEPT = "the global batch of 8 samples (train.batch_size 4 x grad_accum_steps 1 x 2 worker(s))"
+
+
+def test_another_worker_count_keeps_the_global_batch(tmp_path: Path) -> None:
+    """A checkpoint of 2 workers x 4 resumes on 1 worker x 8 or 4 x 2: batch_size left as
+    recorded is derived (announced), or set by the user to the same global batch."""
+    recorded = scaled(tmp_path, 2).public_dict()
+    one = resumed_spec(recorded, scaled(tmp_path, 1))
+    assert (one.train.batch_size, one.scaling.num_workers) == (8, 1)
+    assert resumed_spec(recorded, scaled(tmp_path, 4)).train.batch_size == 2
+    assert resumed_spec(recorded, scaled(tmp_path, 1, batch_size=8)).train.batch_size == 8
+    assert resumed_spec(recorded, scaled(tmp_path, 2)).train.batch_size == 4  # unchanged
+    lines = [
+        f"resume: train.batch_size: 4 -> 8 (derived: {KEPT} is kept on 1 worker(s))",
+        "resume: scaling.num_workers: 2 -> 1 (the global batch is kept: each worker's "
+        "train.batch_size is derived from it, and the data order goes on from the same sample)",
+    ]
+    for current in (scaled(tmp_path, 1), scaled(tmp_path, 1, batch_size=8), one):
+        assert check_resume_changes(recorded, current, checkpoint_uri="ckpt") == lines
+    accumulated = scaled(tmp_path, 2, grad_accum_steps=3).public_dict()  # global batch 24
+    four = resumed_spec(accumulated, scaled(tmp_path, 4, grad_accum_steps=3))
+    assert (four.train.batch_size, four.global_batch_size) == (2, 24)
+
+
+def test_a_global_batch_that_does_not_divide_is_refused_naming_the_worker_counts(
+    tmp_path: Path,
+) -> None:
+    recorded = scaled(tmp_path, 2).public_dict()
+    assert resumed_spec(recorded, scaled(tmp_path, 3)).train.batch_size == 4  # left alone
+    with pytest.raises(ResumeRefused) as err:
+        check_resume_changes(recorded, scaled(tmp_path, 3), checkpoint_uri="ckpt")
+    assert (
+        f"scaling.num_workers: 2 -> 3 ({KEPT} does not divide across 3 workers; resume with "
+        "scaling.num_workers 1, 2, 4, 8 (each worker then takes 8 / num_workers samples per "
+        "micro-batch))"
+    ) in str(err.value)
+    # A batch the user set that changes the global batch is refused as a batch change.
+    with pytest.raises(ResumeRefused) as err:
+        check_resume_changes(recorded, scaled(tmp_path, 1, batch_size=6), checkpoint_uri="ckpt")
+    message = str(err.value)
+    assert "train.batch_size: 4 -> 6 (the data cursor counts global batches" in message
+    assert "scaling.num_workers: 2 -> 1" not in message  # applied: not in the refusal
+    # grad_accum_steps stays refused: it would move the epoch's end (batch x workers).
+    with pytest.raises(ResumeRefused, match=r"train.grad_accum_steps: 1 -> 2"):
+        check_resume_changes(
+            recorded, scaled(tmp_path, 1, grad_accum_steps=2), checkpoint_uri="ckpt"
+        )
+
+
+def test_run_on_a_worker_count_that_does_not_divide_exits_2_before_ray(
+    tmp_path: Path, demo_dataset: str
+) -> None:
+    """`smolvla-ray run` checks the newest checkpoint's spec before Ray starts."""
+    import ray
+    import yaml
+    from typer.testing import CliRunner
+
+    from smolvla_ray.cli import app
+    from smolvla_ray.driver import resolve_local_paths
+
+    job = spec_from_dict(
+        {
+            "name": "run",
+            "policy": {"preset": "tiny"},
+            "data": {"uri": demo_dataset, "num_loader_workers": 0},
+            "train": {"steps": 10, "batch_size": 4},
+            "scaling": {"num_workers": 2},
+            "checkpoint": {"storage": str(tmp_path / "runs")},
+        }
+    )
+    fake_checkpoint(tmp_path / "runs" / "run", 4, resolve_local_paths(job).public_dict())
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(job.public_dict()))
+    result = CliRunner().invoke(app, ["run", str(path), "--set", "scaling.num_workers=3"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2, (output, result.exception)
+    assert "scaling.num_workers: 2 -> 3" in output
+    assert "resume with scaling.num_workers 1, 2, 4, 8" in output
+    assert not ray.is_initialized()
 
 
 def fake_checkpoint(run: Path, step: int, recorded: dict[str, Any] | None = None) -> Path:

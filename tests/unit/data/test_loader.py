@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import Dataset
 
 from smolvla_ray.data.loader import ShardedLoader
 from smolvla_ray.data.samples import FrameDataset
@@ -40,7 +41,7 @@ def test_two_ranks_are_disjoint_and_cover_the_epoch(dataset: FrameDataset, drop_
         shards = [set(loader.shard(epoch).tolist()) for loader in loaders]
         if drop_last:
             assert shards[0].isdisjoint(shards[1])
-            assert len(shards[0] | shards[1]) == n - 1  # only the remainder row is left out
+            assert len(shards[0] | shards[1]) == n - n % 8  # the rows after the last global batch
         else:
             assert shards[0] | shards[1] == set(range(n))  # every row, one wraps around
     # And the batches themselves: rank 0 and rank 1 of epoch 0 share no sample.
@@ -73,14 +74,111 @@ def test_resume_continues_exactly_across_epochs(dataset: FrameDataset) -> None:
     assert reference[per_epoch] != reference[0]  # the second epoch is reshuffled
 
 
+class _Rows(Dataset):
+    """`n` rows whose sample is its row number: the loader's order without any decoding."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, row: int) -> dict:
+        return {"index": torch.tensor(row)}
+
+
+def _global_batches(
+    world_size: int,
+    num_batches: int,
+    *,
+    global_batch: int = 8,
+    cursor: dict | None = None,
+    drop_last: bool = True,
+    n: int = 75,
+) -> tuple[list[list[int]], dict]:
+    """The next `num_batches` global batches of `world_size` ranks sharing `global_batch`
+    (from `cursor`): each the rows of all ranks, put back in the epoch's order (rank r holds
+    every world_size-th row from the r-th); and the cursor after them (the same on every
+    rank)."""
+    settings = {"seed": 9, "drop_last": drop_last, "cursor": cursor}
+    per_worker = global_batch // world_size
+    loaders = [
+        ShardedLoader(_Rows(n), batch_size=per_worker, rank=r, world_size=world_size, **settings)
+        for r in range(world_size)
+    ]
+    per_rank = [_indices(loader, num_batches) for loader in loaders]
+    batches = []
+    for b in range(num_batches):
+        rows = [-1] * global_batch
+        for rank in range(world_size):
+            rows[rank::world_size] = per_rank[rank][b]
+        batches.append(rows)
+    cursors = [loader.cursor() for loader in loaders]
+    assert all(c == cursors[0] for c in cursors)
+    return batches, json.loads(json.dumps(cursors[0]))  # as a checkpoint stores it
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_every_global_step_holds_the_same_rows_on_1_2_and_4_workers(drop_last: bool) -> None:
+    """75 rows, a global batch of 8 (8 x 1, 4 x 2, 2 x 4 workers): 9 batches an epoch, the 3
+    rows after the last whole batch go to nobody (with drop_last; without it the order wraps
+    to fill a 10th), whatever the world size. Steps of 2 micro-batches (gradient
+    accumulation) then hold the same rows too, with drop_last the step that straddles the
+    epoch's end (its 9th batch and the next epoch's 1st) included."""
+    per_epoch = 9 if drop_last else 10
+    total = 2 * per_epoch + 3  # across two epoch boundaries
+    reference, _ = _global_batches(1, total, drop_last=drop_last)
+    for world_size in (2, 4):
+        batches, _ = _global_batches(world_size, total, drop_last=drop_last)
+        assert batches == reference, world_size
+    # Batch b of an epoch is the contiguous block b of the epoch's order.
+    loader = ShardedLoader(_Rows(75), batch_size=2, world_size=4, seed=9, drop_last=drop_last)
+    assert loader.batches_per_epoch == per_epoch
+    for position, rows in enumerate(reference):
+        epoch, batch = divmod(position, per_epoch)
+        order = np.resize(loader.epoch_order(epoch), per_epoch * 8)
+        block = order[batch * 8 : (batch + 1) * 8].tolist()
+        assert rows == block == loader.global_batch_rows(epoch, batch).tolist()
+    epoch_rows = {row for rows in reference[:per_epoch] for row in rows}
+    assert len(epoch_rows) == (72 if drop_last else 75)  # no row twice (drop_last), or all
+    steps = [sorted(reference[i] + reference[i + 1]) for i in range(0, total - 1, 2)]
+    for world_size in (2, 4):
+        batches, _ = _global_batches(world_size, total, drop_last=drop_last)
+        assert [sorted(batches[i] + batches[i + 1]) for i in range(0, total - 1, 2)] == steps
+
+
+@pytest.mark.parametrize(("written", "read"), [(2, 1), (1, 4), (4, 2), (2, 2)])
+def test_a_cursor_written_on_one_world_size_resumes_on_another(written: int, read: int) -> None:
+    """The cursor is (epoch, global offset): a checkpoint of 2 workers resumes on 1 (or 4)
+    with the global batch that would have come next, mid-epoch, at an epoch's end and in the
+    next epoch."""
+    total = 21
+    reference, _ = _global_batches(1, total)
+    for stop in (3, 9, 11):
+        first, cursor = _global_batches(written, stop)
+        assert cursor["epoch"] == stop // 9 and cursor["offset"] == stop % 9 * 8
+        rest, _ = _global_batches(read, total - stop, cursor=cursor)
+        assert first + rest == reference, (written, read, stop)
+
+
+def test_a_version_1_cursor_resumes_on_another_world_size() -> None:
+    """Cursors of checkpoints written before cursors were global: (epoch, batch of that
+    world size)."""
+    reference, _ = _global_batches(1, 21)
+    old = {"version": 1, "epoch": 1, "batch": 2, "seed": 9, "world_size": 2, "batch_size": 4,
+           "num_samples": 75, "drop_last": True, "shuffle": True}  # fmt: skip
+    rest, _ = _global_batches(4, 21 - 11, cursor=old)
+    assert rest == reference[11:]
+
+
 def test_cursor_after_each_batch(dataset: FrameDataset) -> None:
     loader = ShardedLoader(dataset, batch_size=16, seed=0)
     it = iter(loader)
-    assert loader.cursor()["epoch"] == 0 and loader.cursor()["batch"] == 0
+    assert loader.cursor()["epoch"] == 0 and loader.cursor()["offset"] == 0
     for step in range(1, loader.batches_per_epoch + 2):
         next(it)
-        expected = divmod(step, loader.batches_per_epoch)
-        assert (loader.cursor()["epoch"], loader.cursor()["batch"]) == expected
+        epoch, batch = divmod(step, loader.batches_per_epoch)
+        assert (loader.cursor()["epoch"], loader.cursor()["offset"]) == (epoch, batch * 16)
 
 
 def test_background_workers_give_the_same_batches(dataset: FrameDataset) -> None:
@@ -109,16 +207,24 @@ def test_batch_transform_runs_in_the_main_process(dataset: FrameDataset) -> None
 
 def test_bad_cursor_and_settings_are_rejected(dataset: FrameDataset) -> None:
     cursor = ShardedLoader(dataset, batch_size=4, seed=1).cursor()
-    with pytest.raises(ValueError, match=r"batch_size=4 but this loader has batch_size=8"):
+    with pytest.raises(
+        ValueError, match=r"global batches of 4 samples but this loader's is batch_size=8 x"
+    ):
         ShardedLoader(dataset, batch_size=8, seed=1, cursor=cursor)
-    with pytest.raises(ValueError, match=r"world_size=1 but this loader has world_size=2"):
+    with pytest.raises(ValueError, match=r"batch_size=4 x world_size=2 = 8; resume with a"):
         ShardedLoader(dataset, batch_size=4, seed=1, world_size=2, cursor=cursor)
-    with pytest.raises(ValueError, match="not a version-1 loader cursor"):
+    with pytest.raises(ValueError, match=r"seed=1 but this loader has seed=2"):
+        ShardedLoader(dataset, batch_size=4, seed=2, cursor=cursor)
+    with pytest.raises(ValueError, match=r"offset=6 is invalid \(offsets are multiples of 4"):
+        ShardedLoader(dataset, batch_size=4, seed=1, cursor={**cursor, "offset": 6})
+    with pytest.raises(ValueError, match="not a version-2 loader cursor"):
         ShardedLoader(dataset, batch_size=4, cursor={"epoch": 1})
+    with pytest.raises(ValueError, match="not a version-1 loader cursor"):
+        ShardedLoader(dataset, batch_size=4, cursor={"version": 1, "epoch": 1})
     with pytest.raises(ValueError, match="rank=2 must be in 0..world_size-1"):
         ShardedLoader(dataset, batch_size=4, rank=2, world_size=2)
-    with pytest.raises(ValueError, match="fewer than batch_size"):
-        ShardedLoader(dataset, batch_size=10_000)
+    with pytest.raises(ValueError, match=r"fewer than one global batch \(batch_size=40 x world"):
+        ShardedLoader(dataset, batch_size=40, world_size=2)
 
 
 _CHILD = textwrap.dedent(
