@@ -16,6 +16,7 @@ RANKS = {
     "data": 1,
     "spec": 2,  # the job spec: pydantic, torch-free; above the model and the data
     "features": 3,
+    "settings": 3,  # RunSettings: what the worker side reads of the spec
     "checkpoint": 4,
     "cache.store": 4,
     "build": 4,
