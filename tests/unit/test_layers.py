@@ -24,14 +24,14 @@ RANKS = {
     "cache.build": 6,  # driver side: decides and builds the feature cache
     "evaluation": 6,  # offline `evaluate` and the async validation task (over train/)
     "observe": 6,
-    "driver": 7,  # driver, jobs, cli
+    "driver": 7,  # driver, prepare, jobs, cli, stop
 }
 BASE = {
     "keys", "storage", "hub", "run_layout", "lease", "shared_storage", "progress_line",
     "scratch", "waits",
     "__init__",
 }  # fmt: skip
-TOP = {"driver", "jobs", "cli", "stop"}
+TOP = {"driver", "prepare", "jobs", "cli", "stop"}
 
 
 def component(module: str) -> str:

@@ -18,10 +18,10 @@ from smolvla_ray.checkpoint.resume import (
     RESUME_RULES,
     ResumeRefused,
     check_resume_changes,
-    check_resume_spec,
     rule_for,
     spec_changes,
 )
+from smolvla_ray.prepare import check_resume_spec
 from smolvla_ray.run_layout import RAY_RUN_STATE, checkpoint_dir_name
 from smolvla_ray.spec import JobSpec, spec_from_dict
 from smolvla_ray.spec.job import schema_child
@@ -60,7 +60,7 @@ def test_every_spec_field_has_a_rule_and_every_rule_a_field() -> None:
 
 def test_applied_changes_are_announced_and_the_others_refused(tmp_path: Path) -> None:
     recorded = spec(tmp_path).public_dict()
-    lr = spec(tmp_path, optimizer={"lr": 5e-4}, steps=20)
+    lr = spec(tmp_path, optimizer={"lr": 5e-4}, steps=20).public_dict()
     lines = check_resume_changes(recorded, lr, checkpoint_uri="ckpt")
     assert lines == [
         "resume: train.steps: 10 -> 20 (the run is extended or shortened; a schedule fitted "
@@ -69,9 +69,10 @@ def test_applied_changes_are_announced_and_the_others_refused(tmp_path: Path) ->
         "resume: train.optimizer.lr: 0.0001 -> 0.0005 (set on the restored optimizer; the "
         "schedule continues at the new peak lr)",
     ]
-    assert check_resume_changes(recorded, spec(tmp_path), checkpoint_uri="ckpt") == []
+    same = spec(tmp_path).public_dict()
+    assert check_resume_changes(recorded, same, checkpoint_uri="ckpt") == []
 
-    changed = spec(tmp_path, batch_size=8, seed=3, optimizer={"lr": 5e-4})
+    changed = spec(tmp_path, batch_size=8, seed=3, optimizer={"lr": 5e-4}).public_dict()
     with pytest.raises(ResumeRefused) as err:
         check_resume_changes(recorded, changed, checkpoint_uri="ckpt")
     message = str(err.value)
@@ -83,10 +84,11 @@ def test_applied_changes_are_announced_and_the_others_refused(tmp_path: Path) ->
 def test_a_field_the_table_does_not_name_is_refused(tmp_path: Path) -> None:
     recorded = spec(tmp_path).public_dict()
     recorded["train"]["momentum"] = 0.9  # recorded by some other version
-    (change,) = spec_changes(recorded, spec(tmp_path))
+    current = spec(tmp_path).public_dict()
+    (change,) = spec_changes(recorded, current)
     assert change.field == "train.momentum" and not change.applied
     with pytest.raises(ResumeRefused, match=r"train.momentum: 0.9 -> \(unset\) \(the table"):
-        check_resume_changes(recorded, spec(tmp_path), checkpoint_uri="ckpt")
+        check_resume_changes(recorded, current, checkpoint_uri="ckpt")
 
 
 def fake_checkpoint(run: Path, step: int, recorded: dict[str, Any] | None = None) -> Path:
