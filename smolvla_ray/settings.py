@@ -179,8 +179,8 @@ class RunSettings:
 
     @classmethod
     def from_spec(cls, spec: JobSpec) -> RunSettings:
-        """The settings of `spec` (validated, local paths resolved and hub ids pinned by the
-        driver as it sees fit)."""
+        """The settings of `spec`, a validated spec (the driver resolves its local paths and
+        pins its hub ids first)."""
         data, train, ev = spec.data, spec.train, spec.eval
         augment = data.augment
         return cls(
