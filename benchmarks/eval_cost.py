@@ -25,6 +25,7 @@ from typing import Any
 import torch.distributed as dist
 
 from smolvla_ray.data.synthetic import write_demo_dataset
+from smolvla_ray.settings import RunSettings
 from smolvla_ray.spec import spec_from_dict
 from smolvla_ray.train.trainer import WorkerContext, train
 
@@ -64,7 +65,7 @@ def inline(preset: str, dataset: str, root: Path, steps: int, every: int, sample
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         start = time.perf_counter()
-        train(spec, recorder, WorkerContext())
+        train(RunSettings.from_spec(spec), recorder, WorkerContext())
         wall = time.perf_counter() - start
     finally:
         dist.destroy_process_group()

@@ -37,6 +37,7 @@ from smolvla_ray.build import build_policy, open_dataset  # noqa: E402
 from smolvla_ray.cache.build import encode_episodes  # noqa: E402
 from smolvla_ray.data.synthetic import write_demo_dataset  # noqa: E402
 from smolvla_ray.run_layout import run_uri  # noqa: E402
+from smolvla_ray.settings import RunSettings  # noqa: E402
 from smolvla_ray.spec import JobSpec, spec_from_dict  # noqa: E402
 from smolvla_ray.train.ddp import wrap_ddp  # noqa: E402
 from smolvla_ray.train.metrics import read_metrics  # noqa: E402
@@ -89,13 +90,14 @@ def device_info(device: torch.device) -> dict[str, Any]:
 
 def one_backward(spec: JobSpec, device: torch.device, autocast: torch.dtype | None):
     """(policy, per-sample loss) after one forward/backward of the first batch."""
-    meta = open_dataset(spec, storage_options={})
+    settings = RunSettings.from_spec(spec)
+    meta = open_dataset(settings, storage_options={})
     torch.manual_seed(spec.train.seed)
-    policy = build_policy(spec, meta, storage_options={}).to(device)
+    policy = build_policy(settings, meta, storage_options={}).to(device)
     policy.train()
     ddp, _ = wrap_ddp(policy, device=device)
     loader = build_loader(
-        spec, meta, policy, rank=0, world_size=1, cursor=None, storage_options={}, device=device
+        settings, meta, policy, rank=0, world_size=1, cursor=None, storage_options={}, device=device
     )
     raw = next(iter(loader))
     noise, flow_time = flow_noise_and_time(
@@ -131,7 +133,7 @@ def timed(spec: JobSpec, device: torch.device, feature_cache: str | None) -> dic
     recorder = Recorder()
     context = WorkerContext(device=device, feature_cache=feature_cache)
     start = time.perf_counter()
-    train(spec, recorder, context)
+    train(RunSettings.from_spec(spec), recorder, context)
     steps = [r for r in recorder.records if r["step"] > WARMUP]
     ms = sorted(r["step_s"] * 1000 for r in steps)
     return {
@@ -207,7 +209,7 @@ def checks() -> dict[str, Any]:
             "max_abs_diff": (on_device - on_cpu).abs().max().item(),
         }
         cache = str(root / "feature-cache")
-        encode_episodes(expert.public_dict(), {}, cache, [0, 1])
+        encode_episodes(RunSettings.from_spec(expert), {}, cache, [0, 1])
         out["steps"] = {
             "expert_only_video": timed(expert, device, None),
             "expert_only_cache": timed(

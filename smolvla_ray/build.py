@@ -1,7 +1,7 @@
-"""Building the two things a run is made of, from a job spec: the policy (its overrides and
-the dataset's resolved features, with a processor for the dataset) and the dataset's
-metadata. Neutral ground: the trainer and the feature-cache build both use it, and it
-imports neither.
+"""Building the two things a run is made of, from its settings (`settings.RunSettings`): the
+policy (its overrides and the dataset's resolved features, with a processor for the dataset)
+and the dataset's metadata, and the run's episodes. Neutral ground: the trainer, the
+feature-cache build and the driver's preflight use it, and it imports none of them.
 """
 
 from __future__ import annotations
@@ -11,31 +11,62 @@ from typing import TYPE_CHECKING, Any
 
 from smolvla_ray.data.meta import DatasetMeta, load_meta, select_episodes
 from smolvla_ray.data.split import split_by_task
-from smolvla_ray.features import FeatureResolution, read_pretrained_config, resolve_spec
+from smolvla_ray.features import (
+    FeatureResolution,
+    base_config,
+    read_pretrained_config,
+    resolve_features,
+)
 from smolvla_ray.policy.config import PolicyConfig
-from smolvla_ray.spec import JobSpec
+from smolvla_ray.settings import RunSettings
 
 if TYPE_CHECKING:
     from smolvla_ray.policy.modeling import SmolVLAPolicy
 
 
-def resolve_dataset_features(
-    spec: JobSpec, meta: DatasetMeta, *, storage_options: Mapping[str, Any]
+def resolve_run_features(
+    settings: RunSettings,
+    pretrained_config_json: str | None,
+    dataset_features: Mapping[str, Mapping[str, Any]],
 ) -> tuple[PolicyConfig, FeatureResolution]:
-    """The policy config to build and how the dataset's features feed it (the same answer
-    the driver's preflight gave, from the same two JSON files)."""
+    """(the policy config to build, its feature resolution) for the run, from the policy's
+    `config.json` text (None for a preset) and the dataset's `info.json` features."""
+    policy = settings.policy
+    base = base_config(
+        pretrained_config_json,
+        preset=policy.preset,
+        pretrained=policy.pretrained,
+        updates=policy.config_updates,
+    )
+    resolution = resolve_features(
+        base,
+        dataset_features,
+        rename_map=settings.data.rename_map,
+        cameras=settings.data.cameras,
+        policy_source=f"policy {policy.pretrained or 'preset ' + str(policy.preset)}",
+        dataset_source=f"dataset {settings.data.uri}",
+    )
+    return resolution.apply(base), resolution
+
+
+def resolve_dataset_features(
+    settings: RunSettings, meta: DatasetMeta, *, storage_options: Mapping[str, Any]
+) -> tuple[PolicyConfig, FeatureResolution]:
+    """The policy config to build and how the dataset's features feed it (the driver's
+    preflight, every worker and the feature-cache build give the same answer, from the same
+    two JSON files)."""
     text = None
-    if spec.policy.pretrained:
+    if settings.policy.pretrained:
         text = read_pretrained_config(
-            spec.policy.pretrained, storage_options, revision=spec.policy.revision
+            settings.policy.pretrained, storage_options, revision=settings.policy.revision
         )
-    return resolve_spec(spec, text, meta.features)
+    return resolve_run_features(settings, text, meta.features)
 
 
 def build_policy(
-    spec: JobSpec, meta: DatasetMeta, *, storage_options: Mapping[str, Any]
+    settings: RunSettings, meta: DatasetMeta, *, storage_options: Mapping[str, Any]
 ) -> SmolVLAPolicy:
-    """The policy with the spec's overrides and the dataset's resolved features, with a
+    """The policy with the run's overrides and the dataset's resolved features, with a
     processor that renames the dataset's keys and normalizes with its statistics."""
     # Imported here: the driver uses this module's light helpers before Ray starts, and
     # the model's imports (torch, transformers) would cost it seconds on every run.
@@ -44,49 +75,41 @@ def build_policy(
     from smolvla_ray.policy.modeling import SmolVLAPolicy
     from smolvla_ray.policy.processor import PolicyProcessor
 
-    config, resolution = resolve_dataset_features(spec, meta, storage_options=storage_options)
-    if spec.policy.pretrained:
+    config, resolution = resolve_dataset_features(settings, meta, storage_options=storage_options)
+    policy_settings = settings.policy
+    if policy_settings.pretrained:
         policy = SmolVLAPolicy.from_pretrained(
-            spec.policy.pretrained,
-            prefix_mode=spec.policy.prefix_mode,
+            policy_settings.pretrained,
+            prefix_mode=policy_settings.prefix_mode,
             config_overrides=config.model_dump(),
-            revision=spec.policy.revision,
+            revision=policy_settings.revision,
             **storage_options,
         )
     else:
         # Every worker seeds the same way, so random-init backbones agree (and are checked).
-        torch.manual_seed(spec.train.seed)
-        policy = SmolVLAPolicy(config, prefix_mode=spec.policy.prefix_mode)
+        torch.manual_seed(settings.train.seed)
+        policy = SmolVLAPolicy(config, prefix_mode=policy_settings.prefix_mode)
     policy.processor = PolicyProcessor(policy.config, meta.stats, resolution.rename_map)
     policy.feature_resolution = resolution
     return policy
 
 
-def episode_selection(spec: JobSpec) -> list[int] | range | None:
-    episodes = spec.data.episodes
-    if episodes is None or isinstance(episodes, list):
-        return episodes
-    return range(episodes.start, episodes.stop)
-
-
-def _selected(spec: JobSpec, meta: DatasetMeta) -> list[int]:
+def _selected(settings: RunSettings, meta: DatasetMeta) -> list[int]:
     """`data.episodes` checked against the dataset (all episodes when unset)."""
-    return select_episodes(meta, episode_selection(spec))  # positions are episode indices
+    return select_episodes(meta, settings.data.episodes)  # positions are episode indices
 
 
-def eval_episodes(spec: JobSpec, meta: DatasetMeta) -> list[int]:
+def eval_episodes(settings: RunSettings, meta: DatasetMeta) -> list[int]:
     """The held-out episodes, in order ([] without an eval section): `eval.episodes`, which
     must lie within `data.episodes`, else LeRobot's per-task split of the selection."""
-    if spec.eval is None:
+    if settings.eval is None:
         return []
-    selected = _selected(spec, meta)
-    explicit = spec.eval.episodes
+    selected = _selected(settings, meta)
+    explicit = settings.eval.episodes
     if explicit is None:
-        return split_by_task(meta, selected, spec.eval.split)
+        return split_by_task(meta, selected, settings.eval.split)
     try:
-        chosen = select_episodes(
-            meta, explicit if isinstance(explicit, list) else range(explicit.start, explicit.stop)
-        )
+        chosen = select_episodes(meta, explicit)
     except ValueError as err:
         raise ValueError(f"eval.episodes: {err}") from None
     outside = sorted(set(chosen) - set(selected))
@@ -95,12 +118,12 @@ def eval_episodes(spec: JobSpec, meta: DatasetMeta) -> list[int]:
     return chosen
 
 
-def run_episodes(spec: JobSpec, meta: DatasetMeta) -> list[int]:
+def run_episodes(settings: RunSettings, meta: DatasetMeta) -> list[int]:
     """The episode indices the run trains on, in order: the selection minus the held-out
     episodes. One answer for the loader and the checks, so a held-out frame never reaches a
     training batch."""
-    held = set(eval_episodes(spec, meta))
-    train = [e for e in _selected(spec, meta) if e not in held]
+    held = set(eval_episodes(settings, meta))
+    train = [e for e in _selected(settings, meta) if e not in held]
     if not train:
         raise ValueError(
             f"the eval section holds out every selected episode ({len(held)}); lower "
@@ -109,17 +132,17 @@ def run_episodes(spec: JobSpec, meta: DatasetMeta) -> list[int]:
     return train
 
 
-def cached_episodes(spec: JobSpec, meta: DatasetMeta) -> list[int]:
+def cached_episodes(settings: RunSettings, meta: DatasetMeta) -> list[int]:
     """The episodes whose vision features the feature cache holds: training and held-out,
     in episode order (evaluations read the cache too). One answer for the cache's build,
     sizing and node copy, so they never disagree on which shards a run reads."""
-    return sorted(run_episodes(spec, meta) + eval_episodes(spec, meta))
+    return sorted(run_episodes(settings, meta) + eval_episodes(settings, meta))
 
 
-def open_dataset(spec: JobSpec, *, storage_options: Mapping[str, Any]) -> DatasetMeta:
+def open_dataset(settings: RunSettings, *, storage_options: Mapping[str, Any]) -> DatasetMeta:
     """The dataset's metadata; a hub id is read from this node's Hugging Face cache when it
     holds the snapshot, else from the Hub at the pinned revision."""
     from smolvla_ray import hub
 
-    url = hub.dataset_url(spec.data.uri, spec.data.revision)
+    url = hub.dataset_url(settings.data.uri, settings.data.revision)
     return load_meta(url, storage_options=storage_options)

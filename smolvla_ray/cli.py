@@ -98,7 +98,7 @@ def validate(
     """Check a job spec (schema and cross-field rules) without starting anything."""
     job = _load(spec, set_)
     typer.echo(f"{spec}: valid job spec {job.name!r}")
-    from smolvla_ray.features import resolve_local
+    from smolvla_ray.prepare import resolve_local
 
     try:
         resolution, skipped = resolve_local(job)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from smolvla_ray import hub
 from smolvla_ray.run_layout import WRITE_PROBE
+from smolvla_ray.settings import RunSettings
 from smolvla_ray.spec import JobSpec
 from smolvla_ray.stop import (
     RunStopped,
@@ -84,23 +85,23 @@ def preflight(spec: JobSpec) -> FeatureResolution:
     """Fail before starting on what can be known now: the dataset reachable, the pretrained
     policy's config.json readable, the dataset's features resolvable against the policy's
     (cameras, rename map, widths), storage writable. Returns the feature resolution."""
-    from smolvla_ray.build import cached_episodes, episode_selection
+    from smolvla_ray.build import cached_episodes, open_dataset, resolve_dataset_features
     from smolvla_ray.checkpoint.discovery import inspect_checkpoint
-    from smolvla_ray.checkpoint.resume import check_resume_spec
-    from smolvla_ray.data.meta import check_readable, load_meta, select_episodes
-    from smolvla_ray.features import read_pretrained_config, resolve_spec
+    from smolvla_ray.data.meta import check_readable, select_episodes
     from smolvla_ray.keys import ACTION, OBS_STATE
     from smolvla_ray.policy.weights_file import weights_problem
+    from smolvla_ray.prepare import check_hub_ids, check_resume_spec
 
-    hub.check_ids(spec)  # hub ids and revisions exist (offline: are in the cache)
+    check_hub_ids(spec)  # hub ids and revisions exist (offline: are in the cache)
     options = spec.storage_options_plain()
     check_endpoint(options)
-    meta = load_meta(hub.dataset_url(spec.data.uri, spec.data.revision), storage_options=options)
+    settings = RunSettings.from_spec(spec)
+    meta = open_dataset(settings, storage_options=options)
     try:
-        select_episodes(meta, episode_selection(spec))
+        select_episodes(meta, settings.data.episodes)
     except ValueError as err:
         raise ValueError(f"data.episodes: {err}") from None
-    episodes = cached_episodes(spec, meta)  # training and held-out (their errors say eval.)
+    episodes = cached_episodes(settings, meta)  # training and held-out (errors say eval.)
     check_readable(meta, episodes, needs_stats=[OBS_STATE, ACTION])
     source = spec.checkpoint.from_checkpoint
     if source:
@@ -109,12 +110,7 @@ def preflight(spec: JobSpec) -> FeatureResolution:
             raise ValueError(
                 f"checkpoint.from_checkpoint={source!r} cannot be started from: {info.problem}"
             )
-    text = None
-    if spec.policy.pretrained:
-        text = read_pretrained_config(
-            spec.policy.pretrained, options, revision=spec.policy.revision
-        )
-    _, resolution = resolve_spec(spec, text, meta.features)
+    _, resolution = resolve_dataset_features(settings, meta, storage_options=options)
     if spec.policy.pretrained:
         problem = weights_problem(spec.policy.pretrained, options)
         if problem:
@@ -225,7 +221,8 @@ def build_trainer(
 
     from smolvla_ray.train.loop import loop_config, train_loop_per_worker
 
-    target = storage_target(spec.checkpoint.storage, spec.storage_options_plain())
+    options = spec.storage_options_plain()
+    target = storage_target(spec.checkpoint.storage, options)
     scaling = ScalingConfig(
         num_workers=spec.scaling.num_workers,
         use_gpu=spec.scaling.use_gpu,
@@ -244,7 +241,11 @@ def build_trainer(
         checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_last),
     )
     config = loop_config(
-        spec, feature_cache=feature_cache, stop_key=stop_key, shared_token=shared_token
+        RunSettings.from_spec(spec),
+        options,
+        feature_cache=feature_cache,
+        stop_key=stop_key,
+        shared_token=shared_token,
     )
     return TorchTrainer(
         train_loop_per_worker,
@@ -276,7 +277,7 @@ def validation_config(spec: JobSpec, feature_cache: str | None, storage_options_
     return ValidationConfig(
         fn=functools.partial(validate_checkpoint, storage_options_ref=storage_options_ref),
         task_config=ValidationTaskConfig(
-            fn_kwargs={"spec": spec.public_dict(), "feature_cache": feature_cache}
+            fn_kwargs={"spec_json": spec.public_dict(), "feature_cache": feature_cache}
         ),
         ray_remote_kwargs=remote,
     )
@@ -303,6 +304,7 @@ def run(
 
     from smolvla_ray import lease as run_lease
     from smolvla_ray.observe.progress import MetricsWatcher, Progress
+    from smolvla_ray.prepare import pin_hub_revisions
     from smolvla_ray.run_layout import run_uri
 
     spec = resolve_local_paths(spec)
@@ -312,7 +314,7 @@ def run(
     held = run_lease.acquire(run_dir, spec.storage_options_plain(), force=force)
     with held:  # renewed across Ray Train's worker-group restarts; released however it ends
         repair_run_dir(spec)  # Ray's stale checkpoint bookkeeping moved aside (recovery.py)
-        spec = hub.pin(spec)  # workers, restarts and exports see the same commits
+        spec = pin_hub_revisions(spec)  # workers, restarts and exports see the same commits
         check_sink_packages(spec, address)
         display = progress
         if isinstance(progress, str):

@@ -23,14 +23,11 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from smolvla_ray.keys import ACTION, IMAGE_PREFIX, OBS_STATE
 from smolvla_ray.policy.config import PolicyConfig, PolicyFeature
 from smolvla_ray.storage import filesystem, join
-
-if TYPE_CHECKING:
-    from smolvla_ray.spec import JobSpec
 
 # LeRobot's SmolVLAConfig.validate_features adds these input features, one per empty camera.
 EMPTY_CAMERA = f"{IMAGE_PREFIX}empty_camera_{{index}}"
@@ -324,40 +321,27 @@ def _width(
     return width
 
 
-# -- a job spec's features ------------------------------------------------------------------
+# -- a run's features ------------------------------------------------------------------------
 
 
-def base_config(spec: JobSpec, pretrained_config_json: str | None) -> PolicyConfig:
-    """The policy's config before feature resolution: the pretrained `config.json` or the
-    preset, with the spec's policy updates and the run's optimizer and scheduler values on
-    top (so checkpoints and exported `config.json` files record what the run used, as
-    LeRobot's do)."""
-    updates = spec.policy_config_updates()
-    if spec.policy.preset is not None:
-        return PolicyConfig.preset(spec.policy.preset, **updates)
-    source = f"{spec.policy.pretrained}/config.json"
+def base_config(
+    pretrained_config_json: str | None,
+    *,
+    preset: Literal["tiny", "base"] | None,
+    pretrained: str | None,
+    updates: Mapping[str, Any],
+) -> PolicyConfig:
+    """The policy's config before feature resolution: the pretrained `config.json` (the text
+    read from `pretrained`) or the preset, with `updates` on top: the run's policy updates
+    and its optimizer and scheduler values, so checkpoints and exported `config.json` files
+    record what the run used, as LeRobot's do."""
+    if preset is not None:
+        return PolicyConfig.preset(preset, **updates)
+    source = f"{pretrained}/config.json"
     if pretrained_config_json is None:
         raise FileNotFoundError(f"{source} could not be read")
     config = PolicyConfig.from_lerobot_json(pretrained_config_json, source=source)
     return PolicyConfig.model_validate({**config.model_dump(), **updates}) if updates else config
-
-
-def resolve_spec(
-    spec: JobSpec,
-    pretrained_config_json: str | None,
-    dataset_features: Mapping[str, Mapping[str, Any]],
-) -> tuple[PolicyConfig, FeatureResolution]:
-    """(the policy config to build, its feature resolution) for `spec` on its dataset."""
-    base = base_config(spec, pretrained_config_json)
-    resolution = resolve_features(
-        base,
-        dataset_features,
-        rename_map=spec.data.rename_map,
-        cameras=spec.data.cameras,
-        policy_source=f"policy {spec.policy.pretrained or 'preset ' + str(spec.policy.preset)}",
-        dataset_source=f"dataset {spec.data.uri}",
-    )
-    return resolution.apply(base), resolution
 
 
 def read_pretrained_config(
@@ -385,24 +369,3 @@ def read_pretrained_config(
     from smolvla_ray import hub
 
     return (hub.model_file(source, "config.json", revision=revision)).read_text()
-
-
-def resolve_local(spec: JobSpec) -> tuple[FeatureResolution | None, str]:
-    """The spec's feature resolution when both JSON files are on this machine (what
-    `validate` can check instantly: no network, no torch), else (None, why it was skipped)."""
-    uri = spec.data.uri.removeprefix("file://")
-    info = Path(uri).expanduser() / "meta" / "info.json"
-    if "://" in uri or not info.is_file():
-        return None, f"the dataset's meta/info.json is not a local file ({spec.data.uri})"
-    text = None
-    pretrained = spec.policy.pretrained
-    if pretrained is not None:
-        local = Path(pretrained.removeprefix("file://")).expanduser()
-        if "://" in pretrained.removeprefix("file://") or not local.is_dir():
-            return None, f"policy.pretrained is not a local directory ({pretrained})"
-        text = read_pretrained_config(str(local), {})
-    try:
-        features = json.loads(info.read_text())["features"]
-    except (ValueError, KeyError) as err:
-        raise ValueError(f"{info} is not a LeRobot info.json: {err}") from err
-    return resolve_spec(spec, text, features)[1], ""

@@ -1,5 +1,6 @@
 """Hugging Face Hub ids for the base policy and the dataset: checked before Ray starts,
-pinned to a commit for the run, fetched at most once per node into the Hugging Face cache.
+pinned to a commit for the run (a job spec's, by the driver's `prepare.py`), fetched at most
+once per node into the Hugging Face cache.
 
 `policy.pretrained: owner/name` (with `policy.revision`) is materialised with
 huggingface_hub into its own cache (`HF_HUB_CACHE`, else `$HF_HOME/hub`), under a file lock so
@@ -21,10 +22,7 @@ import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TypeVar
-
-if TYPE_CHECKING:
-    from smolvla_ray.spec import JobSpec
+from typing import Literal, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -358,48 +356,3 @@ def model_commit(pretrained: str | None, revision: str | None) -> str | None:
     if not is_hub_id(pretrained):
         return None
     return resolve_commit(str(pretrained), "model", revision)
-
-
-def check_ids(spec: JobSpec) -> None:
-    """Before anything starts: each hub id and revision of `spec` exists (offline: is in
-    the cache), and a revision is only given for a hub id. Raises HubIdError (a
-    FileNotFoundError), ValueError or ConnectionError, each naming the field and the fix."""
-    policy, data = spec.policy, spec.data
-    if policy.revision is not None and not is_hub_id(policy.pretrained):
-        raise ValueError(
-            f"policy.revision={policy.revision!r} needs a hub id in policy.pretrained (got "
-            f"{policy.pretrained or 'a preset'!r}); remove the revision"
-        )
-    if is_hub_id(policy.pretrained):
-        resolve_commit(str(policy.pretrained), "model", policy.revision)
-    repo = dataset_repo(data.uri)
-    if repo is None:
-        if data.revision is not None:
-            raise ValueError(
-                f"data.revision={data.revision!r} needs a hub dataset id in data.uri (like "
-                f"lerobot/pusht), got {data.uri!r}; remove the revision"
-            )
-        return
-    dataset_url(data.uri, data.revision)
-
-
-def pin(spec: JobSpec) -> JobSpec:
-    """`spec` with each hub revision replaced by the commit it names now, so every worker,
-    restart and export of the run sees the same files even if the branch moves."""
-    updates = {}
-    if is_hub_id(spec.policy.pretrained):
-        commit = resolve_commit(str(spec.policy.pretrained), "model", spec.policy.revision)
-        if commit != spec.policy.revision:
-            log.info(
-                "policy.pretrained=%s at %s is commit %s",
-                spec.policy.pretrained,
-                spec.policy.revision or DEFAULT_REVISION,
-                commit,
-            )
-            updates["policy"] = spec.policy.model_copy(update={"revision": commit})
-    repo = dataset_repo(spec.data.uri)
-    if repo is not None and repo[1] is None:  # a revision inside an hf:// URL stays there
-        commit = resolve_commit(repo[0], "dataset", spec.data.revision)
-        if commit != spec.data.revision:
-            updates["data"] = spec.data.model_copy(update={"revision": commit})
-    return spec.model_copy(update=updates) if updates else spec

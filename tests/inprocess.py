@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from smolvla_ray.checkpoint.writer import upload_checkpoint
 from smolvla_ray.run_layout import checkpoint_dir_name, run_uri
+from smolvla_ray.settings import RunSettings
 from smolvla_ray.spec import JobSpec
 from smolvla_ray.train.checkpointer import TrainState
 from smolvla_ray.train.trainer import WorkerContext, train
@@ -70,14 +71,15 @@ def single_process_group() -> Iterator[None]:
 def train_in_process(
     spec: JobSpec, *, stop_after: int | None = None, feature_cache: str | None = None
 ) -> tuple[TrainState | None, LocalReporter]:
-    """Train `spec` here; with `stop_after`, the run is killed after that step's report."""
+    """Train `spec` here, as a Ray worker would (its `RunSettings`); with `stop_after`, the
+    run is killed after that step's report."""
     reporter = LocalReporter(spec, stop_after=stop_after)
     context = WorkerContext(
         storage_options=spec.storage_options_plain(), feature_cache=feature_cache
     )
     with single_process_group():
         try:
-            return train(spec, reporter, context), reporter
+            return train(RunSettings.from_spec(spec), reporter, context), reporter
         except Killed:
             return None, reporter
 

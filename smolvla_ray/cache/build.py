@@ -32,6 +32,7 @@ from smolvla_ray.keys import FEATURES_SUFFIX
 from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.policy.freezing import trainable_image_towers
 from smolvla_ray.run_layout import cache_root
+from smolvla_ray.settings import RunSettings
 from smolvla_ray.spec import JobSpec
 from smolvla_ray.waits import ResourceWaitTimeout, resource_message, show_resources
 
@@ -160,20 +161,20 @@ def say(message: str) -> None:
 
 
 def encode_episodes(
-    spec_dict: dict, storage_options: Mapping[str, Any], root: str, episodes: list[int]
+    settings: RunSettings, storage_options: Mapping[str, Any], root: str, episodes: list[int]
 ) -> dict[str, float]:
-    """Ray task body: encode and upload the shards of `episodes`; returns timing."""
+    """Ray task body: encode and upload the shards of `episodes`, building the policy as the
+    workers do (from the run's settings); returns timing."""
     from smolvla_ray.build import build_policy, open_dataset
     from smolvla_ray.data.samples import FrameDataset
 
-    spec = JobSpec.model_validate(spec_dict)
-    device = torch.device("cuda" if spec.scaling.use_gpu and torch.cuda.is_available() else "cpu")
-    meta = open_dataset(spec, storage_options=storage_options)
-    policy = build_policy(spec, meta, storage_options=storage_options).to(device).eval()
-    dtype = getattr(torch, spec.data.feature_cache_dtype)
+    device = torch.device("cuda" if settings.use_gpu and torch.cuda.is_available() else "cpu")
+    meta = open_dataset(settings, storage_options=storage_options)
+    policy = build_policy(settings, meta, storage_options=storage_options).to(device).eval()
+    dtype = getattr(torch, settings.data.feature_cache_dtype)
     # The training step's precision: a bf16 run encodes its frames live under bf16 autocast,
     # so its cache does too (the key says which, `encode_precision`).
-    autocast = spec.resolved_precision() == "bf16"
+    autocast = settings.train.precision == "bf16"
     store = CacheStore(root, storage_options)
     # Shards hold the cameras under the policy's keys, each encoded from its renamed source.
     sources = policy.feature_resolution.sources
@@ -246,14 +247,14 @@ def _run_encode_tasks(
                 )
             )
         task = ray.remote(num_cpus=1, num_gpus=bundle.get("GPU", 0))(encode_episodes)
-        spec_dict = spec.public_dict()
+        settings = RunSettings.from_spec(spec)
         options_ref = ray.put(dict(storage_options))
         refs = [
             task.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     reserved, placement_group_bundle_index=i
                 )
-            ).remote(spec_dict, options_ref, root, missing[i::groups])
+            ).remote(settings, options_ref, root, missing[i::groups])
             for i in range(groups)
         ]
         return ray.get(refs)
@@ -268,19 +269,22 @@ def ensure_feature_cache(spec: JobSpec, storage_options: Mapping[str, Any]) -> s
         return None
     from smolvla_ray.build import cached_episodes, open_dataset, resolve_dataset_features
 
+    settings = RunSettings.from_spec(spec)
     blocker = spec.feature_cache_blocker()
     if blocker is None:
         # Model-free: the resolved config (a checkpoint's config.json with the spec's
         # updates) decides, and the weights' files key the cache; only the tasks build it.
-        meta = open_dataset(spec, storage_options=storage_options)
-        config, resolution = resolve_dataset_features(spec, meta, storage_options=storage_options)
+        meta = open_dataset(settings, storage_options=storage_options)
+        config, resolution = resolve_dataset_features(
+            settings, meta, storage_options=storage_options
+        )
         blocker = vision_blocker(config)
     if blocker is not None:
         if mode == "on":
             raise ValueError(f"data.feature_cache='on' but {blocker}; use auto or off")
         say(f"feature cache not used: {blocker}")
         return None
-    wanted = cached_episodes(spec, meta)
+    wanted = cached_episodes(settings, meta)
     plan = plan_cache(
         config,
         episode_frames=[meta.episodes[e].length for e in wanted],
@@ -313,7 +317,7 @@ def ensure_feature_cache(spec: JobSpec, storage_options: Mapping[str, Any]) -> s
             f"data.feature_cache is on, {cost}. To hold it whole, {fix} (auto would train "
             "from video)"
         )
-    inputs = key_inputs(spec, config, resolution, meta, storage_options=storage_options)
+    inputs = key_inputs(settings, config, resolution, meta, storage_options=storage_options)
     root = cache_root(spec.checkpoint.storage, cache_key(inputs))
     store = CacheStore(root, storage_options)
     present = store.shards()

@@ -43,7 +43,7 @@ from smolvla_ray.storage import filesystem, join
 
 if TYPE_CHECKING:
     from smolvla_ray.features import FeatureResolution
-    from smolvla_ray.spec import JobSpec
+    from smolvla_ray.settings import RunSettings
 
 # 2: cameras keyed by policy key with their dataset source; 3: encoded in the run's precision
 FORMAT_VERSION = 3
@@ -96,7 +96,7 @@ def pretrained_weights_file(
 
 
 def vision_identity(
-    spec: JobSpec, config: PolicyConfig, *, storage_options: Mapping[str, Any]
+    settings: RunSettings, config: PolicyConfig, *, storage_options: Mapping[str, Any]
 ) -> dict[str, Any]:
     """What the vision encoder's and connector's weights are, without building the policy.
 
@@ -105,18 +105,19 @@ def vision_identity(
     `load_vlm_weights`: the same towers' tensors in the VLM's weights. A preset with random
     weights: what seeds them (preset, seed, the VLM's architecture).
     """
-    if spec.policy.pretrained:
+    policy = settings.policy
+    if policy.pretrained:
         with tempfile.TemporaryDirectory(prefix="smolvla-cache-key-") as tmp:
             path = pretrained_weights_file(
-                spec.policy.pretrained,
+                policy.pretrained,
                 Path(tmp),
-                revision=spec.policy.revision,
+                revision=policy.revision,
                 storage_options=storage_options,
             )
             digests = safetensors_digests(path, lambda name: name.startswith(VISION_PREFIXES))
         if not digests:
             raise ValueError(
-                f"{spec.policy.pretrained}: its model.safetensors holds no vision encoder "
+                f"{policy.pretrained}: its model.safetensors holds no vision encoder "
                 f"tensor ({VISION_PREFIXES[0]}*); is it a SmolVLA checkpoint?"
             )
         return {"pretrained_weights": combine_digests(digests)}
@@ -130,8 +131,8 @@ def vision_identity(
             )
         return {"vlm_weights": combine_digests(dict(sorted(digests.items())))}
     return {
-        "preset": spec.policy.preset,
-        "seed": spec.train.seed,
+        "preset": policy.preset,
+        "seed": settings.train.seed,
         "vlm_config": _vlm_architecture(config.vlm_model_name),
     }
 
@@ -148,7 +149,7 @@ def _vlm_architecture(vlm_model_name: str) -> dict[str, Any]:
 
 
 def key_inputs(
-    spec: JobSpec,
+    settings: RunSettings,
     config: PolicyConfig,
     resolution: FeatureResolution,
     meta: DatasetMeta,
@@ -167,8 +168,8 @@ def key_inputs(
     sources = resolution.sources
     return {
         "format": FORMAT_VERSION,
-        "dtype": spec.data.feature_cache_dtype,
-        "vision_weights": vision_identity(spec, config, storage_options=storage_options),
+        "dtype": settings.data.feature_cache_dtype,
+        "vision_weights": vision_identity(settings, config, storage_options=storage_options),
         "resize_imgs_with_padding": config.resize_imgs_with_padding,
         # Policy camera -> the dataset camera it is encoded from: swapping two cameras in
         # data.rename_map is another cache, never the other camera's features.
@@ -180,7 +181,7 @@ def key_inputs(
         # The precision the encoder runs in, the run's (bf16 autocast on GPU by default), so
         # that cached features are what a live bf16 step computes; `dtype` is how they are
         # stored.
-        "encode_precision": spec.resolved_precision(),
+        "encode_precision": settings.train.precision,
         "dataset": {
             "url": hub.canonical_dataset_url(storage.url),
             "info": hashlib.sha256(json.dumps(meta.info, sort_keys=True).encode()).hexdigest(),

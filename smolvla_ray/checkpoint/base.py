@@ -14,23 +14,23 @@ from collections.abc import Mapping
 from typing import Any
 
 from smolvla_ray import hub
-from smolvla_ray.spec import JobSpec
+from smolvla_ray.settings import PolicySettings
 
 
-def base_revision(spec: JobSpec) -> dict[str, str | None]:
+def base_revision(policy: PolicySettings) -> dict[str, str | None]:
     """The hub revision of the base and the commit it names (both None off the Hub)."""
     return {
-        "revision": spec.policy.revision,
-        "commit": hub.model_commit(spec.policy.pretrained, spec.policy.revision),
+        "revision": policy.revision,
+        "commit": hub.model_commit(policy.pretrained, policy.revision),
     }
 
 
-def base_identity(spec: JobSpec, frozen_sha256: str) -> dict[str, Any]:
-    """What a checkpoint's `base` must match to be resumed by this run."""
+def base_identity(policy: PolicySettings, frozen_sha256: str) -> dict[str, Any]:
+    """What a checkpoint's `base` must match to be resumed by the run of `policy`."""
     return {
-        "uri": spec.policy.pretrained or f"preset:{spec.policy.preset}",
+        "uri": policy.pretrained or f"preset:{policy.preset}",
         "frozen_sha256": frozen_sha256,
-        **base_revision(spec),
+        **base_revision(policy),
     }
 
 

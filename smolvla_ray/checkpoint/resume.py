@@ -8,7 +8,8 @@ one line) or REFUSED (the checkpoint's state means nothing under the new value, 
 lost: the run does not start, and the error names the field and the fix). A switch may be
 applied one way and refused the other (`train.ema.enable`). A differing field the table does not
 name is refused too: a setting is never silently ignored. The driver checks before Ray
-starts (`check_resume_spec`); the trainer checks again on the checkpoint it restores.
+starts (`prepare.check_resume_spec`); the trainer checks again on the checkpoint it
+restores. Both compare public spec dicts (`RunSettings.spec_json`, `JobSpec.public_dict()`).
 
 Two fields are judged together: a run keeps its global batch for life, so it may resume on
 another `scaling.num_workers` (a preempted job back with fewer or more GPUs) with each
@@ -25,11 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from smolvla_ray import hub
-from smolvla_ray.checkpoint.discovery import list_checkpoints
 from smolvla_ray.checkpoint.format import STATE
-from smolvla_ray.run_layout import run_uri
-from smolvla_ray.spec import JobSpec
+from smolvla_ray.settings import normalized_spec_json
 from smolvla_ray.storage import filesystem, join, with_retries
 
 
@@ -208,18 +206,11 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-def _normalized(recorded: Mapping[str, Any]) -> dict[str, Any]:
-    """The recorded spec with this version's defaults filled in, as the current spec is
-    dumped (a checkpoint of an older version may lack newer fields)."""
-    try:
-        return JobSpec.model_validate(dict(recorded)).public_dict()
-    except ValueError:  # not a valid spec any more: compare what was recorded
-        return dict(recorded)
-
-
-def spec_changes(recorded: Mapping[str, Any], current: JobSpec) -> list[Change]:
-    """Every leaf field whose value differs, in field order."""
-    old, new = _flatten(_normalized(recorded)), _flatten(current.public_dict())
+def spec_changes(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[Change]:
+    """Every leaf field whose value differs between a checkpoint's `recorded` spec (with
+    this version's defaults filled in: an older version may lack newer fields) and the
+    resuming run's public spec dict, in field order."""
+    old, new = _flatten(normalized_spec_json(recorded)), _flatten(current)
     fields = list(dict.fromkeys([*new, *old]))
     return [
         Change(f, old.get(f, _MISSING), new.get(f, _MISSING))
@@ -266,29 +257,27 @@ class _Batch:
         )
 
 
-def resumed_spec(recorded: Mapping[str, Any], current: JobSpec) -> JobSpec:
-    """`current` as it resumes a checkpoint whose spec was `recorded`: on another
-    `scaling.num_workers`, with `train.batch_size` left as recorded, each worker's batch is
-    derived from the recorded global batch (`batch_size x grad_accum_steps x num_workers`,
-    with grad_accum_steps unchanged). Otherwise `current` as it is, also when the global
-    batch does not divide across the new count (`check_resume_changes` refuses that)."""
-    old = _Batch.of(_normalized(recorded))
-    if old is None:
-        return current
-    workers = current.scaling.num_workers
-    if workers == old.workers or current.train.batch_size != old.per_worker:
-        return current  # nothing to derive, or a batch the user chose (checked as such)
-    if old.across_workers % workers:
-        return current
-    train = current.train.model_copy(update={"batch_size": old.across_workers // workers})
-    return current.model_copy(update={"train": train})
+def resumed_spec(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
+    """The public spec dict `current` as it resumes a checkpoint whose spec was `recorded`:
+    on another `scaling.num_workers`, with `train.batch_size` left as recorded, each
+    worker's batch is derived from the recorded global batch (`batch_size x grad_accum_steps
+    x num_workers`, with grad_accum_steps unchanged). Otherwise `current` as it is, also when
+    the global batch does not divide across the new count (`check_resume_changes` refuses
+    that)."""
+    old, new = _Batch.of(normalized_spec_json(recorded)), _Batch.of(current)
+    if old is None or new is None or new.workers == old.workers:
+        return dict(current)  # nothing to derive
+    if new.per_worker != old.per_worker or old.across_workers % new.workers:
+        return dict(current)  # a batch the user chose (checked as such), or refused
+    train = {**current["train"], "batch_size": old.across_workers // new.workers}
+    return {**current, "train": train}
 
 
-def _batch_rules(recorded: Mapping[str, Any], current: JobSpec) -> dict[str, Rule]:
+def _batch_rules(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Rule]:
     """What changes of `train.batch_size` and `scaling.num_workers` do together: applied
     when the samples per micro-batch across all workers (so the global batch) stay, refused
     otherwise, naming the worker counts that keep it."""
-    old, new = _Batch.of(_normalized(recorded)), _Batch.of(current.public_dict())
+    old, new = _Batch.of(normalized_spec_json(recorded)), _Batch.of(current)
     if old is None or new is None or old.accum != new.accum:
         return {}  # a grad_accum_steps change is refused by the table
     if old.across_workers == new.across_workers:
@@ -310,11 +299,12 @@ def _batch_rules(recorded: Mapping[str, Any], current: JobSpec) -> dict[str, Rul
 
 
 def check_resume_changes(
-    recorded: Mapping[str, Any], current: JobSpec, *, checkpoint_uri: str
+    recorded: Mapping[str, Any], current: Mapping[str, Any], *, checkpoint_uri: str
 ) -> list[str]:
-    """Raise ResumeRefused listing every refused (or unknown) change; else the lines that
-    announce the applied ones (empty when nothing changed). `current` is taken as it would
-    run (`resumed_spec`: a batch derived for another worker count)."""
+    """Raise ResumeRefused listing every refused (or unknown) change from `recorded` to the
+    public spec dict `current`; else the lines that announce the applied ones (empty when
+    nothing changed). `current` is taken as it would run (`resumed_spec`: a batch derived
+    for another worker count)."""
     current = resumed_spec(recorded, current)
     rules = _batch_rules(recorded, current)
     changes = [
@@ -324,7 +314,7 @@ def check_resume_changes(
     if refused:
         listing = "\n".join(f"  {c.describe()}" for c in refused)
         raise ResumeRefused(
-            f"cannot resume run {current.name!r} from {checkpoint_uri}: the spec changes "
+            f"cannot resume run {current['name']!r} from {checkpoint_uri}: the spec changes "
             f"{len(refused)} setting(s) that cannot change on resume:\n{listing}\n"
             "Set them back to the checkpoint's values to resume, or start a new run (another "
             "name or checkpoint.storage; checkpoint.from_checkpoint can start it from this "
@@ -338,20 +328,3 @@ def recorded_spec(checkpoint_uri: str, storage_options: Mapping[str, Any]) -> di
     fs, root = filesystem(checkpoint_uri, storage_options)
     raw = with_retries(lambda: fs.cat_file(join(root, STATE)), what=f"read of {checkpoint_uri}")
     return dict(json.loads(raw)["spec"])
-
-
-def check_resume_spec(spec: JobSpec, storage_options: Mapping[str, Any]) -> list[str]:
-    """Before Ray starts: compare `spec` (local paths resolved) with the spec recorded in
-    the run's newest checkpoint whose files have their manifest's sizes (hashes are the
-    trainer's). Raises ResumeRefused; returns the announcements (nothing to resume: [])."""
-    run = run_uri(spec.checkpoint.storage, spec.name)
-    for info in reversed(list_checkpoints(run, storage_options, hashes=False)):
-        if not info.valid:
-            continue
-        try:
-            recorded = recorded_spec(info.uri, storage_options)
-        except (ValueError, KeyError, TypeError):  # altered in place: the trainer skips it
-            continue
-        pinned = hub.pin(spec)  # the run records hub revisions as the commits they named
-        return check_resume_changes(recorded, pinned, checkpoint_uri=info.uri)
-    return []

@@ -19,7 +19,7 @@ from smolvla_ray.checkpoint.format import (
     optimizer_tensors,
     write_checkpoint,
 )
-from smolvla_ray.spec import JobSpec
+from smolvla_ray.settings import RunSettings
 from smolvla_ray.storage import join, with_retries
 
 if TYPE_CHECKING:
@@ -27,18 +27,20 @@ if TYPE_CHECKING:
 
 
 class CheckpointWriter:
-    """Writes checkpoints of one run; knows the spec and the base weights' identity."""
+    """Writes checkpoints of one run; knows its spec and the base weights' identity."""
 
-    def __init__(self, *, spec: JobSpec, policy: SmolVLAPolicy, base_fingerprint: str) -> None:
-        self.spec_json = spec.public_dict()  # without secrets; loads back into a JobSpec
+    def __init__(
+        self, *, settings: RunSettings, policy: SmolVLAPolicy, base_fingerprint: str
+    ) -> None:
+        self.spec_json = dict(settings.spec_json)  # without secrets; loads back into a JobSpec
         self.policy = policy
         self.base = {
             # uri, frozen fingerprint, the hub revision and its commit (None off the Hub)
-            **base_identity(spec, base_fingerprint),
+            **base_identity(settings.policy, base_fingerprint),
             # Where a preset's VLM weights came from (None: random init, or inside `uri`).
             "vlm_weights": (
                 policy.config.vlm_model_name
-                if spec.policy.preset is not None and policy.config.load_vlm_weights
+                if settings.policy.preset is not None and policy.config.load_vlm_weights
                 else None
             ),
         }

@@ -29,8 +29,8 @@ from torch import Tensor
 
 
 class AugmentSettings(Protocol):
-    """The augmentation settings (the job spec's `data.augment` section satisfies this; the
-    data layer does not import the spec)."""
+    """The augmentation settings (`settings.AugmentSettings` satisfies this, as does the job
+    spec's `data.augment` section; the data layer imports neither)."""
 
     enable: bool
     max_num_transforms: int

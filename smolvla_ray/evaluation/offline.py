@@ -91,9 +91,9 @@ def default_episodes(
     trained_on = (spec or {}).get("data", {}).get("uri")
     if spec and spec.get("eval") and trained_on and absolute(trained_on) == absolute(data):
         from smolvla_ray.build import eval_episodes
-        from smolvla_ray.spec import JobSpec
+        from smolvla_ray.settings import RunSettings
 
-        held = eval_episodes(JobSpec.model_validate(spec), meta)
+        held = eval_episodes(RunSettings.from_spec_json(spec), meta)
         return held, "the checkpoint's held-out episodes"
     return select_episodes(meta, None), "every episode"
 

@@ -5,11 +5,11 @@ the written directory to its reporter, which uploads it.
 Resume discovery is the run directory's newest checkpoint whose manifest verifies, else
 `checkpoint.from_checkpoint`; a checkpoint trained on another base (commit or frozen
 fingerprint) is refused, since its trained tensors mean nothing on another backbone. Spec
-changes since the checkpoint follow one table (`checkpoint/resume.py`): refused on a resume
-of the run's own checkpoint, otherwise applied (the optimizer's hyperparameters are set on
-the restored optimizer) and announced. A resume on another number of workers keeps the
-run's global batch (`resume_spec`) and reads the data cursor, a global position, whatever
-rank it is on.
+changes since the checkpoint (its recorded spec against the run's `spec_json`) follow one
+table (`checkpoint/resume.py`): refused on a resume of the run's own checkpoint, otherwise
+applied (the optimizer's hyperparameters are set on the restored optimizer) and announced.
+A resume on another number of workers keeps the run's global batch (`resume_settings`) and
+reads the data cursor, a global position, whatever rank it is on.
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ from smolvla_ray.checkpoint.format import LoadedCheckpoint, load_optimizer_state
 from smolvla_ray.checkpoint.resume import check_resume_changes, resumed_spec, spec_changes
 from smolvla_ray.checkpoint.writer import CheckpointWriter
 from smolvla_ray.policy.modeling import SmolVLAPolicy
-from smolvla_ray.run_layout import run_uri
 from smolvla_ray.scratch import make_scratch_dir, scratch_tempdir
-from smolvla_ray.spec import JobSpec
+from smolvla_ray.settings import OptimizerSettings, RunSettings
 from smolvla_ray.train.ema import WeightEMA
 
 
@@ -99,12 +98,12 @@ class Restored:
     """One line per spec change applied on this resume (rank 0 announces them)."""
 
 
-def resume_source(spec: JobSpec, storage_options: Mapping[str, Any]) -> str | None:
+def resume_source(settings: RunSettings, storage_options: Mapping[str, Any]) -> str | None:
     """The newest verified checkpoint of the run, else `checkpoint.from_checkpoint`."""
-    info = latest_valid_checkpoint(run_uri(spec.checkpoint.storage, spec.name), storage_options)
+    info = latest_valid_checkpoint(settings.run_uri, storage_options)
     if info is not None:
         return info.uri
-    return spec.checkpoint.from_checkpoint
+    return settings.checkpoint.from_checkpoint
 
 
 def load_checkpoint(uri: str, storage_options: Mapping[str, Any]) -> LoadedCheckpoint:
@@ -114,29 +113,29 @@ def load_checkpoint(uri: str, storage_options: Mapping[str, Any]) -> LoadedCheck
         return read_checkpoint(fetch_checkpoint(uri, Path(tmp), storage_options))
 
 
-def resume_changes(spec: JobSpec, uri: str, loaded: LoadedCheckpoint) -> list[str]:
+def resume_changes(settings: RunSettings, uri: str, loaded: LoadedCheckpoint) -> list[str]:
     """The spec changes since `loaded` was written, one line each: refused (ResumeRefused)
     on a resume of the run's own checkpoint where the table says so, else applied. The
     trainer asks before it builds a loader from the checkpoint's cursor, so a refused change
     (say, the batch size) is reported as such, not as a cursor mismatch."""
-    if uri == spec.checkpoint.from_checkpoint:  # a new run: only announce
-        return [
-            f"resume: {c.describe()}" for c in spec_changes(loaded.state.spec, spec) if c.applied
-        ]
+    recorded, current = loaded.state.spec, settings.spec_json
+    if uri == settings.checkpoint.from_checkpoint:  # a new run: only announce
+        return [f"resume: {c.describe()}" for c in spec_changes(recorded, current) if c.applied]
     # The run's own checkpoint (the driver checked it too, before Ray started).
-    return check_resume_changes(loaded.state.spec, spec, checkpoint_uri=uri)
+    return check_resume_changes(recorded, current, checkpoint_uri=uri)
 
 
-def resume_spec(spec: JobSpec, uri: str, loaded: LoadedCheckpoint) -> JobSpec:
-    """The spec a resume from `loaded` (`uri`'s content) trains with, after `resume_changes`
-    (a refused change raises here): on the run's own checkpoint and another
+def resume_settings(settings: RunSettings, uri: str, loaded: LoadedCheckpoint) -> RunSettings:
+    """The settings a resume from `loaded` (`uri`'s content) trains with, after
+    `resume_changes` (a refused change raises here): on the run's own checkpoint and another
     `scaling.num_workers`, each worker's `train.batch_size` is derived from the recorded
     global batch (`checkpoint/resume.resumed_spec`). A new run from
-    `checkpoint.from_checkpoint` takes its spec as written."""
-    resume_changes(spec, uri, loaded)
-    if uri == spec.checkpoint.from_checkpoint:
-        return spec
-    return resumed_spec(loaded.state.spec, spec)
+    `checkpoint.from_checkpoint` takes its settings as written."""
+    resume_changes(settings, uri, loaded)
+    if uri == settings.checkpoint.from_checkpoint:
+        return settings
+    resumed = resumed_spec(loaded.state.spec, settings.spec_json)
+    return settings if resumed == settings.spec_json else RunSettings.from_spec_json(resumed)
 
 
 def data_cursor(loaded: LoadedCheckpoint) -> dict[str, Any]:
@@ -150,20 +149,22 @@ class Checkpointer:
 
     def __init__(
         self,
-        spec: JobSpec,
+        settings: RunSettings,
         policy: SmolVLAPolicy,
         *,
         base_fingerprint: str,
         storage_options: Mapping[str, Any],
     ) -> None:
-        self.spec = spec
+        self.settings = settings
         self.storage_options = dict(storage_options)
         self.base_fingerprint = base_fingerprint
-        self.writer = CheckpointWriter(spec=spec, policy=policy, base_fingerprint=base_fingerprint)
+        self.writer = CheckpointWriter(
+            settings=settings, policy=policy, base_fingerprint=base_fingerprint
+        )
 
     @property
     def run_uri(self) -> str:
-        return run_uri(self.spec.checkpoint.storage, self.spec.name)
+        return self.settings.run_uri
 
     def restore(
         self,
@@ -179,21 +180,22 @@ class Checkpointer:
     ) -> Restored:
         """Put `loaded` (`uri`'s content, `load_checkpoint`) in place: trainable tensors,
         optimizer, scheduler, (on the same number of workers) this rank's RNG and the
-        EMA (`ema`, when the run keeps one), after checking it was trained on this run's base."""
-        current = base_identity(self.spec, self.base_fingerprint)
+        EMA (`ema`, when the run keeps one), after checking it was trained on this run's
+        base."""
+        current = base_identity(self.settings.policy, self.base_fingerprint)
         check_resume_base(loaded.state.base, current, checkpoint_uri=uri)
         restored = _restore(
             loaded, ddp, optimizer, scheduler, rank=rank, world_size=world_size, source=uri
         )
-        apply_optimizer_settings(self.spec, optimizer, scheduler)
-        restored.changes = resume_changes(self.spec, uri, loaded)
+        apply_optimizer_settings(self.settings.train.optimizer, optimizer, scheduler)
+        restored.changes = resume_changes(self.settings, uri, loaded)
         restored.changes += _restore_ema(ema, loaded, ddp.module.names)
         return restored
 
     def should_save(self, step: int, *, interrupt: bool = False) -> bool:
         """At `checkpoint.every_steps`, at the last step, and when an interrupt asks."""
-        every = self.spec.checkpoint.every_steps
-        last = step == self.spec.train.steps
+        every = self.settings.checkpoint.every_steps
+        last = step == self.settings.train.steps
         return last or interrupt or bool(every and step % every == 0)
 
     def write(
@@ -283,11 +285,10 @@ def _restore(
     return Restored(train_state, cursor, source)
 
 
-def apply_optimizer_settings(spec: JobSpec, optimizer, scheduler) -> None:
-    """Set this spec's optimizer hyperparameters on a restored optimizer, whose param groups
+def apply_optimizer_settings(opt: OptimizerSettings, optimizer, scheduler) -> None:
+    """Set this run's optimizer hyperparameters on a restored optimizer, whose param groups
     came from the checkpoint, and continue the schedule at the current step with this
-    spec's peak lr. Unchanged values give the very same lr (resume stays exact)."""
-    opt = spec.train.optimizer
+    run's peak lr. Unchanged values give the very same lr (resume stays exact)."""
     for group in optimizer.param_groups:
         group.update(
             betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay, initial_lr=opt.lr

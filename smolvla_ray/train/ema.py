@@ -33,7 +33,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from smolvla_ray.spec.sections import EmaSpec
+from smolvla_ray.settings import EmaSettings
 
 
 class WeightEMA:
@@ -55,12 +55,12 @@ class WeightEMA:
         self.reset()
 
     @classmethod
-    def from_spec(cls, spec: EmaSpec, params: Sequence[Tensor]) -> WeightEMA | None:
-        """The EMA `spec` asks for, started from `params` as they are; None when it is off."""
-        if not spec.enable:
+    def from_settings(cls, ema: EmaSettings | None, params: Sequence[Tensor]) -> WeightEMA | None:
+        """The EMA `ema` asks for, started from `params` as they are; None when it is off."""
+        if ema is None:
             return None
         return cls(
-            params, decay=spec.decay, start_step=spec.start_step, update_every=spec.update_every
+            params, decay=ema.decay, start_step=ema.start_step, update_every=ema.update_every
         )
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
-"""The Ray adapter: what Ray Train's TorchTrainer runs on every worker. It reads the worker's
+"""The Ray adapter: what Ray Train's TorchTrainer runs on every worker. It turns the spec's
+public dict of the loop config back into the run's `RunSettings`, reads the worker's
 context, installs the SIGTERM/preemption handling and hands `trainer.train` a reporter that
 turns each report that saves into `ray.train.report` (rank 0's checkpoint uploaded by our
 retrying upload function, asynchronously unless an interrupt needs it to land first)."""
@@ -19,9 +20,9 @@ from ray.train.v2.api.report_config import CheckpointConsistencyMode, Checkpoint
 from ray.train.v2.api.reported_checkpoint import ReportedCheckpointStatus
 
 from smolvla_ray.checkpoint.writer import upload_checkpoint
-from smolvla_ray.run_layout import checkpoint_dir_name, run_uri
+from smolvla_ray.run_layout import checkpoint_dir_name
+from smolvla_ray.settings import RunSettings
 from smolvla_ray.shared_storage import marker_problem, not_shared_message
-from smolvla_ray.spec import JobSpec
 from smolvla_ray.storage import filesystem
 from smolvla_ray.train.evaluation import CHECKPOINT_STEP
 from smolvla_ray.train.interrupt import Interrupts
@@ -29,7 +30,7 @@ from smolvla_ray.train.sample_log import sample_log_path
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point; `loop_config` comes from `loop_config(spec)`."""
+    """Ray Train entry point; `loop_config` comes from `loop_config(settings, ...)`."""
     # Imported here, on the worker: the driver imports this module only to name this
     # function, and the model's imports (transformers) would cost it seconds on every run.
     from smolvla_ray.train.trainer import WorkerContext, train
@@ -39,10 +40,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # logger is named after the module's file, not its dotted name.)
     logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
 
-    spec = JobSpec.model_validate(loop_config["spec"])
+    settings = RunSettings.from_spec_json(loop_config["spec"])
     storage_options = ray.get(loop_config["storage_options_ref"])
     ray_context = ray.train.get_context()
-    device = ray.train.torch.get_device() if spec.scaling.use_gpu else torch.device("cpu")
+    device = ray.train.torch.get_device() if settings.use_gpu else torch.device("cpu")
     context = WorkerContext(
         rank=ray_context.get_world_rank(),
         world_size=ray_context.get_world_size(),
@@ -51,20 +52,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         feature_cache=loop_config.get("feature_cache"),
         sample_log=loop_config.get("sample_log"),
     )
-    check_shared_storage(spec, loop_config.get("shared_token"), storage_options)
-    reporter = RayReporter(spec, storage_options)
+    check_shared_storage(settings, loop_config.get("shared_token"), storage_options)
+    reporter = RayReporter(settings, storage_options)
     interrupts = Interrupts(device=device, stop_key=loop_config.get("stop_key"), rank=context.rank)
-    train(spec, reporter, context, interrupts=interrupts)
+    train(settings, reporter, context, interrupts=interrupts)
 
 
 class RayReporter:
     """`trainer.Reporter` over `ray.train.report`."""
 
-    def __init__(self, spec: JobSpec, storage_options: Mapping[str, Any]) -> None:
-        self.upload_fn = checkpoint_upload_fn(spec.checkpoint.storage, storage_options)
+    def __init__(self, settings: RunSettings, storage_options: Mapping[str, Any]) -> None:
+        self.upload_fn = checkpoint_upload_fn(settings.checkpoint.storage, storage_options)
         self.mode = (
             CheckpointUploadMode.ASYNC
-            if spec.checkpoint.upload_mode == "async"
+            if settings.checkpoint.upload_mode == "async"
             else CheckpointUploadMode.SYNC
         )
         self._seen: set[int] = set()  # checkpoint steps whose async evaluation was handed on
@@ -134,21 +135,23 @@ def checkpoint_upload_fn(
 
 
 def loop_config(
-    spec: JobSpec,
+    settings: RunSettings,
+    storage_options: Mapping[str, Any],
     *,
     feature_cache: str | None = None,
     stop_key: str | None = None,
     shared_token: str | None = None,
 ) -> dict[str, Any]:
-    """The train_loop_config for `spec`: the spec without secrets (Ray records this config
-    in its run state), a reference to the storage options in Ray's object store, which
-    workers read from memory, the key the driver's stop request is written under, and the
-    token of the run directory's shared-storage marker (None: a single-node private Ray),
-    and the driver's `SMOLVLA_RAY_SAMPLE_LOG` (train/sample_log.py), which workers of a Ray
-    started earlier would not inherit."""
+    """The train_loop_config for the run of `settings`: its spec's public dict, without
+    secrets (Ray records this config in its run state; each worker validates it again into
+    `RunSettings`), a reference to `storage_options` (secrets revealed) in Ray's object
+    store, which workers read from memory, the key the driver's stop request is written
+    under, the token of the run directory's shared-storage marker (None: a single-node
+    private Ray), and the driver's `SMOLVLA_RAY_SAMPLE_LOG` (train/sample_log.py), which
+    workers of a Ray started earlier would not inherit."""
     return {
-        "spec": spec.public_dict(),
-        "storage_options_ref": ray.put(spec.storage_options_plain()),
+        "spec": dict(settings.spec_json),
+        "storage_options_ref": ray.put(dict(storage_options)),
         "feature_cache": feature_cache,
         "stop_key": stop_key,
         "shared_token": shared_token,
@@ -156,12 +159,14 @@ def loop_config(
     }
 
 
-def check_shared_storage(spec: JobSpec, token: str | None, options: Mapping[str, Any]) -> None:
+def check_shared_storage(
+    settings: RunSettings, token: str | None, options: Mapping[str, Any]
+) -> None:
     """Refuse to train on a node that does not see the driver's run directory (a node that
     joined after the driver's check); see shared_storage.py."""
     if token is None:
         return
-    problem = marker_problem(run_uri(spec.checkpoint.storage, spec.name), token, options)
+    problem = marker_problem(settings.run_uri, token, options)
     if problem:
         node = ray.util.get_node_ip_address()
-        raise ValueError(not_shared_message(spec.checkpoint.storage, node, problem))
+        raise ValueError(not_shared_message(settings.checkpoint.storage, node, problem))

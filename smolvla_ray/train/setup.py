@@ -17,12 +17,12 @@ from smolvla_ray.data.meta import DatasetMeta
 from smolvla_ray.data.samples import FrameDataset
 from smolvla_ray.data.storage import FileCache, Storage, node_cache_dir
 from smolvla_ray.policy.modeling import SmolVLAPolicy
-from smolvla_ray.spec import JobSpec
+from smolvla_ray.settings import RunSettings
 from smolvla_ray.train.evaluation import HeldOut, evenly_spaced
 
 
 def build_loader(
-    spec: JobSpec,
+    settings: RunSettings,
     meta: DatasetMeta,
     policy: SmolVLAPolicy,
     *,
@@ -44,21 +44,19 @@ def build_loader(
     floats. For a CUDA `device` batches are collated into pinned memory."""
     sources = policy.feature_resolution.sources  # policy camera key -> dataset camera key
     processor = policy.processor
-    augment = spec.data.augment if spec.data.augment.enable else None
+    augment, seed = settings.data.augment, settings.train.seed
     dataset = _frames(
-        spec, meta, policy, run_episodes(spec, meta), storage_options=storage_options,
+        settings, meta, policy, run_episodes(settings, meta), storage_options=storage_options,
         features=features, uint8=augment is None,
     )  # fmt: skip
-    augmenter = (
-        SampleAugmenter(augment, tuple(sources.values()), seed=spec.train.seed) if augment else None
-    )
+    augmenter = SampleAugmenter(augment, tuple(sources.values()), seed=seed) if augment else None
     return ShardedLoader(
         dataset,
-        batch_size=spec.train.batch_size,
+        batch_size=settings.train.batch_size,
         rank=rank,
         world_size=world_size,
-        seed=spec.train.seed,
-        num_workers=spec.data.num_loader_workers,
+        seed=seed,
+        num_workers=settings.data.num_loader_workers,
         cursor=cursor,
         sample_transform=augmenter,
         batch_transform=processor.preprocess if processor is not None else None,
@@ -67,7 +65,7 @@ def build_loader(
 
 
 def build_held_out(
-    spec: JobSpec,
+    settings: RunSettings,
     meta: DatasetMeta,
     policy: SmolVLAPolicy,
     *,
@@ -77,24 +75,24 @@ def build_held_out(
     """The run's held-out samples (None without an eval section): the frames of the
     held-out episodes, read like the training frames (the feature cache when it is on),
     never augmented, `eval.max_samples` of them evenly spaced."""
-    if spec.eval is None:
+    if settings.eval is None:
         return None
     dataset = _frames(
-        spec, meta, policy, eval_episodes(spec, meta), storage_options=storage_options,
+        settings, meta, policy, eval_episodes(settings, meta), storage_options=storage_options,
         features=features, uint8=True,
     )  # fmt: skip
     processor = policy.processor
     return HeldOut(
         dataset,
-        evenly_spaced(len(dataset), spec.eval.max_samples),  # type: ignore[arg-type]
-        batch_size=spec.eval_batch_size(),
-        num_workers=min(spec.data.num_loader_workers, 1),
+        evenly_spaced(len(dataset), settings.eval.max_samples),  # type: ignore[arg-type]
+        batch_size=settings.eval.batch_size,
+        num_workers=min(settings.data.num_loader_workers, 1),
         transform=processor.preprocess if processor is not None else None,
     )
 
 
 def _frames(
-    spec: JobSpec,
+    settings: RunSettings,
     meta: DatasetMeta,
     policy: SmolVLAPolicy,
     episodes: list[int],
@@ -106,8 +104,8 @@ def _frames(
     """The frames of `episodes` (video through the node's file cache, or cached features),
     as uint8 images when asked and the processor leaves images alone."""
     cache = FileCache(
-        directory=node_cache_dir(spec.data.cache_dir) / "files",
-        max_bytes=spec.data.cache_max_bytes,
+        directory=node_cache_dir(settings.data.cache_dir) / "files",
+        max_bytes=settings.data.cache_max_bytes,
     )
     sources = policy.feature_resolution.sources  # policy camera key -> dataset camera key
     processor = policy.processor
@@ -127,7 +125,10 @@ def _frames(
 
 
 def fetch_feature_cache(
-    spec: JobSpec, meta: DatasetMeta, feature_cache: str | None, storage_options: Mapping[str, Any]
+    settings: RunSettings,
+    meta: DatasetMeta,
+    feature_cache: str | None,
+    storage_options: Mapping[str, Any],
 ) -> FeatureShards | None:
     """The feature cache at `feature_cache` as this node reads it (None without a cache),
     its node-local copy warmed first.
@@ -141,9 +142,8 @@ def fetch_feature_cache(
     download never holds the other workers inside one until the collective timeout."""
     if not feature_cache:
         return None
-    cache = FileCache(
-        node_cache_dir(spec.data.cache_dir) / "features", max_bytes=spec.data.cache_max_bytes
-    )
+    data = settings.data
+    cache = FileCache(node_cache_dir(data.cache_dir) / "features", max_bytes=data.cache_max_bytes)
     shards = FeatureShards(Storage(feature_cache, storage_options), cache)
-    shards.warm(cached_episodes(spec, meta))
+    shards.warm(cached_episodes(settings, meta))
     return shards

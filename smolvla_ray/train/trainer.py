@@ -34,15 +34,15 @@ from smolvla_ray.policy.fingerprint import (
 )
 from smolvla_ray.policy.modeling import SmolVLAPolicy
 from smolvla_ray.progress_line import PREFIX, format_progress_line
-from smolvla_ray.run_layout import checkpoint_dir_name, run_uri
-from smolvla_ray.spec import JobSpec
+from smolvla_ray.run_layout import checkpoint_dir_name
+from smolvla_ray.settings import RunSettings
 from smolvla_ray.train.checkpointer import (
     Checkpointer,
     TrainState,
     data_cursor,
     load_checkpoint,
+    resume_settings,
     resume_source,
-    resume_spec,
 )
 from smolvla_ray.train.ddp import CommCounter, collective_timeout_s, wrap_ddp
 from smolvla_ray.train.ema import WeightEMA
@@ -115,46 +115,46 @@ class WorkerContext:
 
 
 def train(
-    spec: JobSpec,
+    settings: RunSettings,
     reporter: Reporter,
     context: WorkerContext | None = None,
     *,
     interrupts: Interrupter | None = None,
 ) -> TrainState:
-    """Run (or resume) `spec`'s finetune on this worker; returns the final state."""
+    """Run (or resume) the finetune of `settings` on this worker; returns the final state."""
     context = context or WorkerContext()
     interrupts = interrupts or NoInterrupts()
     rank, device, options = context.rank, context.device, context.storage_options
 
-    meta = open_dataset(spec, storage_options=options)
+    meta = open_dataset(settings, storage_options=options)
     # Resume: rank 0 finds the checkpoint and tells the others (the first collective, made
     # before any long work), and every rank loads it.
-    source = _broadcast(resume_source(spec, options) if rank == 0 else None)
+    source = _broadcast(resume_source(settings, options) if rank == 0 else None)
     loaded = load_checkpoint(source, options) if source is not None else None
     if source is not None and loaded is not None:
         # A refused change stops here, before its use; on another number of workers each
         # worker's batch is derived from the run's global batch.
-        spec = resume_spec(spec, source, loaded)
+        settings = resume_settings(settings, source, loaded)
     # Then everything slow that needs no other worker, before the next collective
     # (fingerprints, DDP's broadcast), so that a long download never holds the others inside
     # one until the collective timeout: the node's copy of the feature cache, the policy,
     # and this rank's first step of batches (their video files fetched).
-    features = fetch_feature_cache(spec, meta, context.feature_cache, options)
-    policy = build_policy(spec, meta, storage_options=options)
+    features = fetch_feature_cache(settings, meta, context.feature_cache, options)
+    policy = build_policy(settings, meta, storage_options=options)
     loader = build_loader(
-        spec, meta, policy, rank=rank, world_size=context.world_size,
+        settings, meta, policy, rank=rank, world_size=context.world_size,
         cursor=data_cursor(loaded) if loaded is not None else None,
         storage_options=options, device=device, features=features,
     )  # fmt: skip
     batches = iter(loader)
-    first_step = [next(batches) for _ in range(spec.train.grad_accum_steps)]
-    held_out = build_held_out(spec, meta, policy, storage_options=options, features=features)
-    w = _build(spec, context, meta, policy)  # DDP over the trainable view, optimizer, schedule
+    first_step = [next(batches) for _ in range(settings.train.grad_accum_steps)]
+    held_out = build_held_out(settings, meta, policy, storage_options=options, features=features)
+    w = _build(settings, context, meta, policy)  # DDP over the trainable view, optimizer, schedule
     ddp, optimizer, scheduler = w.ddp, w.optimizer, w.scheduler
-    ema = WeightEMA.from_spec(spec.train.ema, ddp.module.params)  # None when off
+    ema = WeightEMA.from_settings(settings.train.ema, ddp.module.params)  # None when off
 
     checkpointer = Checkpointer(
-        spec, w.policy, base_fingerprint=w.base_fingerprint, storage_options=options
+        settings, w.policy, base_fingerprint=w.base_fingerprint, storage_options=options
     )
     state = TrainState()
     if source is not None and loaded is not None:
@@ -183,23 +183,23 @@ def train(
             f"{trainable:,} trainable, {total - trainable:,} frozen"
             + (f"; collective timeout {timeout:g} s" if timeout is not None else "")
         )
-    metrics_log = _metrics_log(spec, options) if rank == 0 else None
+    metrics_log = _metrics_log(settings, options) if rank == 0 else None
 
     # Step, report, checkpoint.
-    autocast_dtype = torch.bfloat16 if spec.resolved_precision() == "bf16" else None
+    autocast_dtype = torch.bfloat16 if settings.train.precision == "bf16" else None
     window = MetricWindow(world_size=context.world_size)
     run_start, start_step, last_report_s = time.perf_counter(), state.step, 0.0
     metrics: dict[str, Any] = {}
-    async_eval = spec.eval is not None and spec.eval.mode == "async"
-    while state.step < spec.train.steps:
+    async_eval = settings.eval is not None and settings.eval.mode == "async"
+    while state.step < settings.train.steps:
         wait_start = time.perf_counter()
-        micro = first_step or [next(batches) for _ in range(spec.train.grad_accum_steps)]
+        micro = first_step or [next(batches) for _ in range(settings.train.grad_accum_steps)]
         first_step = []
         data_wait = time.perf_counter() - wait_start
         result = train_step(
             ddp, micro, optimizer=optimizer, scheduler=scheduler, step=state.step,
-            seed=spec.train.seed, grad_clip_norm=spec.train.optimizer.grad_clip_norm, device=device,
-            autocast_dtype=autocast_dtype,
+            seed=settings.train.seed, grad_clip_norm=settings.train.optimizer.grad_clip_norm,
+            device=device, autocast_dtype=autocast_dtype,
         )  # fmt: skip
         state.step += 1
         if ema is not None:  # on the device, moved only by a step that was applied
@@ -210,30 +210,30 @@ def train(
                 world_size=context.world_size, micro_batches=micro,
             )  # fmt: skip
         window.add(state.step, result, data_wait_s=data_wait, comm_bytes=w.comm.take())
-        check = spec.train.check_replicas_every
-        if check and (state.step % check == 0 or state.step == spec.train.steps):
+        check = settings.train.check_replicas_every
+        if check and (state.step % check == 0 or state.step == settings.train.steps):
             _check_replicas(ddp, w.policy, w.local_frozen)
 
         interrupt = interrupts.poll()  # agreed by all ranks
-        evaluate = held_out is not None and _evaluation_step(spec, state.step, "inline")
-        validate = _evaluation_step(spec, state.step, "async")  # an async one, on this step's
+        evaluate = held_out is not None and _evaluation_step(settings, state.step, "inline")
+        validate = _evaluation_step(settings, state.step, "async")  # an async one, on this step's
         save = validate or checkpointer.should_save(state.step, interrupt=interrupt.checkpoint)
         # Metrics are summarised across workers (a collective) at log_every, evaluation and
         # checkpoint steps only; of these reports, the Ray adapter passes on those that save
         # (loop.py).
-        if not (save or evaluate or validate or state.step % spec.train.log_every == 0):
+        if not (save or evaluate or validate or state.step % settings.train.log_every == 0):
             continue
         state.epoch = loader.epoch
         # The window's device values are read here, not at every step (train/step.py);
         # a non-finite step was never applied, and is counted or stops the run now.
         summary, nonfinite = window.summary()
         for bad_step in nonfinite:
-            _on_nonfinite(spec, state, bad_step)
+            _on_nonfinite(settings, state, bad_step)
         state.evaluation = {}
         patience_out = False
         if evaluate and held_out is not None:
             patience_out = _evaluate(
-                spec, state, w.policy, held_out, context, autocast_dtype, ema=ema
+                settings, state, w.policy, held_out, context, autocast_dtype, ema=ema
             )
             save = save or patience_out  # the run ends here: with a checkpoint
             window.started = time.perf_counter()  # the evaluation is not training time
@@ -241,7 +241,7 @@ def train(
         if async_eval:  # async evaluations finished since the last report, logged now
             arrived = _broadcast(reporter.validated(wait=False) if rank == 0 else None)
             arrived_any = bool(arrived)
-            patience_out = _record_async(spec, state, arrived)
+            patience_out = _record_async(settings, state, arrived)
             save = save or patience_out
         metrics = {"step": state.step, "epoch": state.epoch, **summary, **state.evaluation,
                    **(state.evaluation_log if arrived_any else {}),
@@ -265,10 +265,10 @@ def train(
             metrics_log.append(metrics)
         if rank == 0:
             done = max(state.step - start_step, 1)
-            eta = (time.perf_counter() - run_start) / done * (spec.train.steps - state.step)
+            eta = (time.perf_counter() - run_start) / done * (settings.train.steps - state.step)
             line = format_progress_line(
                 step=state.step,
-                total_steps=spec.train.steps,
+                total_steps=settings.train.steps,
                 loss=metrics["loss"],
                 lr=result.lr,
                 samples_per_s=metrics["samples_per_s"],
@@ -294,23 +294,23 @@ def train(
             break
         if patience_out:
             if rank == 0:
-                assert spec.eval is not None
+                assert settings.eval is not None
                 say(
-                    f"stopping early at step {state.step}: {spec.eval.metric} has not improved "
+                    f"stopping early at step {state.step}: {settings.eval.metric} has not improved "
                     f"for {state.evals_since_best} evaluation(s) (eval.patience="
-                    f"{spec.eval.patience}); best {state.best_metric:.6g} at step "
+                    f"{settings.eval.patience}); best {state.best_metric:.6g} at step "
                     f"{state.best_step}. Checkpoint: {checkpoint_dir_name(state.step)}"
                 )
             break
-        if interrupt.exit and state.step < spec.train.steps:
+        if interrupt.exit and state.step < settings.train.steps:
             interrupts.exit_after_checkpoint(
                 step=state.step, checkpoint_dir=checkpoint_dir_name(state.step)
             )
         last_report_s = time.perf_counter() - report_start
-    if async_eval and state.step == spec.train.steps:
+    if async_eval and state.step == settings.train.steps:
         # The run's last evaluations, waited for: their results join the final record.
         arrived = _broadcast(reporter.validated(wait=True) if rank == 0 else None)
-        _record_async(spec, state, arrived)
+        _record_async(settings, state, arrived)
         if metrics_log is not None and arrived and metrics:
             metrics_log.append({**metrics, **state.evaluation_log, **state.counters()})
     if metrics_log is not None:
@@ -318,35 +318,35 @@ def train(
     return state
 
 
-def _evaluation_step(spec: JobSpec, step: int, mode: str) -> bool:
+def _evaluation_step(settings: RunSettings, step: int, mode: str) -> bool:
     """Whether `step` ends with an evaluation of `mode`: every `eval.every_steps` and the
     last step."""
-    ev = spec.eval
+    ev = settings.eval
     if ev is None or ev.mode != mode:
         return False
-    return step % ev.every_steps == 0 or step == spec.train.steps
+    return step % ev.every_steps == 0 or step == settings.train.steps
 
 
 def _record_async(
-    spec: JobSpec, state: TrainState, arrived: list[tuple[int, dict[str, float]]]
+    settings: RunSettings, state: TrainState, arrived: list[tuple[int, dict[str, float]]]
 ) -> bool:
     """Record async evaluations of earlier checkpoints (their best, patience); the newest
     joins this step's metrics (`state.evaluation_log`): when several arrive between two
     reports the sinks get the newest, and every one is in the run's `eval/` tables. True
     when patience ran out."""
-    assert spec.eval is not None
+    assert settings.eval is not None
     state.evaluation_log = {}
     for step, summary in arrived:
         state.record_evaluation(
-            summary, metric=spec.eval.metric, mode=spec.eval.metric_mode, step=step
+            summary, metric=settings.eval.metric, mode=settings.eval.metric_mode, step=step
         )
         state.evaluation_log = dict(summary)
-    patience = spec.eval.patience
+    patience = settings.eval.patience
     return bool(arrived) and patience is not None and state.evals_since_best >= patience
 
 
 def _evaluate(
-    spec: JobSpec,
+    settings: RunSettings,
     state: TrainState,
     policy: SmolVLAPolicy,
     held_out: HeldOut,
@@ -358,17 +358,19 @@ def _evaluate(
     """Evaluate the held-out samples, sharded across the workers (one all-reduce), with the
     EMA weights when the run keeps an EMA (the raw ones back afterwards); record the result
     in `state` and rank 0's table in `<run>/eval/`. True when patience ran out."""
-    assert spec.eval is not None
+    assert settings.eval is not None
     start = time.perf_counter()
     with ema.swapped_in() if ema is not None else nullcontext():
         sums = evaluate_batches(
             policy, held_out.batches(rank=context.rank, world_size=context.world_size),
-            seed=spec.train.seed, device=context.device, autocast_dtype=autocast_dtype,
+            seed=settings.train.seed, device=context.device, autocast_dtype=autocast_dtype,
         )  # fmt: skip
     weights: Literal["ema", "raw"] = "ema" if ema is not None else "raw"
     sums.all_reduce()
     summary = {**sums.summary(), "eval/seconds": time.perf_counter() - start}
-    best = state.record_evaluation(summary, metric=spec.eval.metric, mode=spec.eval.metric_mode)
+    best = state.record_evaluation(
+        summary, metric=settings.eval.metric, mode=settings.eval.metric_mode
+    )
     if context.rank == 0:
         say(
             f"evaluation at step {state.step}{' of the EMA weights' if ema else ''}: loss "
@@ -379,10 +381,10 @@ def _evaluate(
                f"{state.best_step}")
         )  # fmt: skip
         write_table(
-            run_uri(spec.checkpoint.storage, spec.name), context.storage_options,
+            settings.run_uri, context.storage_options,
             step=state.step, summary=summary, table=sums.table(), best=best, weights=weights,
         )  # fmt: skip
-    patience = spec.eval.patience
+    patience = settings.eval.patience
     return patience is not None and state.evals_since_best >= patience
 
 
@@ -401,56 +403,60 @@ class _Worker:
 
 
 def _build(
-    spec: JobSpec, context: WorkerContext, meta: DatasetMeta, policy: SmolVLAPolicy | None = None
+    settings: RunSettings,
+    context: WorkerContext,
+    meta: DatasetMeta,
+    policy: SmolVLAPolicy | None = None,
 ) -> _Worker:
     """The policy (`build_policy`, with the freezing overrides, unless given) checked equal
     in its frozen backbone on every worker, DDP over its trainable view, AdamW and the
     schedule."""
     if policy is None:
-        policy = build_policy(spec, meta, storage_options=context.storage_options)
+        policy = build_policy(settings, meta, storage_options=context.storage_options)
     policy.train()
-    policy.model.vlm_with_expert.attention_fp32 = spec.train.attention_fp32
+    policy.model.vlm_with_expert.attention_fp32 = settings.train.attention_fp32
     # Fingerprints are taken on the host, before the move: hashing device tensors would copy
     # the whole frozen backbone back (1.4 GB at base size).
     base_fingerprint = check_frozen_fingerprint(policy)
-    if spec.resolved_frozen_dtype() == "bf16" and policy.model.vlm_is_frozen():
+    if settings.train.frozen_dtype == "bf16" and policy.model.vlm_is_frozen():
         # Frozen weights in bf16 halve their memory; autocast keeps the math consistent.
         policy.model.vlm_with_expert.vlm.to(torch.bfloat16)
     local_frozen = frozen_fingerprint(policy)
     policy = policy.to(context.device)
     ddp, comm = wrap_ddp(policy, device=context.device)
-    opt, sched = spec.train.optimizer, spec.train.scheduler
+    opt, sched = settings.train.optimizer, settings.train.scheduler
     optimizer = build_optimizer(
         ddp.module.params, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
         weight_decay=opt.weight_decay, fused=context.device.type == "cuda",
     )  # fmt: skip
     scheduler = build_scheduler(
         optimizer, kind=sched.type, warmup_steps=sched.warmup_steps,
-        decay_steps=sched.decay_steps, decay_lr=sched.decay_lr, total_steps=spec.train.steps,
+        decay_steps=sched.decay_steps, decay_lr=sched.decay_lr, total_steps=settings.train.steps,
     )  # fmt: skip
     return _Worker(meta, policy, ddp, comm, optimizer, scheduler, base_fingerprint, local_frozen)
 
 
-def _metrics_log(spec: JobSpec, options: Mapping[str, Any]) -> MetricsLog:
+def _metrics_log(settings: RunSettings, options: Mapping[str, Any]) -> MetricsLog:
+    observe = settings.observe
     return MetricsLog(
-        run_uri(spec.checkpoint.storage, spec.name),
+        settings.run_uri,
         options,
-        tensorboard=spec.observe.tensorboard,
-        mlflow_tracking_uri=spec.observe.mlflow_tracking_uri,
-        mlflow_experiment=spec.observe.mlflow_experiment,
-        run_name=spec.name,
-        params=spec.public_dict(),
-        wandb_project=spec.observe.wandb_project,
-        wandb_entity=spec.observe.wandb_entity,
-        wandb_run_name=spec.observe.wandb_run_name,
-        wandb_tags=spec.observe.wandb_tags,
-        wandb_mode=spec.observe.wandb_mode,
+        tensorboard=observe.tensorboard,
+        mlflow_tracking_uri=observe.mlflow_tracking_uri,
+        mlflow_experiment=observe.mlflow_experiment,
+        run_name=settings.name,
+        params=settings.spec_json,
+        wandb_project=observe.wandb_project,
+        wandb_entity=observe.wandb_entity,
+        wandb_run_name=observe.wandb_run_name,
+        wandb_tags=observe.wandb_tags,
+        wandb_mode=observe.wandb_mode,
     )
 
 
-def _on_nonfinite(spec: JobSpec, state: TrainState, step: int) -> None:
+def _on_nonfinite(settings: RunSettings, state: TrainState, step: int) -> None:
     """Step `step`'s loss or gradient norm was not finite: its update was not applied."""
-    if spec.failure.on_nonfinite == "stop":
+    if settings.on_nonfinite == "stop":
         raise RuntimeError(
             f"non-finite loss or gradient norm at step {step}; parameters were not updated "
             f"(noticed at step {state.step}, the first report after it). Set "

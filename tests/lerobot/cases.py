@@ -253,6 +253,7 @@ def write_raw_inference_inputs(workdir: Path) -> str:
     the dataset's own key names; what `oracle_raw_inference.py` reads. The inputs' digest."""
     from smolvla_ray.build import build_policy
     from smolvla_ray.data.meta import load_meta
+    from smolvla_ray.settings import RunSettings
     from smolvla_ray.spec import spec_from_dict
     from tests.realshape import RENAME_MAP, STATE_DIM
     from tests.realshape import write_base_shaped_checkpoint as write_base
@@ -267,7 +268,7 @@ def write_raw_inference_inputs(workdir: Path) -> str:
         "train": {"steps": 1, "batch_size": 1},
         "checkpoint": {"storage": str(workdir / "build" / "runs")},
     })  # fmt: skip
-    policy = build_policy(spec, load_meta(dataset), storage_options={})
+    policy = build_policy(RunSettings.from_spec(spec), load_meta(dataset), storage_options={})
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():  # a "finetuned" expert: not the base's weights
         for param in policy.trainable_parameters().values():

@@ -21,6 +21,7 @@ from smolvla_ray.data.synthetic import TASKS, write_demo_dataset
 from smolvla_ray.features import resolve_features
 from smolvla_ray.policy.modeling import SmolVLAPolicy
 from smolvla_ray.run_layout import BEST_DIR, run_uri
+from smolvla_ray.settings import RunSettings
 from smolvla_ray.spec import JobSpec, spec_from_dict
 from smolvla_ray.storage import filesystem
 from smolvla_ray.train.evaluation import evaluate_batches
@@ -69,9 +70,10 @@ def test_held_out_frames_never_reach_a_training_batch(
     tmp_path: Path, nine_episodes: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = spec_for(nine_episodes, tmp_path, "split", train={"steps": 12})
-    meta = open_dataset(spec, storage_options={})
-    assert eval_episodes(spec, meta) == [6, 7, 8]
-    assert run_episodes(spec, meta) == [0, 1, 2, 3, 4, 5]
+    settings = RunSettings.from_spec(spec)
+    meta = open_dataset(settings, storage_options={})
+    assert eval_episodes(settings, meta) == [6, 7, 8]
+    assert run_episodes(settings, meta) == [0, 1, 2, 3, 4, 5]
 
     trained, evaluated = record_episodes(monkeypatch)
     state, _ = train_in_process(spec)
@@ -94,9 +96,10 @@ def test_evaluations_repeat_exactly_and_match_the_exported_policy(
     (last,) = [i for i in list_checkpoints(run) if i.step == 6]
     export_checkpoint(last.uri, str(tmp_path / "export"), {})
     policy = SmolVLAPolicy.from_pretrained(str(tmp_path / "export"))  # with its processor
-    meta = open_dataset(spec, storage_options={})
+    settings = RunSettings.from_spec(spec)
+    meta = open_dataset(settings, storage_options={})
     policy.feature_resolution = resolve_features(policy.config, meta.features)
-    held_out = build_held_out(spec, meta, policy, storage_options={})
+    held_out = build_held_out(settings, meta, policy, storage_options={})
     assert held_out is not None
     first = evaluate_batches(policy, held_out.batches(), seed=spec.train.seed, device=CPU)
     again = evaluate_batches(policy, held_out.batches(), seed=spec.train.seed, device=CPU)
@@ -239,8 +242,9 @@ def test_evaluation_on_a_dataset_lerobot_wrote_after_an_interrupted_run(
         "checkpoint": {"storage": str(tmp_path), "every_steps": 2, "keep_best": 1},
     }
     whole = spec_for(lerobot_dataset, tmp_path, "whole", train={"steps": 6}, **sections)
-    meta = open_dataset(whole, storage_options={})
-    assert eval_episodes(whole, meta) == [1, 2] and run_episodes(whole, meta) == [0]
+    settings = RunSettings.from_spec(whole)
+    meta = open_dataset(settings, storage_options={})
+    assert eval_episodes(settings, meta) == [1, 2] and run_episodes(settings, meta) == [0]
     train_in_process(whole)
     assert set(trained) == {0} and set(evaluated) == {1, 2}
     killed = spec_for(lerobot_dataset, tmp_path, "killed", train={"steps": 6}, **sections)

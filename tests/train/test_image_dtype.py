@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from smolvla_ray.build import build_policy, open_dataset
+from smolvla_ray.settings import RunSettings
 from smolvla_ray.spec import JobSpec, spec_from_dict
 from smolvla_ray.train.setup import build_loader
 from tests.inprocess import train_in_process
@@ -33,10 +34,11 @@ def spec_for(dataset: str, storage: Path, name: str, augment: dict) -> JobSpec:
 
 
 def first_batch_images(spec: JobSpec) -> torch.Tensor:
-    meta = open_dataset(spec, storage_options={})
-    policy = build_policy(spec, meta, storage_options={})
+    settings = RunSettings.from_spec(spec)
+    meta = open_dataset(settings, storage_options={})
+    policy = build_policy(settings, meta, storage_options={})
     loader = build_loader(
-        spec, meta, policy, rank=0, world_size=1, cursor=None, storage_options={},
+        settings, meta, policy, rank=0, world_size=1, cursor=None, storage_options={},
         device=torch.device("cpu"),
     )  # fmt: skip
     batch = next(iter(loader))

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from smolvla_ray.build import open_dataset
+from smolvla_ray.settings import RunSettings
 from smolvla_ray.spec import JobSpec, spec_from_dict
 from smolvla_ray.train.optim import build_optimizer, build_scheduler
 from smolvla_ray.train.setup import build_loader
@@ -53,12 +54,12 @@ def one_step(worker, batch: dict, *, fused: bool) -> tuple[StepResult, dict, dic
 
 
 def test_fused_steps_match_and_skip_non_finite_ones(tmp_path: Path, demo_dataset: str) -> None:
-    spec = spec_for(demo_dataset, tmp_path)
+    settings = RunSettings.from_spec(spec_for(demo_dataset, tmp_path))
     with single_process_group():
-        meta = open_dataset(spec, storage_options={})
-        worker = _build(spec, WorkerContext(), meta)
+        meta = open_dataset(settings, storage_options={})
+        worker = _build(settings, WorkerContext(), meta)
         loader = build_loader(
-            spec, meta, worker.policy, rank=0, world_size=1, cursor=None, storage_options={},
+            settings, meta, worker.policy, rank=0, world_size=1, cursor=None, storage_options={},
             device=CPU,
         )  # fmt: skip
         batch = next(iter(loader))

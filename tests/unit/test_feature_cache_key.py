@@ -24,6 +24,7 @@ from smolvla_ray.data.meta import load_meta
 from smolvla_ray.policy import PolicyConfig, SmolVLAPolicy
 from smolvla_ray.policy.fingerprint import combine_digests, tensor_digest
 from smolvla_ray.policy.pretrained import WEIGHTS_NAME
+from smolvla_ray.settings import RunSettings
 from smolvla_ray.spec import JobSpec, spec_from_dict
 from tests.realshape import RENAME_MAP, write_base_shaped_checkpoint, write_libero_shaped_dataset
 
@@ -64,10 +65,11 @@ def spec_for(real: dict[str, str], storage: Path, *, seed: int = 1000, **policy)
     )
 
 
-def key_of(spec) -> str:
+def key_of(spec: JobSpec) -> str:
+    settings = RunSettings.from_spec(spec)
     meta = load_meta(spec.data.uri)
-    config, resolution = resolve_dataset_features(spec, meta, storage_options={})
-    return cache_key(key_inputs(spec, config, resolution, meta, storage_options={}))
+    config, resolution = resolve_dataset_features(settings, meta, storage_options={})
+    return cache_key(key_inputs(settings, config, resolution, meta, storage_options={}))
 
 
 def variant(base: str, target: Path, change) -> str:
@@ -119,7 +121,7 @@ def test_bf16_stored_checkpoint_keys_as_its_float32_copy(
         keyed = key_of(spec)
         assert keyed == key_of(spec_for(real, tmp_path, pretrained=f32))
         assert keyed != key_of(spec_for(real, tmp_path, pretrained=real["base"]))
-        identity = vision_identity(spec, PolicyConfig(), storage_options={})
+        identity = vision_identity(RunSettings.from_spec(spec), PolicyConfig(), storage_options={})
     # ... and the identity is the digest of the very tensors the workers load (float32).
     policy = SmolVLAPolicy.from_pretrained(bf16)
     loaded = {n: tensor_digest(p) for n, p in policy.state_dict().items()
@@ -134,7 +136,8 @@ def test_preset_key_follows_the_seed_without_a_model(
     assert key_of(spec_for(real, tmp_path, preset="tiny", seed=1)) == first
     assert key_of(spec_for(real, tmp_path, preset="tiny", seed=2)) != first
     spec = spec_for(real, tmp_path, preset="tiny", seed=1)
-    identity = vision_identity(spec, PolicyConfig.preset("tiny"), storage_options={})
+    settings = RunSettings.from_spec(spec)
+    identity = vision_identity(settings, PolicyConfig.preset("tiny"), storage_options={})
     assert identity["preset"] == "tiny" and identity["seed"] == 1
     assert "_name_or_path" not in identity["vlm_config"]  # no machine-local path in the key
 
@@ -179,8 +182,9 @@ def test_the_key_follows_the_precision_features_are_encoded_in(
     bf16 = spec_from_dict({**fp32.public_dict(), "data": data, "scaling": gpu})
     assert bf16.resolved_precision() == "bf16" and fp32.resolved_precision() == "fp32"
     meta = load_meta(real["dataset"])
-    config, resolution = resolve_dataset_features(fp32, meta, storage_options={})
-    inputs = key_inputs(bf16, config, resolution, meta, storage_options={})
+    fp32_run, bf16_run = RunSettings.from_spec(fp32), RunSettings.from_spec(bf16)
+    config, resolution = resolve_dataset_features(fp32_run, meta, storage_options={})
+    inputs = key_inputs(bf16_run, config, resolution, meta, storage_options={})
     assert inputs["encode_precision"] == "bf16" and inputs["format"] == 3
     assert key_of(bf16) != key_of(fp32)
     gpu_fp32 = {**bf16.public_dict(), "train": {**bf16.public_dict()["train"], "precision": "fp32"}}

@@ -17,14 +17,11 @@ from typing import Any
 import pytest
 import yaml
 
-from smolvla_ray.features import (
-    FeatureMismatch,
-    FeatureResolution,
-    resolve_features,
-    resolve_spec,
-)
+from smolvla_ray.build import resolve_run_features
+from smolvla_ray.features import FeatureMismatch, FeatureResolution, resolve_features
 from smolvla_ray.policy.config import PolicyConfig
-from smolvla_ray.spec import load_spec, spec_from_dict
+from smolvla_ray.settings import RunSettings
+from smolvla_ray.spec import JobSpec, load_spec, spec_from_dict
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 BASE_CONFIG = (FIXTURES / "smolvla_base" / "config.json").read_text()
@@ -32,6 +29,13 @@ SO101 = json.loads((FIXTURES / "datasets" / "svla_so101_pickplace.info.json").re
 LIBERO = json.loads((FIXTURES / "datasets" / "libero.info.json").read_text())
 ROOT = Path(__file__).resolve().parents[2]
 CAM = "observation.images."
+
+
+def resolve_spec(
+    spec: JobSpec, config_json: str, dataset_features: dict
+) -> tuple[PolicyConfig, FeatureResolution]:
+    """A job's resolution, as the driver and every worker make it (from its settings)."""
+    return resolve_run_features(RunSettings.from_spec(spec), config_json, dataset_features)
 
 
 def base(**updates: Any) -> PolicyConfig:

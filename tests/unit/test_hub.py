@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from smolvla_ray import hub
 from smolvla_ray.checkpoint.base import check_resume_base
+from smolvla_ray.prepare import check_hub_ids, pin_hub_revisions
 from smolvla_ray.spec import spec_from_dict
 from tests.hub import FakeHub, blob_id, commit_of, iter_lines, read_tree, write_cached_repo
 
@@ -125,6 +126,7 @@ def test_offline_model_and_dataset_resolve_at_their_revisions(
     from smolvla_ray.build import open_dataset
     from smolvla_ray.data.meta import load_meta
     from smolvla_ray.policy import SmolVLAPolicy
+    from smolvla_ray.settings import RunSettings
 
     lay_out(offline, model_files, dataset_files)
     for revision, files in [(None, "main"), ("v2", "v2"), (MAIN, "main")]:
@@ -146,10 +148,10 @@ def test_offline_model_and_dataset_resolve_at_their_revisions(
     assert len(load_meta(hub.dataset_url("hf://datasets/me/demo")).episodes) == 2
 
     spec = spec_for(tmp_path / "runs", revision="v2")
-    hub.check_ids(spec)
-    pinned = hub.pin(spec)
+    check_hub_ids(spec)
+    pinned = pin_hub_revisions(spec)
     assert (pinned.policy.revision, pinned.data.revision) == (V2, DATA_V1)
-    assert len(open_dataset(pinned, storage_options={}).episodes) == 3
+    assert len(open_dataset(RunSettings.from_spec(pinned), storage_options={}).episodes) == 3
     assert list(iter_lines(tmp_path / "fetches.log")) == []  # nothing was downloaded
 
 
@@ -171,7 +173,7 @@ def test_missing_ids_and_revisions_are_refused_before_anything_starts(
     ]
     for spec, message in cases:
         with pytest.raises(hub.HubIdError, match=message):
-            hub.check_ids(spec)
+            check_hub_ids(spec)
     no_data = spec_for(storage).model_copy(
         update={"data": spec_for(storage).data.model_copy(update={"revision": "v7"})}
     )
@@ -180,12 +182,12 @@ def test_missing_ids_and_revisions_are_refused_before_anything_starts(
         match=r"data.uri='me/demo' at data.revision='v7'.*"
         r"--repo-type dataset",
     ):
-        hub.check_ids(no_data)
+        check_hub_ids(no_data)
     preset = spec_from_dict(
         {**spec_for(storage).public_dict(), "policy": {"preset": "tiny", "revision": "v2"}}
     )
     with pytest.raises(ValueError, match="policy.revision='v2' needs a hub id"):
-        hub.check_ids(preset)
+        check_hub_ids(preset)
 
     # Through the command line: exit 2, nothing started, the message names the fix.
     path = tmp_path / "spec.yaml"

@@ -1,6 +1,7 @@
 """The import contract of docs/design.md: every module imports only from its own component
-or from components below it, so the data flow reads bottom-up and nothing imports upward.
-Function-level (lazy) imports count; `if TYPE_CHECKING:` imports do not (annotations only)."""
+or from components below it, so the data flow reads bottom-up and nothing imports upward;
+and only the driver side and `settings` import the job spec. Function-level (lazy) imports
+count; `if TYPE_CHECKING:` imports do not (annotations only)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ RANKS = {
     "data": 1,
     "spec": 2,  # the job spec: pydantic, torch-free; above the model and the data
     "features": 3,
+    "settings": 3,  # RunSettings: what the worker side reads of the spec
     "checkpoint": 4,
     "cache.store": 4,
     "build": 4,
@@ -23,14 +25,19 @@ RANKS = {
     "cache.build": 6,  # driver side: decides and builds the feature cache
     "evaluation": 6,  # offline `evaluate` and the async validation task (over train/)
     "observe": 6,
-    "driver": 7,  # driver, jobs, cli
+    "driver": 7,  # driver, prepare, jobs, cli, stop
 }
 BASE = {
     "keys", "storage", "hub", "run_layout", "lease", "shared_storage", "progress_line",
     "scratch", "waits",
     "__init__",
 }  # fmt: skip
-TOP = {"driver", "jobs", "cli", "stop"}
+TOP = {"driver", "prepare", "jobs", "cli", "stop"}
+# Who may import `smolvla_ray.spec`: the spec itself, the driver side (it reads, checks and
+# pins the spec, and decides the feature cache; observe masks a recorded spec's storage
+# options by its rule) and `settings`, which turns it into the `RunSettings` that everything
+# below the driver takes instead.
+SPEC_IMPORTERS = {"spec", "settings", "driver", "cache.build", "observe"}
 
 
 def component(module: str) -> str:
@@ -86,6 +93,42 @@ def test_nothing_imports_upward_or_sideways() -> None:
             if theirs != mine and RANKS[theirs] >= RANKS[mine]:
                 violations.append(f"{module} ({mine}) imports {target} ({theirs})")
     assert not violations, "\n".join(violations)
+
+
+def spec_imports(path: Path) -> list[str]:
+    """The imports of `smolvla_ray.spec` (or a module of it) in the file at `path`."""
+    return sorted(
+        t for t in imports(path) if t == "smolvla_ray.spec" or t.startswith("smolvla_ray.spec.")
+    )
+
+
+def test_only_the_driver_side_and_settings_import_the_spec() -> None:
+    """Below the driver, the trainer, its Ray adapter, the checkpointer, the builders, the
+    cache store and the validation task take `RunSettings`: they depend on the values they
+    use, not on the spec's shape, and the spec's rules stay the driver's."""
+    violations = [
+        f"{module} ({component(module)}) imports {target}: take settings.RunSettings instead"
+        for module, path in sorted(modules().items())
+        if component(module) not in SPEC_IMPORTERS
+        for target in spec_imports(path)
+    ]
+    assert not violations, "\n".join(violations)
+
+
+def test_spec_imports_are_found_lazy_or_not_but_not_for_annotations(tmp_path: Path) -> None:
+    cases = {
+        "def lazy():\n    from smolvla_ray.spec import JobSpec\n": ["smolvla_ray.spec"],
+        "from smolvla_ray import spec\n": ["smolvla_ray.spec"],
+        "import smolvla_ray.spec.job as job\n": ["smolvla_ray.spec.job"],
+        "from smolvla_ray.spec.sections import DataSpec\n": ["smolvla_ray.spec.sections"],
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+        "    from smolvla_ray.spec import JobSpec\n": [],
+        "from smolvla_ray.settings import RunSettings\n": [],
+    }
+    source = tmp_path / "module.py"
+    for text, expected in cases.items():
+        source.write_text(text)
+        assert spec_imports(source) == expected, text
 
 
 def test_no_import_cycles_between_modules() -> None:

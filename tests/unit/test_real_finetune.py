@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from smolvla_ray.cli import app
 from smolvla_ray.data.meta import load_meta
+from smolvla_ray.settings import RunSettings
 from smolvla_ray.spec import spec_from_dict
 from tests.realshape import (
     ACTION_DIM,
@@ -125,9 +126,9 @@ def test_swapping_two_cameras_is_another_feature_cache(
     meta = load_meta(real["dataset"])
     keys = {}
     for name, overrides in [("map", []), ("swapped", [f"data.rename_map={SWAP}"])]:
-        spec = spec_from_dict(spec_dict(real, tmp_path), overrides)
-        config, resolution = resolve_dataset_features(spec, meta, storage_options={})
-        inputs = key_inputs(spec, config, resolution, meta, storage_options={})
+        settings = RunSettings.from_spec(spec_from_dict(spec_dict(real, tmp_path), overrides))
+        config, resolution = resolve_dataset_features(settings, meta, storage_options={})
+        inputs = key_inputs(settings, config, resolution, meta, storage_options={})
         keys[name] = cache_key(inputs)
         sources = {k: v["source"] for k, v in inputs["cameras"].items()}
         expected = RENAME_MAP if name == "map" else json.loads(SWAP)
@@ -143,7 +144,8 @@ def test_an_empty_camera_trains_the_same_from_cached_features(
 
     spec = spec_from_dict(spec_dict(real, tmp_path, feature_cache="off"),
                           ["policy.overrides={empty_cameras: 1}"])  # fmt: skip
-    policy = build_policy(spec, load_meta(real["dataset"]), storage_options={}).eval()
+    settings = RunSettings.from_spec(spec)
+    policy = build_policy(settings, load_meta(real["dataset"]), storage_options={}).eval()
     assert policy.feature_resolution.image_features == {
         f"{CAM}camera1": (3, 64, 80),
         f"{CAM}camera2": (3, 64, 80),

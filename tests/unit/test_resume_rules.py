@@ -18,11 +18,11 @@ from smolvla_ray.checkpoint.resume import (
     RESUME_RULES,
     ResumeRefused,
     check_resume_changes,
-    check_resume_spec,
     resumed_spec,
     rule_for,
     spec_changes,
 )
+from smolvla_ray.prepare import check_resume_spec
 from smolvla_ray.run_layout import RAY_RUN_STATE, checkpoint_dir_name
 from smolvla_ray.spec import JobSpec, spec_from_dict
 from smolvla_ray.spec.job import schema_child
@@ -40,10 +40,14 @@ def spec(tmp_path: Path, **train: Any) -> JobSpec:
     )
 
 
-def scaled(tmp_path: Path, workers: int, **train: Any) -> JobSpec:
-    """`spec` on `workers` workers."""
-    return spec(tmp_path, **train).model_copy(
-        update={"scaling": spec(tmp_path).scaling.model_copy(update={"num_workers": workers})}
+def scaled(tmp_path: Path, workers: int, **train: Any) -> dict[str, Any]:
+    """The public dict of `spec` on `workers` workers."""
+    return (
+        spec(tmp_path, **train)
+        .model_copy(
+            update={"scaling": spec(tmp_path).scaling.model_copy(update={"num_workers": workers})}
+        )
+        .public_dict()
     )
 
 
@@ -68,7 +72,7 @@ def test_every_spec_field_has_a_rule_and_every_rule_a_field() -> None:
 
 def test_the_ema_may_be_turned_on_at_a_resume_not_off(tmp_path: Path) -> None:
     off, on = spec(tmp_path), spec(tmp_path, ema={"enable": True, "decay": 0.99})
-    lines = check_resume_changes(off.public_dict(), on, checkpoint_uri="ckpt")
+    lines = check_resume_changes(off.public_dict(), on.public_dict(), checkpoint_uri="ckpt")
     assert lines == [
         "resume: train.ema.enable: false -> true (the EMA starts from the weights of the "
         "resumed step)",
@@ -76,7 +80,7 @@ def test_the_ema_may_be_turned_on_at_a_resume_not_off(tmp_path: Path) -> None:
         "the next update)",
     ]
     with pytest.raises(ResumeRefused) as err:
-        check_resume_changes(on.public_dict(), off, checkpoint_uri="ckpt")
+        check_resume_changes(on.public_dict(), off.public_dict(), checkpoint_uri="ckpt")
     message = str(err.value)
     assert "train.ema.enable: true -> false (the checkpoint holds the run's EMA" in message
     assert "checkpoint.from_checkpoint" in message
@@ -85,7 +89,7 @@ def test_the_ema_may_be_turned_on_at_a_resume_not_off(tmp_path: Path) -> None:
 
 def test_applied_changes_are_announced_and_the_others_refused(tmp_path: Path) -> None:
     recorded = spec(tmp_path).public_dict()
-    lr = spec(tmp_path, optimizer={"lr": 5e-4}, steps=20)
+    lr = spec(tmp_path, optimizer={"lr": 5e-4}, steps=20).public_dict()
     lines = check_resume_changes(recorded, lr, checkpoint_uri="ckpt")
     assert lines == [
         "resume: train.steps: 10 -> 20 (the run is extended or shortened; a schedule fitted "
@@ -94,9 +98,10 @@ def test_applied_changes_are_announced_and_the_others_refused(tmp_path: Path) ->
         "resume: train.optimizer.lr: 0.0001 -> 0.0005 (set on the restored optimizer; the "
         "schedule continues at the new peak lr)",
     ]
-    assert check_resume_changes(recorded, spec(tmp_path), checkpoint_uri="ckpt") == []
+    same = spec(tmp_path).public_dict()
+    assert check_resume_changes(recorded, same, checkpoint_uri="ckpt") == []
 
-    changed = spec(tmp_path, batch_size=8, seed=3, optimizer={"lr": 5e-4})
+    changed = spec(tmp_path, batch_size=8, seed=3, optimizer={"lr": 5e-4}).public_dict()
     with pytest.raises(ResumeRefused) as err:
         check_resume_changes(recorded, changed, checkpoint_uri="ckpt")
     message = str(err.value)
@@ -108,10 +113,11 @@ def test_applied_changes_are_announced_and_the_others_refused(tmp_path: Path) ->
 def test_a_field_the_table_does_not_name_is_refused(tmp_path: Path) -> None:
     recorded = spec(tmp_path).public_dict()
     recorded["train"]["momentum"] = 0.9  # recorded by some other version
-    (change,) = spec_changes(recorded, spec(tmp_path))
+    current = spec(tmp_path).public_dict()
+    (change,) = spec_changes(recorded, current)
     assert change.field == "train.momentum" and not change.applied
     with pytest.raises(ResumeRefused, match=r"train.momentum: 0.9 -> \(unset\) \(the table"):
-        check_resume_changes(recorded, spec(tmp_path), checkpoint_uri="ckpt")
+        check_resume_changes(recorded, current, checkpoint_uri="ckpt")
 
 
 KEPT = "the global batch of 8 samples (train.batch_size 4 x grad_accum_steps 1 x 2 worker(s))"
@@ -120,12 +126,12 @@ KEPT = "the global batch of 8 samples (train.batch_size 4 x grad_accum_steps 1 x
 def test_another_worker_count_keeps_the_global_batch(tmp_path: Path) -> None:
     """A checkpoint of 2 workers x 4 resumes on 1 worker x 8 or 4 x 2: batch_size left as
     recorded is derived (announced), or set by the user to the same global batch."""
-    recorded = scaled(tmp_path, 2).public_dict()
+    recorded = scaled(tmp_path, 2)
     one = resumed_spec(recorded, scaled(tmp_path, 1))
-    assert (one.train.batch_size, one.scaling.num_workers) == (8, 1)
-    assert resumed_spec(recorded, scaled(tmp_path, 4)).train.batch_size == 2
-    assert resumed_spec(recorded, scaled(tmp_path, 1, batch_size=8)).train.batch_size == 8
-    assert resumed_spec(recorded, scaled(tmp_path, 2)).train.batch_size == 4  # unchanged
+    assert (one["train"]["batch_size"], one["scaling"]["num_workers"]) == (8, 1)
+    assert resumed_spec(recorded, scaled(tmp_path, 4))["train"]["batch_size"] == 2
+    assert resumed_spec(recorded, scaled(tmp_path, 1, batch_size=8))["train"]["batch_size"] == 8
+    assert resumed_spec(recorded, scaled(tmp_path, 2))["train"]["batch_size"] == 4  # unchanged
     lines = [
         f"resume: train.batch_size: 4 -> 8 (derived: {KEPT} is kept on 1 worker(s))",
         "resume: scaling.num_workers: 2 -> 1 (the global batch is kept: each worker's "
@@ -133,16 +139,16 @@ def test_another_worker_count_keeps_the_global_batch(tmp_path: Path) -> None:
     ]
     for current in (scaled(tmp_path, 1), scaled(tmp_path, 1, batch_size=8), one):
         assert check_resume_changes(recorded, current, checkpoint_uri="ckpt") == lines
-    accumulated = scaled(tmp_path, 2, grad_accum_steps=3).public_dict()  # global batch 24
+    accumulated = scaled(tmp_path, 2, grad_accum_steps=3)  # global batch 24
     four = resumed_spec(accumulated, scaled(tmp_path, 4, grad_accum_steps=3))
-    assert (four.train.batch_size, four.global_batch_size) == (2, 24)
+    assert four["train"]["batch_size"] == 2  # 2 x 3 x 4 workers: the global batch of 24
 
 
 def test_a_global_batch_that_does_not_divide_is_refused_naming_the_worker_counts(
     tmp_path: Path,
 ) -> None:
-    recorded = scaled(tmp_path, 2).public_dict()
-    assert resumed_spec(recorded, scaled(tmp_path, 3)).train.batch_size == 4  # left alone
+    recorded = scaled(tmp_path, 2)
+    assert resumed_spec(recorded, scaled(tmp_path, 3))["train"]["batch_size"] == 4  # left alone
     with pytest.raises(ResumeRefused) as err:
         check_resume_changes(recorded, scaled(tmp_path, 3), checkpoint_uri="ckpt")
     assert (

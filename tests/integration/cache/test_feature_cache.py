@@ -17,6 +17,7 @@ from smolvla_ray.cache.build import ensure_feature_cache
 from smolvla_ray.cache.store import CacheStore, FeatureShards, cache_key, key_inputs
 from smolvla_ray.checkpoint.discovery import fetch_checkpoint, list_checkpoints
 from smolvla_ray.run_layout import run_uri
+from smolvla_ray.settings import RunSettings
 from smolvla_ray.spec import SpecError, spec_from_dict
 from smolvla_ray.train.metrics import read_metrics
 from tests.inprocess import record_episodes, recorded, train_in_process
@@ -70,10 +71,12 @@ def test_key_follows_weights_preprocessing_and_data(demo_dataset: str, tmp_path:
 
     def key(**changes) -> str:
         dataset = changes.pop("dataset", demo_dataset)
-        spec = spec_for(dataset, str(tmp_path), "k", "auto", {}, **changes)
-        meta = open_dataset(spec, storage_options={})
-        config, resolution = resolve_dataset_features(spec, meta, storage_options={})
-        return cache_key(key_inputs(spec, config, resolution, meta, storage_options={}))
+        settings = RunSettings.from_spec(
+            spec_for(dataset, str(tmp_path), "k", "auto", {}, **changes)
+        )
+        meta = open_dataset(settings, storage_options={})
+        config, resolution = resolve_dataset_features(settings, meta, storage_options={})
+        return cache_key(key_inputs(settings, config, resolution, meta, storage_options={}))
 
     base = key()
     assert key() == base  # deterministic
@@ -96,7 +99,9 @@ def test_interrupted_build_resumes_with_its_shards(
     assert store.shards() == {0, 1, 2, 3}
     # The estimate, from metadata alone, is exactly what the shards hold: every frame, 2
     # cameras, the tiny VLM's 16 tokens x 128 x 4 bytes per image.
-    frames = sum(e.length for e in open_dataset(spec, storage_options={}).episodes)
+    frames = sum(
+        e.length for e in open_dataset(RunSettings.from_spec(spec), storage_options={}).episodes
+    )
     estimate = f"{frames:,} frames x 2 camera(s) x 8,192 bytes (float32) = "
     assert estimate in capfd.readouterr().err
     held = 0
@@ -168,7 +173,9 @@ def test_a_cache_bigger_than_its_bound_is_not_used_or_refused(
     storage = str(tmp_path / "runs")
     small = {"cache_max_bytes": "2MB"}
     auto = spec_for(demo_dataset, storage, "auto", "auto", {}, data=small)
-    frames = sum(e.length for e in open_dataset(auto, storage_options={}).episodes)
+    frames = sum(
+        e.length for e in open_dataset(RunSettings.from_spec(auto), storage_options={}).episodes
+    )
     assert 2e6 / 2 < frames * 2 * 8192 <= 2e6 * 2, frames  # float32 too big, bfloat16 fits
     capfd.readouterr()
     assert ensure_feature_cache(auto, {}) is None
@@ -209,7 +216,8 @@ def test_on_trains_a_cache_over_its_bound_through_the_nodes_lru_copy(
         demo_dataset, storage, "bounded", "on", options, train=train,
         data={"cache_max_bytes": bound, "cache_dir": str(node)},
     )  # fmt: skip
-    frames = sum(e.length for e in open_dataset(cached_spec, storage_options=options).episodes)
+    meta = open_dataset(RunSettings.from_spec(cached_spec), storage_options=options)
+    frames = sum(e.length for e in meta.episodes)
     assert frames // 8 == 17  # one epoch, at most 7 frames left out
     capfd.readouterr()
     root = ensure_feature_cache(cached_spec, options)

@@ -59,12 +59,14 @@ def pretrained_files(dataset: str, directory: Path, seed: int) -> dict[str, byte
     """A tiny pretrained_model/ whose features fit `dataset` (random weights from `seed`)."""
     from smolvla_ray.build import build_policy
     from smolvla_ray.data.meta import load_meta
+    from smolvla_ray.settings import RunSettings
     from smolvla_ray.spec import spec_from_dict
 
     spec = spec_from_dict(
         tiny_spec_dict(dataset, directory / "unused", "base", train={"seed": seed})
     )
-    build_policy(spec, load_meta(dataset), storage_options={}).save_pretrained(str(directory))
+    policy = build_policy(RunSettings.from_spec(spec), load_meta(dataset), storage_options={})
+    policy.save_pretrained(str(directory))
     return read_tree(directory)
 
 

@@ -53,18 +53,19 @@ def test_fp32_attention_keeps_autocast_out_and_equals_float32() -> None:
 
 def test_the_spec_setting_reaches_the_policy_attention(tmp_path, demo_dataset: str) -> None:
     from smolvla_ray.build import open_dataset
+    from smolvla_ray.settings import RunSettings
     from smolvla_ray.spec import spec_from_dict
     from smolvla_ray.train.trainer import WorkerContext, _build
     from tests.inprocess import single_process_group
     from tests.integration.conftest import tiny_spec_dict
 
     for flag in (False, True):
-        spec = spec_from_dict(
+        settings = RunSettings.from_spec(spec_from_dict(
             tiny_spec_dict(
                 demo_dataset, tmp_path, "attention", scaling={"num_workers": 1},
                 train={"steps": 1, "batch_size": 2, "attention_fp32": flag},
             )
-        )  # fmt: skip
+        ))  # fmt: skip
         with single_process_group():
-            worker = _build(spec, WorkerContext(), open_dataset(spec, storage_options={}))
+            worker = _build(settings, WorkerContext(), open_dataset(settings, storage_options={}))
         assert worker.policy.model.vlm_with_expert.attention_fp32 is flag

@@ -19,6 +19,7 @@ from smolvla_ray.policy import SmolVLAPolicy
 from smolvla_ray.policy.config import TINY_VLM_DIR
 from smolvla_ray.policy.fingerprint import check_frozen_fingerprint
 from smolvla_ray.policy.processor import PolicyProcessor
+from smolvla_ray.settings import RunSettings
 from smolvla_ray.spec import PolicySpec, spec_from_dict
 from tests.unit.policy.conftest import tiny_config
 
@@ -187,7 +188,9 @@ def write_run_checkpoint(directory: Path, policy: SmolVLAPolicy, vlm: Path, seed
         }
     )
     writer = CheckpointWriter(
-        spec=spec, policy=policy, base_fingerprint=check_frozen_fingerprint(policy)
+        settings=RunSettings.from_spec(spec),
+        policy=policy,
+        base_fingerprint=check_frozen_fingerprint(policy),
     )
     stats = {
         "observation.state": {"mean": torch.zeros(6), "std": torch.ones(6)},
@@ -254,7 +257,8 @@ def test_random_init_base_records_no_vlm_weights(tmp_path: Path) -> None:
             "checkpoint": {"storage": "./runs"},
         }
     )
-    writer = CheckpointWriter(spec=spec, policy=policy, base_fingerprint="x")
+    settings = RunSettings.from_spec(spec)
+    writer = CheckpointWriter(settings=settings, policy=policy, base_fingerprint="x")
     assert writer.base["vlm_weights"] is None
 
 
