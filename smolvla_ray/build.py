@@ -57,9 +57,35 @@ def build_policy(
         # Every worker seeds the same way, so random-init backbones agree (and are checked).
         torch.manual_seed(spec.train.seed)
         policy = SmolVLAPolicy(config, prefix_mode=spec.policy.prefix_mode)
+    if spec.policy.peft is not None:
+        add_lora(policy, spec)
     policy.processor = PolicyProcessor(policy.config, meta.stats, resolution.rename_map)
     policy.feature_resolution = resolution
     return policy
+
+
+def lora_settings(spec: JobSpec):  # -> policy.adapters.LoraSettings | None
+    """The spec's `policy.peft` as the policy's adapter settings (None without adapters)."""
+    if spec.policy.peft is None:
+        return None
+    from smolvla_ray.policy.adapters import settings_from_options
+
+    return settings_from_options(spec.policy.peft.model_dump())
+
+
+def add_lora(policy: SmolVLAPolicy, spec: JobSpec) -> None:
+    """`spec`'s LoRA adapters on `policy` (the whole base frozen), initialized from the run's
+    seed so every worker and every rebuild starts from the same adapters; the adapters'
+    base, for saving them, is the run's pretrained policy at its pinned commit."""
+    from smolvla_ray import hub
+    from smolvla_ray.policy.adapters import add_adapters
+
+    settings = lora_settings(spec)
+    if settings is None or spec.policy.pretrained is None:
+        raise RuntimeError("add_lora needs policy.peft and policy.pretrained (the spec checks)")
+    add_adapters(policy, settings, seed=spec.train.seed)
+    commit = hub.model_commit(spec.policy.pretrained, spec.policy.revision)
+    policy.adapter_base = (spec.policy.pretrained, commit or spec.policy.revision)
 
 
 def episode_selection(spec: JobSpec) -> list[int] | range | None:

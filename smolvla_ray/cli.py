@@ -333,9 +333,19 @@ def export(
         str, typer.Argument(help="Checkpoint URI (a checkpoint_* directory, or RUN_URI/best).")
     ],
     out: Annotated[str, typer.Argument(help="Directory or URL for the pretrained_model/.")],
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge",
+            help="A LoRA checkpoint: write full weights with the adapters merged in, instead "
+            "of LeRobot's adapter layout.",
+        ),
+    ] = False,
 ) -> None:
     """Merge base weights and a checkpoint into a LeRobot pretrained_model/ directory.
-    `RUN_URI/best` exports the run's best checkpoint (checkpoint.keep_best)."""
+    `RUN_URI/best` exports the run's best checkpoint (checkpoint.keep_best). A LoRA
+    checkpoint exports LeRobot's adapter layout (naming its base), or with --merge full
+    weights."""
     from smolvla_ray.checkpoint.best import resolve_best
     from smolvla_ray.checkpoint.export import destination_problem, export_checkpoint
 
@@ -345,7 +355,9 @@ def export(
         _fail(problem)
     try:
         checkpoint = resolve_best(checkpoint, _storage_options())
-        export_checkpoint(checkpoint, out, _storage_options())
+        export_checkpoint(checkpoint, out, _storage_options(), merge=merge)
+    except ImportError as err:  # a LoRA checkpoint without the peft package
+        _fail(str(err))
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err), code=1)
     typer.echo(f"exported {checkpoint} -> {out} (load with SmolVLAPolicy.from_pretrained)")

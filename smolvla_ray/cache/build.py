@@ -221,6 +221,24 @@ def vision_blocker(config: PolicyConfig) -> str | None:
     )
 
 
+def adapter_blocker(spec: JobSpec, config: PolicyConfig) -> str | None:
+    """With LoRA the whole base is frozen, so the image tokens are constant unless an adapter
+    or a full-training module sits in the vision encoder or connector (found by injecting
+    the adapters into the policy on the meta device: PEFT's own matching, no weights)."""
+    from smolvla_ray.build import lora_settings
+    from smolvla_ray.policy.adapters import towers_adapted_by
+
+    settings = lora_settings(spec)
+    assert settings is not None
+    towers = towers_adapted_by(config, settings)
+    if not towers:
+        return None
+    return (
+        f"policy.peft adapts the policy's {' and '.join(towers)} (its target_modules or "
+        "full_training_modules reach them), so the image tokens change as it trains"
+    )
+
+
 def _run_encode_tasks(
     spec: JobSpec, storage_options: Mapping[str, Any], root: str, missing: list[int]
 ) -> list[dict[str, float]]:
@@ -274,7 +292,9 @@ def ensure_feature_cache(spec: JobSpec, storage_options: Mapping[str, Any]) -> s
         # updates) decides, and the weights' files key the cache; only the tasks build it.
         meta = open_dataset(spec, storage_options=storage_options)
         config, resolution = resolve_dataset_features(spec, meta, storage_options=storage_options)
-        blocker = vision_blocker(config)
+        blocker = (
+            vision_blocker(config) if spec.policy.peft is None else adapter_blocker(spec, config)
+        )
     if blocker is not None:
         if mode == "on":
             raise ValueError(f"data.feature_cache='on' but {blocker}; use auto or off")

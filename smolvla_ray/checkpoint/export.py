@@ -16,6 +16,12 @@ import torch
 
 from smolvla_ray.checkpoint.discovery import fetch_checkpoint
 from smolvla_ray.checkpoint.format import read_checkpoint
+from smolvla_ray.policy.adapters import (
+    add_adapters,
+    has_adapters,
+    merge_adapters,
+    settings_from_options,
+)
 from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.policy.fingerprint import frozen_sha256
 from smolvla_ray.policy.modeling import SmolVLAPolicy
@@ -48,6 +54,12 @@ def policy_from_checkpoint(
             policy = SmolVLAPolicy.from_pretrained(
                 base_uri, config_overrides=updates, revision=revision, **options
             )
+        peft = (state.spec.get("policy") or {}).get("peft")
+        if peft is not None:
+            # The run's adapters on the base (their values come from the checkpoint), named
+            # by the same state-dict names, so the frozen fingerprint compares as trained.
+            add_adapters(policy, settings_from_options(peft))
+            policy.adapter_base = (base_uri, state.base.get("commit") or state.base.get("revision"))
         fingerprint = frozen_sha256(policy)
         if fingerprint != state.base["frozen_sha256"]:
             vlm_weights = state.base.get("vlm_weights")  # absent in older checkpoints
@@ -85,12 +97,21 @@ def destination_problem(out: str, storage_options: Mapping[str, Any] | None = No
 
 
 def export_checkpoint(
-    checkpoint_uri: str, out: str, storage_options: Mapping[str, Any] | None = None
+    checkpoint_uri: str,
+    out: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    merge: bool = False,
 ) -> SmolVLAPolicy:
-    """Write the checkpoint's policy as a LeRobot `pretrained_model/` at `out`."""
+    """Write the checkpoint's policy as a LeRobot `pretrained_model/` at `out`. A LoRA
+    checkpoint (`policy.peft`) is written in LeRobot's adapter layout (`adapter_config.json`
+    naming its base, `adapter_model.safetensors`, `config.json` with `use_peft: true`), or
+    with `merge` as full weights with the adapters merged in."""
     problem = destination_problem(out, storage_options)
     if problem:
         raise ValueError(problem)
     policy = policy_from_checkpoint(checkpoint_uri, storage_options)
+    if merge and has_adapters(policy):
+        merge_adapters(policy)
     policy.save_pretrained(out, **dict(storage_options or {}))
     return policy

@@ -13,6 +13,7 @@ from typing import Any
 from smolvla_ray.storage import filesystem
 
 WEIGHTS_NAME = "model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter directory's (policy/adapters.py)
 
 
 def safetensors_problem(read_head: Callable[[int, int], bytes], size: int) -> str | None:
