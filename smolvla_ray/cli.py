@@ -152,6 +152,7 @@ def run(
     from smolvla_ray import driver
 
     try:
+        driver.check_peft_package(job)  # LoRA needs peft here (the cache decision) too
         resolution = driver.preflight(job)
         driver.check_address(address)
         driver.check_sink_packages(job, address)  # driver.run checks again, for the API

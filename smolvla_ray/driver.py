@@ -111,12 +111,12 @@ def preflight(spec: JobSpec) -> FeatureResolution:
             )
     text = None
     if spec.policy.pretrained:
+        _refuse_adapter_base(spec.policy.pretrained, options)
         text = read_pretrained_config(
             spec.policy.pretrained, options, revision=spec.policy.revision
         )
     _, resolution = resolve_spec(spec, text, meta.features)
     if spec.policy.pretrained:
-        _refuse_adapter_base(spec.policy.pretrained, options)
         problem = weights_problem(spec.policy.pretrained, options)
         if problem:
             raise ValueError(f"policy.pretrained: {problem}; copy the pretrained_model/ again")
