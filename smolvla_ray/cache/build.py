@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,6 +34,9 @@ from smolvla_ray.policy.freezing import trainable_image_towers
 from smolvla_ray.run_layout import cache_root
 from smolvla_ray.spec import JobSpec
 from smolvla_ray.waits import ResourceWaitTimeout, resource_message, show_resources
+
+if TYPE_CHECKING:
+    from smolvla_ray.policy.adapters import LoraSettings
 
 ENCODE_BATCH = 32
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -221,12 +224,23 @@ def vision_blocker(config: PolicyConfig) -> str | None:
     )
 
 
+def towers_adapted_by(policy_config: PolicyConfig, settings: LoraSettings) -> list[str]:
+    """`adapted_towers` of the policy `policy_config` describes with `settings`' adapters,
+    found on the meta device (no memory, no weights): the driver's cache decision."""
+    from smolvla_ray.policy.adapters import adapted_towers, add_adapters
+    from smolvla_ray.policy.modeling import SmolVLAPolicy
+
+    with torch.device("meta"):
+        policy = SmolVLAPolicy(policy_config, fetch_vlm_weights=False)
+        add_adapters(policy, settings)
+    return adapted_towers(policy)
+
+
 def adapter_blocker(spec: JobSpec, config: PolicyConfig) -> str | None:
     """With LoRA the whole base is frozen, so the image tokens are constant unless an adapter
     or a full-training module sits in the vision encoder or connector (found by injecting
     the adapters into the policy on the meta device: PEFT's own matching, no weights)."""
     from smolvla_ray.build import lora_settings
-    from smolvla_ray.policy.adapters import towers_adapted_by
 
     settings = lora_settings(spec)
     assert settings is not None

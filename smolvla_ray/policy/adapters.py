@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from smolvla_ray.policy.config import SMOLVLA_LORA_TARGETS
-from smolvla_ray.policy.weights_file import ADAPTER_CONFIG
+from smolvla_ray.policy.weights_file import ADAPTER_CONFIG, CONFIG_NAME, check_state_dict_keys
 
 if TYPE_CHECKING:
     from smolvla_ray.policy.modeling import SmolVLAPolicy
@@ -149,17 +149,6 @@ def adapted_towers(policy: nn.Module) -> list[str]:
     ]
 
 
-def towers_adapted_by(policy_config: Any, settings: LoraSettings) -> list[str]:
-    """`adapted_towers` of the policy `policy_config` describes with `settings`' adapters,
-    found on the meta device (no memory, no weights): the driver's cache decision."""
-    from smolvla_ray.policy.modeling import SmolVLAPolicy
-
-    with torch.device("meta"):
-        policy = SmolVLAPolicy(policy_config, fetch_vlm_weights=False)
-        add_adapters(policy, settings)
-    return adapted_towers(policy)
-
-
 def adapter_tensors(policy: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter (and full-training) tensors under the names PEFT saves them by, in
     `adapter_model.safetensors` (`base_model.model.<module>.lora_A.weight`, ...)."""
@@ -176,8 +165,6 @@ def load_adapter_tensors(
 ) -> None:
     """Put saved adapter tensors (`adapter_tensors`' names) into `policy`'s adapters; a
     missing, unexpected or mis-shaped tensor is an error naming it."""
-    from smolvla_ray.policy.pretrained import check_state_dict_keys
-
     expected = adapter_tensors(policy)
     check_state_dict_keys(expected, dict(tensors), source=source)
     peft = require_peft()
@@ -248,8 +235,6 @@ def write_adapter(
     `adapter_config.json` naming `base` (and `revision`), `adapter_model.safetensors`, the
     policy's `config.json` with `use_peft: true`, and its processor files."""
     from safetensors.torch import save_file
-
-    from smolvla_ray.policy.pretrained import CONFIG_NAME
 
     settings: LoraSettings = policy.lora_settings  # type: ignore[assignment]
     directory.mkdir(parents=True, exist_ok=True)

@@ -21,15 +21,13 @@ from safetensors.torch import load_file, save_file
 from smolvla_ray.policy.adapters import is_adapter_dir
 from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.policy.processor import PRE_STATE, PolicyProcessor
-from smolvla_ray.policy.weights_file import WEIGHTS_NAME
+from smolvla_ray.policy.weights_file import CONFIG_NAME, WEIGHTS_NAME, check_state_dict_keys
 from smolvla_ray.storage import filesystem
 
 if TYPE_CHECKING:  # the model module calls into this one (SmolVLAPolicy.from_pretrained)
     from smolvla_ray.policy.modeling import PrefixMode, SmolVLAPolicy
 
 log = logging.getLogger(__name__)
-
-CONFIG_NAME = "config.json"
 
 
 def _is_url(source: str) -> bool:
@@ -65,30 +63,6 @@ def fetch_pretrained(
     for name in fs.ls(root, detail=False):
         fs.get(name, str(target / Path(name).name))
     return target
-
-
-def check_state_dict_keys(
-    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], *, source: str
-) -> None:
-    """Raise naming every missing, unexpected or mis-shaped tensor."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong_shape = sorted(
-        f"{k}: {tuple(found[k].shape)} (expected {tuple(expected[k].shape)})"
-        for k in set(expected) & set(found)
-        if found[k].shape != expected[k].shape
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:20])}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected[:20])}")
-    if wrong_shape:
-        problems.append(f"wrong shapes: {', '.join(wrong_shape[:20])}")
-    if problems:
-        raise ValueError(
-            f"{source} does not match the policy its config.json describes; " + "; ".join(problems)
-        )
 
 
 def load_pretrained(

@@ -150,8 +150,7 @@ def _batch(policy: SmolVLAPolicy) -> dict[str, torch.Tensor]:
 def test_targets_that_reach_the_vlm_turn_the_no_grad_prefix_and_the_cache_off(
     demo_dataset: str, tmp_path: Path, base_dir: str
 ) -> None:
-    from smolvla_ray.cache.build import adapter_blocker
-    from smolvla_ray.policy.adapters import towers_adapted_by
+    from smolvla_ray.cache.build import adapter_blocker, towers_adapted_by
 
     spec = lora_spec(demo_dataset, tmp_path, "vlm", base_dir, target_modules=["q_proj"])
     policy = build_policy(spec, open_dataset(spec, storage_options={}), storage_options={})
