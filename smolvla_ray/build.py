@@ -89,9 +89,35 @@ def build_policy(
         # Every worker seeds the same way, so random-init backbones agree (and are checked).
         torch.manual_seed(settings.train.seed)
         policy = SmolVLAPolicy(config, prefix_mode=policy_settings.prefix_mode)
+    if policy_settings.peft is not None:
+        add_lora(policy, settings)
     policy.processor = PolicyProcessor(policy.config, meta.stats, resolution.rename_map)
     policy.feature_resolution = resolution
     return policy
+
+
+def lora_settings(settings: RunSettings):  # -> policy.adapters.LoraSettings | None
+    """The run's `policy.peft` as the policy's adapter settings (None without adapters)."""
+    if settings.policy.peft is None:
+        return None
+    from smolvla_ray.policy.adapters import settings_from_options
+
+    return settings_from_options(settings.policy.peft)
+
+
+def add_lora(policy: SmolVLAPolicy, settings: RunSettings) -> None:
+    """The run's LoRA adapters on `policy` (the whole base frozen), initialized from the
+    run's seed so every worker and every rebuild starts from the same adapters; the
+    adapters' base, for saving them, is the run's pretrained policy at its pinned commit."""
+    from smolvla_ray import hub
+    from smolvla_ray.policy.adapters import add_adapters
+
+    lora, pretrained = lora_settings(settings), settings.policy.pretrained
+    if lora is None or pretrained is None:
+        raise RuntimeError("add_lora needs policy.peft and policy.pretrained (the spec checks)")
+    add_adapters(policy, lora, seed=settings.train.seed)
+    commit = hub.model_commit(pretrained, settings.policy.revision)
+    policy.adapter_base = (pretrained, commit or settings.policy.revision)
 
 
 def _selected(settings: RunSettings, meta: DatasetMeta) -> list[int]:

@@ -152,6 +152,7 @@ def run(
     from smolvla_ray import driver
 
     try:
+        driver.check_peft_package(job)  # LoRA needs peft here (the cache decision) too
         resolution = driver.preflight(job)
         driver.check_address(address)
         driver.check_sink_packages(job, address)  # driver.run checks again, for the API
@@ -349,10 +350,20 @@ def export(
     ],
     out: Annotated[str, typer.Argument(help="Directory or URL for the pretrained_model/.")],
     raw_weights: RawWeightsOption = False,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge",
+            help="A LoRA checkpoint: write full weights with the adapters merged in, instead "
+            "of LeRobot's adapter layout.",
+        ),
+    ] = False,
 ) -> None:
     """Merge base weights and a checkpoint into a LeRobot pretrained_model/ directory.
     `RUN_URI/best` exports the run's best checkpoint (checkpoint.keep_best). A run that kept
-    an EMA of its weights (train.ema) exports the EMA, unless --raw-weights."""
+    an EMA of its weights (train.ema) exports the EMA, unless --raw-weights. A LoRA
+    checkpoint exports LeRobot's adapter layout (naming its base), or with --merge full
+    weights."""
     from smolvla_ray.checkpoint.best import resolve_best
     from smolvla_ray.checkpoint.export import destination_problem, export_checkpoint
 
@@ -362,7 +373,11 @@ def export(
         _fail(problem)
     try:
         checkpoint = resolve_best(checkpoint, _storage_options())
-        trained = export_checkpoint(checkpoint, out, _storage_options(), raw_weights=raw_weights)
+        trained = export_checkpoint(
+            checkpoint, out, _storage_options(), raw_weights=raw_weights, merge=merge
+        )
+    except ImportError as err:  # a LoRA checkpoint without the peft package
+        _fail(str(err))
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err), code=1)
     typer.echo(f"weights: {_WEIGHTS[trained.weights]}")

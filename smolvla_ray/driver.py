@@ -110,6 +110,8 @@ def preflight(spec: JobSpec) -> FeatureResolution:
             raise ValueError(
                 f"checkpoint.from_checkpoint={source!r} cannot be started from: {info.problem}"
             )
+    if spec.policy.pretrained:
+        _refuse_adapter_base(spec.policy.pretrained, options)
     _, resolution = resolve_dataset_features(settings, meta, storage_options=options)
     if spec.policy.pretrained:
         problem = weights_problem(spec.policy.pretrained, options)
@@ -156,6 +158,41 @@ def check_sink_packages(spec: JobSpec, address: str | None) -> None:
             f"observe.wandb_project={observe.wandb_project!r} needs W&B: {WANDB_INSTALL}, or "
             "set observe.wandb_project: null"
         )
+
+
+def check_peft_package(spec: JobSpec) -> None:
+    """LoRA adapters (`policy.peft`) need the peft package: here, for the cache decision,
+    and on the workers. Missing, the run fails before Ray starts, naming the extra."""
+    import importlib.util
+
+    if spec.policy.peft is not None and importlib.util.find_spec("peft") is None:
+        raise ValueError(
+            "policy.peft trains LoRA adapters, which need the peft package: pip install "
+            "'smolvla-ray[peft]' (peft>=0.18,<1.0), or remove policy.peft"
+        )
+
+
+def _refuse_adapter_base(pretrained: str, options: Mapping[str, Any]) -> None:
+    """A PEFT adapter directory (LeRobot's `use_peft` layout) holds no base weights to
+    finetune; name its base instead. (`evaluate` and `SmolVLAPolicy.from_pretrained` load
+    it on top of that base.)"""
+    from smolvla_ray.policy.weights_file import ADAPTER_CONFIG
+
+    if hub.is_hub_id(pretrained) and not os.path.isdir(pretrained):
+        return
+    fs, root = filesystem(absolute(pretrained), options)
+    path = join(root, ADAPTER_CONFIG)
+    if not fs.exists(path):
+        return
+    import json
+
+    base = json.loads(fs.cat_file(path)).get("base_model_name_or_path")
+    raise ValueError(
+        f"policy.pretrained={pretrained!r} is a PEFT adapter (adapter_config.json) on top of "
+        f"{base!r}, not a full policy: finetuning on top of an adapter is not supported. Set "
+        f"policy.pretrained: {base} (add policy.peft for new adapters); `smolvla-ray "
+        "evaluate` and SmolVLAPolicy.from_pretrained load the adapter itself"
+    )
 
 
 def repair_run_dir(spec: JobSpec) -> None:
@@ -308,6 +345,7 @@ def run(
     from smolvla_ray.run_layout import run_uri
 
     spec = resolve_local_paths(spec)
+    check_peft_package(spec)
     if check:
         preflight(spec)
     run_dir = run_uri(spec.checkpoint.storage, spec.name)

@@ -39,6 +39,9 @@ class PolicySettings:
     config_updates: Mapping[str, Any]
     """PolicyConfig updates: the policy section's, with the optimizer's and scheduler's
     values (`JobSpec.policy_config_updates`)."""
+    peft: Mapping[str, Any] | None
+    """`policy.peft` as LeRobot's `--peft.*` options (`build.lora_settings` turns them into
+    the adapters' settings); None: no adapters."""
 
 
 @dataclass(frozen=True)
@@ -199,7 +202,12 @@ class RunSettings:
             run_uri=run_uri(spec.checkpoint.storage, spec.name),
             use_gpu=spec.scaling.use_gpu,
             on_nonfinite=spec.failure.on_nonfinite,
-            policy=_take(PolicySettings, spec.policy, config_updates=spec.policy_config_updates()),
+            policy=_take(
+                PolicySettings,
+                spec.policy,
+                config_updates=spec.policy_config_updates(),
+                peft=spec.policy.peft.model_dump() if spec.policy.peft is not None else None,
+            ),
             data=_take(
                 DataSettings,
                 data,

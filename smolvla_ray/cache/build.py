@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,9 @@ from smolvla_ray.run_layout import cache_root
 from smolvla_ray.settings import RunSettings
 from smolvla_ray.spec import JobSpec
 from smolvla_ray.waits import ResourceWaitTimeout, resource_message, show_resources
+
+if TYPE_CHECKING:
+    from smolvla_ray.policy.adapters import LoraSettings
 
 ENCODE_BATCH = 32
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -222,6 +225,35 @@ def vision_blocker(config: PolicyConfig) -> str | None:
     )
 
 
+def towers_adapted_by(policy_config: PolicyConfig, settings: LoraSettings) -> list[str]:
+    """`adapted_towers` of the policy `policy_config` describes with `settings`' adapters,
+    found on the meta device (no memory, no weights): the driver's cache decision."""
+    from smolvla_ray.policy.adapters import adapted_towers, add_adapters
+    from smolvla_ray.policy.modeling import SmolVLAPolicy
+
+    with torch.device("meta"):
+        policy = SmolVLAPolicy(policy_config, fetch_vlm_weights=False)
+        add_adapters(policy, settings)
+    return adapted_towers(policy)
+
+
+def adapter_blocker(settings: RunSettings, config: PolicyConfig) -> str | None:
+    """With LoRA the whole base is frozen, so the image tokens are constant unless an adapter
+    or a full-training module sits in the vision encoder or connector (found by injecting
+    the adapters into the policy on the meta device: PEFT's own matching, no weights)."""
+    from smolvla_ray.build import lora_settings
+
+    lora = lora_settings(settings)
+    assert lora is not None
+    towers = towers_adapted_by(config, lora)
+    if not towers:
+        return None
+    return (
+        f"policy.peft adapts the policy's {' and '.join(towers)} (its target_modules or "
+        "full_training_modules reach them), so the image tokens change as it trains"
+    )
+
+
 def _run_encode_tasks(
     spec: JobSpec, storage_options: Mapping[str, Any], root: str, missing: list[int]
 ) -> list[dict[str, float]]:
@@ -278,7 +310,11 @@ def ensure_feature_cache(spec: JobSpec, storage_options: Mapping[str, Any]) -> s
         config, resolution = resolve_dataset_features(
             settings, meta, storage_options=storage_options
         )
-        blocker = vision_blocker(config)
+        blocker = (
+            vision_blocker(config)
+            if settings.policy.peft is None
+            else adapter_blocker(settings, config)
+        )
     if blocker is not None:
         if mode == "on":
             raise ValueError(f"data.feature_cache='on' but {blocker}; use auto or off")

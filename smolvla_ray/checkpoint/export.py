@@ -20,6 +20,12 @@ import torch
 
 from smolvla_ray.checkpoint.discovery import fetch_checkpoint
 from smolvla_ray.checkpoint.format import read_checkpoint
+from smolvla_ray.policy.adapters import (
+    add_adapters,
+    has_adapters,
+    merge_adapters,
+    settings_from_options,
+)
 from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.policy.fingerprint import frozen_sha256
 from smolvla_ray.policy.modeling import SmolVLAPolicy
@@ -75,6 +81,12 @@ def load_trained(
             policy = SmolVLAPolicy.from_pretrained(
                 base_uri, config_overrides=updates, revision=revision, **options
             )
+        peft = (state.spec.get("policy") or {}).get("peft")
+        if peft is not None:
+            # The run's adapters on the base (their values come from the checkpoint), named
+            # by the same state-dict names, so the frozen fingerprint compares as trained.
+            add_adapters(policy, settings_from_options(peft))
+            policy.adapter_base = (base_uri, state.base.get("commit") or state.base.get("revision"))
         fingerprint = frozen_sha256(policy)
         if fingerprint != state.base["frozen_sha256"]:
             vlm_weights = state.base.get("vlm_weights")  # absent in older checkpoints
@@ -119,12 +131,18 @@ def export_checkpoint(
     storage_options: Mapping[str, Any] | None = None,
     *,
     raw_weights: bool = False,
+    merge: bool = False,
 ) -> TrainedPolicy:
     """Write the checkpoint's policy as a LeRobot `pretrained_model/` at `out`: its EMA
-    weights when it has them and `raw_weights` is false (`weights` says which)."""
+    weights when it has them and `raw_weights` is false (`weights` says which). A LoRA
+    checkpoint (`policy.peft`) is written in LeRobot's adapter layout (`adapter_config.json`
+    naming its base, `adapter_model.safetensors`, `config.json` with `use_peft: true`), or
+    with `merge` as full weights with the adapters merged in."""
     problem = destination_problem(out, storage_options)
     if problem:
         raise ValueError(problem)
     trained = load_trained(checkpoint_uri, storage_options, raw_weights=raw_weights)
+    if merge and has_adapters(trained.policy):
+        merge_adapters(trained.policy)
     trained.policy.save_pretrained(out, **dict(storage_options or {}))
     return trained

@@ -70,6 +70,9 @@ RESUME_RULES: dict[str, Rule] = {
     "policy.freeze_vision_encoder": _refused(_FREEZING),
     "policy.train_expert_only": _refused(_FREEZING),
     "policy.train_state_proj": _refused(_FREEZING),
+    "policy.peft": _refused(
+        "the adapters (their targets, rank and scale) are the tensors the checkpoint holds"
+    ),
     "policy.chunk_size": _refused("the action chunk sets the model's shapes and targets"),
     "policy.overrides": _refused("policy config fields can change the architecture or freezing"),
     "policy.n_action_steps": _applied("inference only; recorded in the exported config"),

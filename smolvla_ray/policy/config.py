@@ -21,6 +21,13 @@ NormalizationMode = Literal["IDENTITY", "MEAN_STD", "MIN_MAX", "QUANTILES", "QUA
 
 BASE_VLM_NAME = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
 TINY_VLM_NAME = "smolvla-ray/tiny-smolvlm"
+# LeRobot 0.6.1's SmolVLAPolicy._get_default_peft_targets: the action expert's q/v projections
+# and the state/action/time projections (a regex PEFT full-matches against module names);
+# nothing upstream of the image and language tokens.
+SMOLVLA_LORA_TARGETS = (
+    r"(model\.vlm_with_expert\.lm_expert\..*\.(q|v)_proj|model\.(state_proj|action_in_proj"
+    r"|action_out_proj|action_time_mlp_in|action_time_mlp_out))"
+)
 # The tiny preset names its VLM by this directory's path so that LeRobot, given the same
 # config.json on this machine, builds the very same backbone and tokenizer.
 TINY_VLM_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_smolvlm"
@@ -56,7 +63,7 @@ class PolicyConfig(BaseModel):
     output_features: dict[str, PolicyFeature] = Field(default_factory=dict)
     device: str | None = "cpu"
     use_amp: bool = False
-    use_peft: bool = False
+    use_peft: bool = False  # an adapter directory (policy/adapters.py) says true
     push_to_hub: bool = True
     repo_id: str | None = None
     private: bool | None = None
@@ -127,8 +134,6 @@ class PolicyConfig(BaseModel):
             raise ValueError(
                 "adapt_to_pi_aloha=True (Aloha joint/gripper conversion) is not implemented"
             )
-        if self.use_peft:
-            raise ValueError("use_peft=True (a PEFT adapter checkpoint) is not supported yet")
         if self.use_delta_joint_actions_aloha:
             raise ValueError("use_delta_joint_actions_aloha is not supported (nor by LeRobot)")
         if self.add_image_special_tokens:

@@ -1,9 +1,11 @@
 """LeRobot `pretrained_model/` directories in and out, at a local path or any fsspec URL.
 
 The layout is LeRobot 0.6.1's: `config.json`, `model.safetensors` (every tensor, float32,
-LeRobot's key names) and the processor files. Loading is strict where LeRobot is lenient:
-a missing or unexpected tensor is an error that names it, since a silently random-initialized
-layer is the worst kind of bug in a finetune.
+LeRobot's key names) and the processor files; or, for a PEFT adapter (`use_peft: true`),
+`adapter_config.json` naming the base policy and `adapter_model.safetensors` in place of the
+weights, loaded on top of that base as LeRobot's `make_policy` does (`policy/adapters.py`).
+Loading is strict where LeRobot is lenient: a missing or unexpected tensor is an error that
+names it, since a silently random-initialized layer is the worst kind of bug in a finetune.
 """
 
 from __future__ import annotations
@@ -16,17 +18,16 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
+from smolvla_ray.policy.adapters import is_adapter_dir
 from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.policy.processor import PRE_STATE, PolicyProcessor
-from smolvla_ray.policy.weights_file import WEIGHTS_NAME
+from smolvla_ray.policy.weights_file import CONFIG_NAME, WEIGHTS_NAME, check_state_dict_keys
 from smolvla_ray.storage import filesystem
 
 if TYPE_CHECKING:  # the model module calls into this one (SmolVLAPolicy.from_pretrained)
     from smolvla_ray.policy.modeling import PrefixMode, SmolVLAPolicy
 
 log = logging.getLogger(__name__)
-
-CONFIG_NAME = "config.json"
 
 
 def _is_url(source: str) -> bool:
@@ -64,30 +65,6 @@ def fetch_pretrained(
     return target
 
 
-def check_state_dict_keys(
-    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], *, source: str
-) -> None:
-    """Raise naming every missing, unexpected or mis-shaped tensor."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong_shape = sorted(
-        f"{k}: {tuple(found[k].shape)} (expected {tuple(expected[k].shape)})"
-        for k in set(expected) & set(found)
-        if found[k].shape != expected[k].shape
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:20])}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected[:20])}")
-    if wrong_shape:
-        problems.append(f"wrong shapes: {', '.join(wrong_shape[:20])}")
-    if problems:
-        raise ValueError(
-            f"{source} does not match the policy its config.json describes; " + "; ".join(problems)
-        )
-
-
 def load_pretrained(
     policy_class: type[SmolVLAPolicy],
     source: str,
@@ -107,6 +84,11 @@ def load_pretrained(
         config = PolicyConfig.from_lerobot_json(config_path.read_text(), source=str(config_path))
         if config_overrides:
             config = PolicyConfig.model_validate({**config.model_dump(), **config_overrides})
+        if is_adapter_dir(directory):
+            return _load_adapter(
+                policy_class, source, directory, config, prefix_mode=prefix_mode,
+                storage_options=storage_options,
+            )  # fmt: skip
         weights_path = directory / WEIGHTS_NAME
         if not weights_path.exists():
             raise FileNotFoundError(f"{source}: no {WEIGHTS_NAME}")
@@ -126,6 +108,53 @@ def load_pretrained(
     return policy
 
 
+def _load_adapter(
+    policy_class: type[SmolVLAPolicy],
+    source: str,
+    directory: Path,
+    config: PolicyConfig,
+    *,
+    prefix_mode: PrefixMode,
+    storage_options: dict,
+) -> SmolVLAPolicy:
+    """A PEFT adapter directory on top of the base its `adapter_config.json` names, as
+    LeRobot's `make_policy` loads it: the adapter directory's config builds the policy, the
+    base's `model.safetensors` fills it, then the adapters and the directory's processor."""
+    from smolvla_ray.policy.adapters import (
+        ADAPTER_WEIGHTS,
+        add_adapters,
+        load_adapter_tensors,
+        read_adapter_config,
+        settings_of,
+    )
+
+    peft_config = read_adapter_config(directory)
+    base = peft_config.base_model_name_or_path
+    if not base:
+        raise ValueError(
+            f"{source}/adapter_config.json names no base policy (base_model_name_or_path); "
+            "set it to the pretrained_model/ the adapter was trained on"
+        )
+    if (Path(base).expanduser() / "adapter_config.json").exists():
+        raise ValueError(f"{source}: its base {base} is itself an adapter; merge that one first")
+    base_config = config.model_dump()
+    base_config["use_peft"] = False
+    policy = load_pretrained(
+        policy_class, base, prefix_mode=prefix_mode, config_overrides=base_config,
+        revision=peft_config.revision, **storage_options,
+    )  # fmt: skip
+    add_adapters(policy, settings_of(peft_config))
+    weights_path = directory / ADAPTER_WEIGHTS
+    if not weights_path.exists():
+        raise FileNotFoundError(f"{source}: no {ADAPTER_WEIGHTS}")
+    load_adapter_tensors(policy, load_file(str(weights_path)), source=f"{source}/{ADAPTER_WEIGHTS}")
+    policy.config = config  # use_peft: true, as the directory says
+    policy.adapter_base = (base, peft_config.revision)
+    if (directory / PRE_STATE).exists():
+        policy.processor = PolicyProcessor.load(config, directory)
+    return policy
+
+
 def save_pretrained(policy: SmolVLAPolicy, target: str, **storage_options) -> None:
     """Write `policy` as a LeRobot `pretrained_model/` to a local path or fsspec URL."""
     if _is_url(target) and not target.startswith("file://"):
@@ -140,6 +169,19 @@ def save_pretrained(policy: SmolVLAPolicy, target: str, **storage_options) -> No
 
 
 def _write_local(policy: SmolVLAPolicy, directory: Path) -> None:
+    from smolvla_ray.policy.adapters import has_adapters, write_adapter
+
+    if has_adapters(policy):
+        # LeRobot's adapter layout, naming the base the adapters sit on.
+        base = getattr(policy, "adapter_base", None)
+        if base is None:
+            raise ValueError(
+                "this policy carries LoRA adapters but names no base policy to save them "
+                "against; set policy.adapter_base = (base URI, revision), or merge them "
+                "(policy/adapters.merge_adapters) to save full weights"
+            )
+        write_adapter(policy, directory, base=base[0], revision=base[1])
+        return
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_NAME).write_text(policy.config.to_lerobot_json())
     state = {

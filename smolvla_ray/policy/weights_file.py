@@ -12,7 +12,9 @@ from typing import Any
 
 from smolvla_ray.storage import filesystem
 
+CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter directory's (policy/adapters.py)
 
 
 def safetensors_problem(read_head: Callable[[int, int], bytes], size: int) -> str | None:
@@ -64,3 +66,27 @@ def weights_problem(source: str, storage_options: Mapping[str, Any]) -> str | No
     except FileNotFoundError:
         return f"{where} does not exist"
     return f"{where} is unreadable: {problem}" if problem else None
+
+
+def check_state_dict_keys(
+    expected: Mapping[str, Any], found: Mapping[str, Any], *, source: str
+) -> None:
+    """Raise naming every missing, unexpected or mis-shaped tensor."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong_shape = sorted(
+        f"{k}: {tuple(found[k].shape)} (expected {tuple(expected[k].shape)})"
+        for k in set(expected) & set(found)
+        if found[k].shape != expected[k].shape
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:20])}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected[:20])}")
+    if wrong_shape:
+        problems.append(f"wrong shapes: {', '.join(wrong_shape[:20])}")
+    if problems:
+        raise ValueError(
+            f"{source} does not match the policy its config.json describes; " + "; ".join(problems)
+        )

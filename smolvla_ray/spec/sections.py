@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from smolvla_ray.keys import camera_name_problem
-from smolvla_ray.policy.config import PolicyConfig
+from smolvla_ray.policy.config import SMOLVLA_LORA_TARGETS, PolicyConfig
 from smolvla_ray.storage import url_problem
 
 # Inputs stay out of pydantic's own messages: a rejected spec may hold credentials.
@@ -52,8 +52,8 @@ _NOT_IMPLEMENTED: dict[str, tuple[Any, str]] = {
     "adapt_to_pi_aloha": (True, "the Aloha joint/gripper space conversion is not implemented; "
                           "convert the dataset's state and action instead"),
     "compile_model": (True, "torch.compile of the policy is not implemented; remove it"),
-    "use_peft": (True, "PEFT adapters are not implemented yet; finetune with the freezing "
-                 "overrides (policy.train_expert_only and friends)"),
+    "use_peft": (True, "LoRA adapters are set by the policy.peft section (e.g. peft: "
+                 "{r: 16}); remove it from overrides"),
 }  # fmt: skip
 
 
@@ -66,6 +66,43 @@ def _check_uri(value: str | None, *, writable: bool = False) -> str | None:
     if problem:
         raise ValueError(problem)
     return value
+
+
+class PeftSpec(BaseModel):
+    """LoRA adapters as LeRobot 0.6.1 trains them (`--peft.*`): every base parameter
+    frozen, only the adapters (and `full_training_modules`) trained, checkpointed and
+    exported. Needs `policy.pretrained` and the peft extra (pip install 'smolvla-ray[peft]')."""
+
+    model_config = SECTION_CONFIG
+    method_type: Literal["LORA"] = "LORA"
+    """The PEFT method (LeRobot's `--peft.method_type`); LoRA is the one implemented."""
+    r: int = Field(16, ge=1)
+    """LoRA rank (LeRobot's default, 16)."""
+    lora_alpha: int = Field(8, ge=1)
+    """LoRA scaling numerator (scale = lora_alpha / r); LeRobot leaves it to PEFT's 8."""
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapters' input while training (PEFT's default, 0)."""
+    target_modules: str | list[str] = SMOLVLA_LORA_TARGETS
+    """Modules that get adapters: a regex full-matched against module names, or a list of
+    name suffixes (PEFT's rules). Default: LeRobot's SmolVLA targets, the action expert's
+    q/v projections and the state/action/time projections."""
+    full_training_modules: list[str] = Field(default_factory=list)
+    """Modules trained in full beside the adapters and saved with them (PEFT's
+    modules_to_save), by name suffix, e.g. [action_out_proj]."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"target_modules is not a valid regex: {err}") from None
+            if not value.strip():
+                raise ValueError("target_modules is empty; give a regex or a list of names")
+        elif not value or not all(name.strip() for name in value):
+            raise ValueError("target_modules needs module names, e.g. [q_proj, v_proj]")
+        return value
 
 
 class PolicySpec(BaseModel):
@@ -94,6 +131,8 @@ class PolicySpec(BaseModel):
     """Any other PolicyConfig field by its LeRobot name, e.g. {num_steps: 5}."""
     prefix_mode: Literal["auto", "joint", "no_grad"] = "auto"
     """How training runs the image/language prefix: no_grad needs a frozen VLM; auto picks."""
+    peft: PeftSpec | None = None
+    """LoRA adapters instead of the freezing overrides (None: no adapters)."""
 
     @field_validator("pretrained")
     @classmethod
@@ -153,12 +192,32 @@ class PolicySpec(BaseModel):
                 "overrides.load_vlm_weights=true does nothing with pretrained: the checkpoint "
                 "holds the VLM weights; remove it, or use preset: base to start from the VLM"
             )
+        if self.peft is not None:
+            self._check_peft()
         if self.prefix_mode == "no_grad" and self.train_expert_only is False:
             raise ValueError(
                 "prefix_mode='no_grad' needs a frozen VLM but train_expert_only=False; "
                 "use prefix_mode 'auto' or 'joint', or set train_expert_only: true"
             )
         return self
+
+    def _check_peft(self) -> None:
+        """As LeRobot: adapters need a pretrained policy, and they freeze the whole base, so
+        a freezing override would be ignored: refused instead."""
+        if self.pretrained is None:
+            raise ValueError(
+                f"peft trains adapters on a pretrained policy, but policy.preset="
+                f"{self.preset!r} starts from random weights (LeRobot refuses this too); set "
+                "policy.pretrained (e.g. lerobot/smolvla_base), or remove policy.peft"
+            )
+        given = [name for name in _OWN_FIELDS[:3] if getattr(self, name) is not None]
+        if given:
+            raise ValueError(
+                f"peft freezes every base parameter and trains only the adapters, so "
+                f"{', '.join(f'policy.{n}' for n in given)} would be ignored; remove "
+                f"{'it' if len(given) == 1 else 'them'} (or remove policy.peft to finetune "
+                "with the freezing overrides)"
+            )
 
     def config_updates(self) -> dict[str, Any]:
         """The PolicyConfig field updates this section implies (only the ones it sets)."""

@@ -346,3 +346,46 @@ def assert_evaluations_equal(ours: dict, theirs: dict) -> None:
     assert ours["summary"]["eval/samples"] == 13  # every frame of the 2 episodes (10 + 3)
     for key in ("summary", "per_dimension", "per_horizon_step", "valid_per_horizon_step"):
         assert ours[key] == theirs[key], key
+
+
+# ---------------------------------------------------------------- LoRA adapters, both ways
+
+LORA_INPUTS = ("base", "ours_adapter", "inputs.safetensors")
+
+
+def write_lora_inputs(workdir: Path) -> str:
+    """A tiny base policy, our adapter export of LoRA adapters on it (random, non-zero) and
+    its `--merge` twin (`ours_merged`, not an oracle input), and a batch with fixed noise:
+    what `oracle_lora.py` reads. Returns the inputs' digest."""
+    from smolvla_ray.policy.adapters import LoraSettings, add_adapters, merge_adapters
+
+    torch.manual_seed(1)
+    config = tiny_config()
+    base = SmolVLAPolicy(config)
+    base.processor = PolicyProcessor(config, stats_for(config))
+    base.save_pretrained(workdir / "base")
+    settings = LoraSettings(r=4, lora_alpha=8, full_training_modules=("action_out_proj",))
+    add_adapters(base, settings, seed=3)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for param in base.trainable_parameters().values():
+            param.copy_(torch.randn(param.shape, generator=g) * 0.05)
+    base.adapter_base = (str(workdir / "base"), None)
+    base.save_pretrained(workdir / "ours_adapter")
+    merge_adapters(base)
+    base.save_pretrained(workdir / "ours_merged")
+    batch = make_batch(config, batch_size=2, seed=5)
+    noise = torch.randn(2, config.chunk_size, config.max_action_dim, generator=g)
+    save_file(
+        {**{k: v.contiguous() for k, v in batch.items()}, "_noise": noise},
+        str(workdir / "inputs.safetensors"),
+    )
+    return inputs_digest(workdir, LORA_INPUTS)
+
+
+def lora_actions(policy_dir: Path, workdir: Path) -> torch.Tensor:
+    """Our actions from the policy at `policy_dir` on `oracle_lora.py`'s batch and noise."""
+    inputs = load_file(str(workdir / "inputs.safetensors"))
+    batch = {k: v for k, v in inputs.items() if not k.startswith("_")}
+    policy = SmolVLAPolicy.from_pretrained(str(policy_dir))
+    return policy.predict_action_chunk(batch, noise=inputs["_noise"])

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from tests.lerobot import cases
 
 DEFAULT_LEROBOT_PYTHON = "/work/lerobot-venv/bin/python"
-CASES = [*cases.PARITY_CASES, "raw_inference", "evaluate_resaved"]
+CASES = [*cases.PARITY_CASES, "raw_inference", "evaluate_resaved", "lora"]
 
 
 def lerobot_versions(python: str) -> dict[str, str]:
@@ -78,17 +78,27 @@ def evaluate_resaved_golden(python: str, workdir: Path, target: Path) -> dict:
     }
 
 
-def _keep_saved(workdir: Path, target: Path) -> None:
-    saved = workdir / "lerobot_saved"
-    (target / "lerobot_saved").mkdir(parents=True)
+def lora_golden(python: str, workdir: Path, target: Path) -> dict:
+    """LeRobot's actions on our adapter export, and an adapter LeRobot saved (its files,
+    naming the base in the work directory, and its actions)."""
+    digest = cases.write_lora_inputs(workdir)
+    theirs = cases.run_oracle(python, "oracle_lora.py", workdir)
+    save_file({k: v.contiguous() for k, v in theirs.items()}, str(target / "outputs.safetensors"))
+    _keep_saved(workdir, target, "lerobot_adapter")
+    return {"inputs_sha256": digest}
+
+
+def _keep_saved(workdir: Path, target: Path, name: str = "lerobot_saved") -> None:
+    saved = workdir / name
+    (target / name).mkdir(parents=True)
     for file in sorted(saved.iterdir()):
-        if file.name == "model.safetensors":
+        if file.name in ("model.safetensors", "README.md"):  # README: PEFT's model card
             continue
         if file.suffix == ".json":
             text = cases.canonical_json(file.read_text(), workdir)
-            (target / "lerobot_saved" / file.name).write_text(text)
+            (target / name / file.name).write_text(text)
         else:
-            shutil.copyfile(file, target / "lerobot_saved" / file.name)
+            shutil.copyfile(file, target / name / file.name)
 
 
 def main() -> None:
@@ -112,6 +122,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix=f"golden-{name}-") as tmp:
             if name == "raw_inference":
                 meta = raw_inference_golden(args.lerobot_python, Path(tmp), target)
+            elif name == "lora":
+                meta = lora_golden(args.lerobot_python, Path(tmp), target)
             elif name == "evaluate_resaved":
                 meta = evaluate_resaved_golden(args.lerobot_python, Path(tmp), target)
             else:
