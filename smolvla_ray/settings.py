@@ -46,7 +46,7 @@ class PolicySettings:
 
 @dataclass(frozen=True)
 class AugmentSettings:
-    """`data.augment` when it is on (satisfies `data.augment.AugmentSettings`)."""
+    """`data.augment` when it is on: what `data/augment.py` reads."""
 
     enable: bool
     max_num_transforms: int

@@ -21,27 +21,16 @@ import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-class AugmentSettings(Protocol):
-    """The augmentation settings (`settings.AugmentSettings` satisfies this, as does the job
-    spec's `data.augment` section; the data layer imports neither)."""
-
-    enable: bool
-    max_num_transforms: int
-    random_order: bool
-    brightness: tuple[float, float] | None
-    contrast: tuple[float, float] | None
-    saturation: tuple[float, float] | None
-    hue: tuple[float, float] | None
-    sharpness: tuple[float, float] | None
-    affine_degrees: tuple[float, float] | None
-    affine_translate: tuple[float, float]
+if TYPE_CHECKING:
+    # Annotations only: the data layer does not depend on the run's settings; anything with
+    # these fields (the job spec's `data.augment` section too) is accepted.
+    from smolvla_ray.settings import AugmentSettings
 
 
 def _generator(seed: int, epoch: int, index: int, camera: str) -> torch.Generator:
