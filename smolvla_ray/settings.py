@@ -217,9 +217,7 @@ class RunSettings:
         data, train, ev = spec.data, spec.train, spec.eval
         augment = data.augment
         mixture = (
-            tuple(_dataset(entry) for entry in data.datasets)
-            if data.datasets is not None
-            else None
+            tuple(_dataset(entry) for entry in data.datasets) if data.datasets is not None else None
         )
         primary: Any = data.datasets[0] if data.datasets is not None else data
         return cls(
