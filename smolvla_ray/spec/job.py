@@ -162,6 +162,12 @@ class JobSpec(BaseModel):
                 f"(precision={train.precision!r}, use_gpu={scaling.use_gpu}); "
                 "set frozen_dtype auto or fp32"
             )
+        if self.data.feature_cache == "on" and self.data.is_mixture:
+            raise ValueError(
+                "data.feature_cache='on' but data.datasets is a mixture, and per-dataset "
+                "feature caches are not built yet; set data.feature_cache to auto (trains "
+                "from video, and says so) or off"
+            )
         if self.data.feature_cache == "on":
             reason = self.feature_cache_blocker()
             if reason is not None:
@@ -202,8 +208,8 @@ class JobSpec(BaseModel):
             raise ValueError(
                 "the eval section holds out episodes of one dataset, but data.datasets is a "
                 "mixture (held-out evaluation of mixtures is not implemented); remove the "
-                "eval section and evaluate checkpoints with `smolvla-ray evaluate CKPT "
-                "--data DATASET` per dataset"
+                "eval section, and evaluate per dataset: `smolvla-ray export CKPT OUT "
+                "--dataset NAME`, then `smolvla-ray evaluate OUT --data DATASET`"
             )
         if self.data.augment.enable:
             raise ValueError(

@@ -33,10 +33,10 @@ def two_arms(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     root = tmp_path_factory.mktemp("mixture")
     a = write_demo_dataset(str(root / "arm_a"), num_episodes=3, episode_length=30,
                            cameras=("top", "wrist"), state_dim=6, action_dim=6,
-                           height=48, width=64)  # fmt: skip
+                           height=48, width=64, codec="h264")  # fmt: skip
     b = write_demo_dataset(str(root / "arm_b"), num_episodes=3, episode_length=20,
                            cameras=("top", "side"), state_dim=4, action_dim=3,
-                           height=48, width=64, seed=1)  # fmt: skip
+                           height=48, width=64, seed=1, codec="h264")  # fmt: skip
     return a, b
 
 
@@ -102,3 +102,42 @@ def test_a_mixture_trains_and_a_killed_run_resumes_to_the_same_weights(
             assert torch.equal(policy.processor.stats[key]["mean"], expected), key
     bad = runner.invoke(app, ["export", info.uri, str(tmp_path / "x"), "--dataset", "c"])
     assert bad.exit_code == 2 and "['arm_a', 'b']" in bad.output
+
+
+def test_each_sample_is_normalized_padded_and_masked_as_its_dataset(
+    tmp_path: Path, two_arms: tuple[str, str]
+) -> None:
+    """A batch of the mixture loader: dataset b's samples normalized with b's statistics,
+    then zero-padded; the camera b lacks all zeros (-1 after scaling) with its mask off;
+    its real action dims marked; and a's samples as a's."""
+    from smolvla_ray.build import build_policy, open_dataset
+    from smolvla_ray.data.samples import FrameDataset
+    from smolvla_ray.settings import RunSettings
+    from smolvla_ray.train.setup import build_loader
+
+    settings = RunSettings.from_spec(mixture_spec(two_arms, tmp_path, "batch"))
+    meta = open_dataset(settings, storage_options={})
+    policy = build_policy(settings, meta, storage_options={})
+    loader = build_loader(settings, meta, policy, rank=0, world_size=1, cursor=None,
+                          storage_options={}, device=torch.device("cpu"))  # fmt: skip
+    seen = set()
+    for batch, _ in zip(loader, range(6), strict=False):
+        for i, (d, index) in enumerate(zip(batch["dataset_index"], batch["index"], strict=True)):
+            d, index = int(d), int(index)
+            seen.add(d)
+            uri, lacks, width = (two_arms[1], "wrist", 3) if d == 1 else (two_arms[0], "side", 6)
+            raw = FrameDataset(uri, chunk_size=policy.config.chunk_size)[index]
+            stats = load_meta(uri).stats
+            mean = torch.as_tensor(stats["observation.state"]["mean"], dtype=torch.float32)
+            std = torch.as_tensor(stats["observation.state"]["std"], dtype=torch.float32)
+            state = batch["observation.state"][i]
+            torch.testing.assert_close(
+                state[: len(mean)], (raw["observation.state"] - mean) / (std + 1e-8)
+            )
+            assert torch.count_nonzero(state[len(mean) :]) == 0
+            assert torch.count_nonzero(batch["action"][i, :, width:]) == 0
+            assert int(batch["action_dim_mask"][i].sum()) == width
+            assert not bool(batch[f"observation.images.{lacks}_padding_mask"][i])
+            assert torch.count_nonzero(batch[f"observation.images.{lacks}"][i]) == 0
+            assert bool(batch["observation.images.top_padding_mask"][i])
+    assert seen == {0, 1}

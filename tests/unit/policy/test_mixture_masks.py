@@ -63,7 +63,9 @@ def test_without_the_mask_the_loss_is_unchanged(tiny_policy: SmolVLAPolicy):
     full = torch.ones(3, tiny_policy.config.action_dim, dtype=torch.bool)
     masked = tiny_policy.per_sample_loss({**batch, ACTION_DIM_MASK: full}, noise, time)
     torch.testing.assert_close(plain, masked, rtol=1e-6, atol=0)
-    assert torch.equal(valid_elements(batch, 5), valid_elements({**batch, ACTION_DIM_MASK: full}, 5))
+    assert torch.equal(
+        valid_elements(batch, 5), valid_elements({**batch, ACTION_DIM_MASK: full}, 5)
+    )
 
 
 def test_a_camera_a_sample_lacks_is_masked_for_that_sample(tiny_policy: SmolVLAPolicy):
