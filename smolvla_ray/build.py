@@ -14,8 +14,10 @@ from smolvla_ray.data.split import split_by_task
 from smolvla_ray.features import (
     FeatureResolution,
     base_config,
+    dataset_resolution,
     read_pretrained_config,
     resolve_features,
+    resolve_mixture,
 )
 from smolvla_ray.policy.config import PolicyConfig
 from smolvla_ray.settings import RunSettings
@@ -28,9 +30,13 @@ def resolve_run_features(
     settings: RunSettings,
     pretrained_config_json: str | None,
     dataset_features: Mapping[str, Mapping[str, Any]],
+    *,
+    mixture_features: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
 ) -> tuple[PolicyConfig, FeatureResolution]:
     """(the policy config to build, its feature resolution) for the run, from the policy's
-    `config.json` text (None for a preset) and the dataset's `info.json` features."""
+    `config.json` text (None for a preset) and the dataset's `info.json` features; for a
+    mixture, from each dataset's features by name (`mixture_features`), each resolved
+    against the policy on its own and then merged (`features.resolve_mixture`)."""
     policy = settings.policy
     base = base_config(
         pretrained_config_json,
@@ -38,36 +44,68 @@ def resolve_run_features(
         pretrained=policy.pretrained,
         updates=policy.config_updates,
     )
+    policy_source = f"policy {policy.pretrained or 'preset ' + str(policy.preset)}"
+    if settings.data.mixture is not None:
+        if mixture_features is None:
+            raise RuntimeError("a mixture's features need every dataset's info.json features")
+        resolutions = {
+            d.name: resolve_features(
+                base,
+                mixture_features[d.name],
+                rename_map=d.rename_map,
+                cameras=d.cameras,
+                policy_source=policy_source,
+                dataset_source=f"dataset {d.name} ({d.uri}; data.datasets)",
+            )
+            for d in settings.data.mixture
+        }
+        resolution = resolve_mixture(resolutions)
+        return resolution.apply(base), resolution
     resolution = resolve_features(
         base,
         dataset_features,
         rename_map=settings.data.rename_map,
         cameras=settings.data.cameras,
-        policy_source=f"policy {policy.pretrained or 'preset ' + str(policy.preset)}",
+        policy_source=policy_source,
         dataset_source=f"dataset {settings.data.uri}",
     )
     return resolution.apply(base), resolution
 
 
 def resolve_dataset_features(
-    settings: RunSettings, meta: DatasetMeta, *, storage_options: Mapping[str, Any]
+    settings: RunSettings,
+    meta: DatasetMeta,
+    *,
+    storage_options: Mapping[str, Any],
+    metas: Mapping[str, DatasetMeta] | None = None,
 ) -> tuple[PolicyConfig, FeatureResolution]:
     """The policy config to build and how the dataset's features feed it (the driver's
     preflight, every worker and the feature-cache build give the same answer, from the same
-    two JSON files)."""
+    two JSON files). A mixture's datasets are opened unless `metas` holds them."""
     text = None
     if settings.policy.pretrained:
         text = read_pretrained_config(
             settings.policy.pretrained, storage_options, revision=settings.policy.revision
         )
-    return resolve_run_features(settings, text, meta.features)
+    mixture = None
+    if settings.data.mixture is not None:
+        metas = metas or open_mixture(settings, storage_options=storage_options)
+        mixture = {name: m.features for name, m in metas.items()}
+    return resolve_run_features(settings, text, meta.features, mixture_features=mixture)
 
 
 def build_policy(
-    settings: RunSettings, meta: DatasetMeta, *, storage_options: Mapping[str, Any]
+    settings: RunSettings,
+    meta: DatasetMeta,
+    *,
+    storage_options: Mapping[str, Any],
+    metas: Mapping[str, DatasetMeta] | None = None,
 ) -> SmolVLAPolicy:
     """The policy with the run's overrides and the dataset's resolved features, with a
-    processor that renames the dataset's keys and normalizes with its statistics."""
+    processor that renames the dataset's keys and normalizes with its statistics. For a
+    mixture (its datasets opened unless `metas` holds them), `policy.processor` is the
+    first dataset's and `policy.mixture_processors` holds every dataset's by name, each
+    with its own statistics, rename map and widths (`mixture_processors`)."""
     # Imported here: the driver uses this module's light helpers before Ray starts, and
     # the model's imports (torch, transformers) would cost it seconds on every run.
     import torch
@@ -75,7 +113,11 @@ def build_policy(
     from smolvla_ray.policy.modeling import SmolVLAPolicy
     from smolvla_ray.policy.processor import PolicyProcessor
 
-    config, resolution = resolve_dataset_features(settings, meta, storage_options=storage_options)
+    if settings.data.mixture is not None:
+        metas = metas or open_mixture(settings, storage_options=storage_options)
+    config, resolution = resolve_dataset_features(
+        settings, meta, storage_options=storage_options, metas=metas
+    )
     policy_settings = settings.policy
     if policy_settings.pretrained:
         policy = SmolVLAPolicy.from_pretrained(
@@ -91,9 +133,29 @@ def build_policy(
         policy = SmolVLAPolicy(config, prefix_mode=policy_settings.prefix_mode)
     if policy_settings.peft is not None:
         add_lora(policy, settings)
-    policy.processor = PolicyProcessor(policy.config, meta.stats, resolution.rename_map)
     policy.feature_resolution = resolution
+    if metas is not None and resolution.datasets:
+        processors = mixture_processors(policy.config, resolution, metas)
+        policy.mixture_processors = processors
+        policy.processor = next(iter(processors.values()))
+        return policy
+    policy.processor = PolicyProcessor(policy.config, meta.stats, resolution.rename_map)
     return policy
+
+
+def mixture_processors(
+    config: PolicyConfig, resolution: FeatureResolution, metas: Mapping[str, DatasetMeta]
+) -> dict:  # -> dict[str, PolicyProcessor]
+    """Each mixture dataset's processor by name: its own statistics and rename map, for a
+    config with its own cameras and widths (what an export for it carries)."""
+    from smolvla_ray.policy.processor import PolicyProcessor
+
+    return {
+        name: PolicyProcessor(
+            dataset_resolution(resolution, name).apply(config), metas[name].stats, own.rename_map
+        )
+        for name, own in resolution.datasets.items()
+    }
 
 
 def lora_settings(settings: RunSettings):  # -> policy.adapters.LoraSettings | None
@@ -166,9 +228,36 @@ def cached_episodes(settings: RunSettings, meta: DatasetMeta) -> list[int]:
 
 
 def open_dataset(settings: RunSettings, *, storage_options: Mapping[str, Any]) -> DatasetMeta:
-    """The dataset's metadata; a hub id is read from this node's Hugging Face cache when it
-    holds the snapshot, else from the Hub at the pinned revision."""
+    """The dataset's metadata (a mixture's first dataset's); a hub id is read from this
+    node's Hugging Face cache when it holds the snapshot, else from the Hub at the pinned
+    revision."""
     from smolvla_ray import hub
 
     url = hub.dataset_url(settings.data.uri, settings.data.revision)
     return load_meta(url, storage_options=storage_options)
+
+
+def open_mixture(
+    settings: RunSettings, *, storage_options: Mapping[str, Any]
+) -> dict[str, DatasetMeta]:
+    """Each mixture dataset's metadata by name, in the spec's order ({} for one dataset)."""
+    from smolvla_ray import hub
+
+    return {
+        d.name: load_meta(hub.dataset_url(d.uri, d.revision), storage_options=storage_options)
+        for d in settings.data.mixture or ()
+    }
+
+
+def mixture_episodes(
+    settings: RunSettings, metas: Mapping[str, DatasetMeta]
+) -> dict[str, list[int]]:
+    """Each mixture dataset's selected episodes by name (`episodes` checked against it;
+    mixtures hold nothing out)."""
+    out = {}
+    for d in settings.data.mixture or ():
+        try:
+            out[d.name] = select_episodes(metas[d.name], d.episodes)
+        except ValueError as err:
+            raise ValueError(f"data.datasets {d.name!r} episodes: {err}") from None
+    return out

@@ -358,14 +358,26 @@ def export(
             "of LeRobot's adapter layout.",
         ),
     ] = False,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            "--dataset",
+            help="A mixture's checkpoint (data.datasets): the dataset whose statistics, "
+            "camera keys and state/action widths the export carries (default: the first).",
+        ),
+    ] = None,
 ) -> None:
     """Merge base weights and a checkpoint into a LeRobot pretrained_model/ directory.
     `RUN_URI/best` exports the run's best checkpoint (checkpoint.keep_best). A run that kept
     an EMA of its weights (train.ema) exports the EMA, unless --raw-weights. A LoRA
     checkpoint exports LeRobot's adapter layout (naming its base), or with --merge full
-    weights."""
+    weights. A mixture's checkpoint exports for one of its datasets (--dataset)."""
     from smolvla_ray.checkpoint.best import resolve_best
-    from smolvla_ray.checkpoint.export import destination_problem, export_checkpoint
+    from smolvla_ray.checkpoint.export import (
+        DatasetChoiceError,
+        destination_problem,
+        export_checkpoint,
+    )
 
     _check_url(checkpoint, "the checkpoint")
     _check_url(out, "the destination")
@@ -374,13 +386,17 @@ def export(
     try:
         checkpoint = resolve_best(checkpoint, _storage_options())
         trained = export_checkpoint(
-            checkpoint, out, _storage_options(), raw_weights=raw_weights, merge=merge
-        )
-    except ImportError as err:  # a LoRA checkpoint without the peft package
+            checkpoint, out, _storage_options(), raw_weights=raw_weights, merge=merge,
+            dataset=dataset,
+        )  # fmt: skip
+    except (ImportError, DatasetChoiceError) as err:  # no peft package; a bad --dataset
         _fail(str(err))
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err), code=1)
     typer.echo(f"weights: {_WEIGHTS[trained.weights]}")
+    if trained.dataset is not None:
+        how = "--dataset" if dataset is not None else "the mixture's first; pick with --dataset"
+        typer.echo(f"dataset: {trained.dataset} (its statistics, camera keys and widths; {how})")
     typer.echo(f"exported {checkpoint} -> {out} (load with SmolVLAPolicy.from_pretrained)")
 
 

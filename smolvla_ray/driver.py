@@ -65,8 +65,16 @@ def resolve_local_paths(spec: JobSpec) -> JobSpec:
     pretrained = spec.policy.pretrained
     if pretrained and os.path.exists(pretrained):
         pretrained = absolute(pretrained)
-    uri = spec.data.uri if hub.is_hub_id(spec.data.uri) else absolute(spec.data.uri)
-    data = {"uri": uri, "cache_dir": absolute(spec.data.cache_dir)}
+
+    def local(uri: str | None) -> str | None:
+        return uri if uri is None or hub.is_hub_id(uri) else absolute(uri)
+
+    data: dict[str, Any] = {"uri": local(spec.data.uri), "cache_dir": absolute(spec.data.cache_dir)}
+    if spec.data.datasets is not None:
+        data["datasets"] = [
+            d.model_copy(update={"uri": local(d.uri), "name": d.resolved_name})
+            for d in spec.data.datasets
+        ]
     return spec.model_copy(
         update={
             "policy": spec.policy.model_copy(update={"pretrained": pretrained}),
@@ -85,7 +93,13 @@ def preflight(spec: JobSpec) -> FeatureResolution:
     """Fail before starting on what can be known now: the dataset reachable, the pretrained
     policy's config.json readable, the dataset's features resolvable against the policy's
     (cameras, rename map, widths), storage writable. Returns the feature resolution."""
-    from smolvla_ray.build import cached_episodes, open_dataset, resolve_dataset_features
+    from smolvla_ray.build import (
+        cached_episodes,
+        mixture_episodes,
+        open_dataset,
+        open_mixture,
+        resolve_dataset_features,
+    )
     from smolvla_ray.checkpoint.discovery import inspect_checkpoint
     from smolvla_ray.data.meta import check_readable, select_episodes
     from smolvla_ray.keys import ACTION, OBS_STATE
@@ -97,12 +111,17 @@ def preflight(spec: JobSpec) -> FeatureResolution:
     check_endpoint(options)
     settings = RunSettings.from_spec(spec)
     meta = open_dataset(settings, storage_options=options)
-    try:
-        select_episodes(meta, settings.data.episodes)
-    except ValueError as err:
-        raise ValueError(f"data.episodes: {err}") from None
-    episodes = cached_episodes(settings, meta)  # training and held-out (errors say eval.)
-    check_readable(meta, episodes, needs_stats=[OBS_STATE, ACTION])
+    metas = open_mixture(settings, storage_options=options)  # {} for one dataset
+    if metas:
+        for name, selected in mixture_episodes(settings, metas).items():
+            check_readable(metas[name], selected, needs_stats=[OBS_STATE, ACTION])
+    else:
+        try:
+            select_episodes(meta, settings.data.episodes)
+        except ValueError as err:
+            raise ValueError(f"data.episodes: {err}") from None
+        episodes = cached_episodes(settings, meta)  # training and held-out (errors say eval.)
+        check_readable(meta, episodes, needs_stats=[OBS_STATE, ACTION])
     source = spec.checkpoint.from_checkpoint
     if source:
         info = inspect_checkpoint(absolute(source), options, hashes=False)
@@ -112,7 +131,9 @@ def preflight(spec: JobSpec) -> FeatureResolution:
             )
     if spec.policy.pretrained:
         _refuse_adapter_base(spec.policy.pretrained, options)
-    _, resolution = resolve_dataset_features(settings, meta, storage_options=options)
+    _, resolution = resolve_dataset_features(
+        settings, meta, storage_options=options, metas=metas or None
+    )
     if spec.policy.pretrained:
         problem = weights_problem(spec.policy.pretrained, options)
         if problem:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,6 +67,9 @@ class FeatureResolution:
     max_action_dim: int
     rename_map: dict[str, str] = field(default_factory=dict)
     """The map as the user gave it (dataset key -> policy key); the preprocessor applies it."""
+    datasets: dict[str, FeatureResolution] = field(default_factory=dict)
+    """For a mixture (`resolve_mixture`): each dataset's own resolution by name, in the
+    spec's order, its rows marking the policy cameras it lacks; empty for one dataset."""
 
     @property
     def sources(self) -> dict[str, str]:
@@ -93,7 +96,18 @@ class FeatureResolution:
         return config.model_copy(update={"input_features": inputs, "output_features": outputs})
 
     def table(self) -> str:
-        """A fixed-width table of every camera and the state/action widths."""
+        """A fixed-width table of every camera and the state/action widths; for a mixture,
+        one per dataset, then the policy's inputs."""
+        if self.datasets:
+            parts = [f"dataset {name}:\n{r.table()}" for name, r in self.datasets.items()]
+            cameras = ", ".join(self.image_features)
+            parts.append(
+                f"policy: cameras [{cameras}], state {self.state_dim}, action "
+                f"{self.action_dim} (the widest dataset's; each sample zero-padded to "
+                f"{self.max_state_dim} / {self.max_action_dim}, its loss masked to its own "
+                "action dims)"
+            )
+            return "\n".join(parts)
         rows = [("dataset key", "policy key", "shape", "status")]
         for r in self.cameras:
             status = r.status + (f" ({r.reason})" if r.reason else "")
@@ -118,7 +132,87 @@ class FeatureResolution:
         cameras = tuple(
             CameraRow(**{**row, "shape": tuple(row["shape"])}) for row in data["cameras"]
         )
-        return cls(**{**data, "cameras": cameras, "rename_map": dict(data["rename_map"])})
+        datasets = {k: cls.from_json(v) for k, v in (data.get("datasets") or {}).items()}
+        return cls(
+            **{
+                **data,
+                "cameras": cameras,
+                "rename_map": dict(data["rename_map"]),
+                "datasets": datasets,
+            }
+        )
+
+
+LACKS_CAMERA = "this dataset lacks it: an all -1 image, masked out per sample"
+
+
+def dataset_resolution(resolution: FeatureResolution, name: str) -> FeatureResolution:
+    """A mixture dataset's own resolution, as an export for it carries it: the policy
+    cameras it lacks dropped (masked out in training, so leaving them out at inference
+    changes no action: masked image tokens are never attended to and take no position),
+    its own widths. Raises ValueError naming the mixture's datasets for an unknown name."""
+    if name not in resolution.datasets:
+        raise ValueError(
+            f"no dataset {name!r} in this mixture; its datasets are {list(resolution.datasets)}"
+        )
+    own = resolution.datasets[name]
+    rows = tuple(c for c in own.cameras if c.reason != LACKS_CAMERA)
+    return replace(own, cameras=rows, datasets={})
+
+
+def resolve_mixture(resolutions: Mapping[str, FeatureResolution]) -> FeatureResolution:
+    """The policy's features for a mixture, from each dataset's own resolution against the
+    policy (by name, in the spec's order): its cameras are every camera some dataset feeds
+    (or an empty slot), in the order they first appear; its state and action widths are
+    the widest dataset's. A dataset lacking one of those cameras feeds it an all -1 image
+    with its mask off, per sample; a narrower one is zero-padded, its loss masked to its own
+    action dims. Raises `FeatureMismatch` when two datasets feed one camera at different
+    shapes (a batch holds one shape per camera)."""
+    shapes: dict[str, tuple[int, int, int]] = {}
+    owner: dict[str, str] = {}
+    fed_by: dict[str, list[str]] = {}
+    problems = []
+    for name, r in resolutions.items():
+        for key, shape in r.image_features.items():
+            if key in shapes and shapes[key] != shape:
+                problems.append(
+                    f"datasets {owner[key]!r} and {name!r} feed {key!r} at shapes "
+                    f"{'x'.join(map(str, shapes[key]))} and {'x'.join(map(str, shape))}; a "
+                    "batch holds one shape per camera: mix datasets recorded at one "
+                    "resolution per camera, or map one of them to another camera"
+                )
+                continue
+            shapes.setdefault(key, shape)
+            owner.setdefault(key, name)
+            if key in r.sources:
+                fed_by.setdefault(key, []).append(name)
+    if problems:
+        raise FeatureMismatch("; ".join(problems))
+    per: dict[str, FeatureResolution] = {}
+    for name, r in resolutions.items():
+        by_key = {c.policy_key: c for c in r.cameras if c.policy_key in shapes}
+        rows = [
+            by_key[k] if k in by_key else CameraRow(None, k, v, "empty", LACKS_CAMERA)
+            for k, v in shapes.items()
+        ]  # the policy's camera order: an export of this dataset keeps it
+        rows += [c for c in r.cameras if c.policy_key not in shapes]
+        per[name] = replace(r, cameras=tuple(rows))
+    merged = tuple(
+        CameraRow(None, key, shape, "used", f"fed by {', '.join(fed_by[key])}")
+        if key in fed_by
+        else CameraRow(None, key, shape, "empty", "no dataset feeds it: an all -1 image")
+        for key, shape in shapes.items()
+    )
+    first = next(iter(resolutions.values()))
+    return FeatureResolution(
+        cameras=merged,
+        state_dim=max(r.state_dim for r in resolutions.values()),
+        action_dim=max(r.action_dim for r in resolutions.values()),
+        max_state_dim=first.max_state_dim,
+        max_action_dim=first.max_action_dim,
+        rename_map=dict(first.rename_map),
+        datasets=per,
+    )
 
 
 def _flow_mapping(mapping: Mapping[str, str]) -> str:

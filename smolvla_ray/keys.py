@@ -14,6 +14,11 @@ OBS_LANGUAGE_TOKENS = "observation.language.tokens"
 OBS_LANGUAGE_ATTENTION_MASK = "observation.language.attention_mask"
 # Batch-key suffix of a camera's cached vision features (ours: the feature cache).
 FEATURES_SUFFIX = ".features"
+# Mixtures of datasets (data/mixture.py): which dataset a sample came from, its real action
+# dims (B, action_dim) and, per camera, whether the sample has it (`<camera key>` + this).
+DATASET_INDEX = "dataset_index"
+ACTION_DIM_MASK = "action_dim_mask"
+PADDING_MASK_SUFFIX = "_padding_mask"
 
 
 def camera_key(camera: str) -> str:

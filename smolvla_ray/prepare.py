@@ -37,15 +37,22 @@ def check_hub_ids(spec: JobSpec) -> None:
         )
     if hub.is_hub_id(policy.pretrained):
         hub.resolve_commit(str(policy.pretrained), "model", policy.revision)
-    repo = hub.dataset_repo(data.uri)
-    if repo is None:
-        if data.revision is not None:
+    if data.datasets is not None:
+        for i, entry in enumerate(data.datasets):
+            _check_dataset_id(entry.uri, entry.revision, f"data.datasets[{i}].")
+        return
+    _check_dataset_id(str(data.uri), data.revision, "data.")
+
+
+def _check_dataset_id(uri: str, revision: str | None, field: str) -> None:
+    if hub.dataset_repo(uri) is None:
+        if revision is not None:
             raise ValueError(
-                f"data.revision={data.revision!r} needs a hub dataset id in data.uri (like "
-                f"lerobot/pusht), got {data.uri!r}; remove the revision"
+                f"{field}revision={revision!r} needs a hub dataset id in {field}uri (like "
+                f"lerobot/pusht), got {uri!r}; remove the revision"
             )
         return
-    hub.dataset_url(data.uri, data.revision)
+    hub.dataset_url(uri, revision)
 
 
 def pin_hub_revisions(spec: JobSpec) -> JobSpec:
@@ -62,21 +69,43 @@ def pin_hub_revisions(spec: JobSpec) -> JobSpec:
                 commit,
             )
             updates["policy"] = spec.policy.model_copy(update={"revision": commit})
-    repo = hub.dataset_repo(spec.data.uri)
-    if repo is not None and repo[1] is None:  # a revision inside an hf:// URL stays there
-        commit = hub.resolve_commit(repo[0], "dataset", spec.data.revision)
-        if commit != spec.data.revision:
-            updates["data"] = spec.data.model_copy(update={"revision": commit})
+    if spec.data.datasets is not None:
+        entries = [_pinned(d) for d in spec.data.datasets]
+        if entries != spec.data.datasets:
+            updates["data"] = spec.data.model_copy(update={"datasets": entries})
+    else:
+        data = _pinned(spec.data)
+        if data is not spec.data:
+            updates["data"] = data
     return spec.model_copy(update=updates) if updates else spec
+
+
+def _pinned(entry: Any) -> Any:
+    """`entry` (the data section, or a mixture's dataset) with a hub dataset id's revision
+    pinned to its commit; itself when nothing changes."""
+    repo = hub.dataset_repo(entry.uri) if entry.uri is not None else None
+    if repo is not None and repo[1] is None:  # a revision inside an hf:// URL stays there
+        commit = hub.resolve_commit(repo[0], "dataset", entry.revision)
+        if commit != entry.revision:
+            return entry.model_copy(update={"revision": commit})
+    return entry
 
 
 def resolve_local(spec: JobSpec) -> tuple[FeatureResolution | None, str]:
     """The spec's feature resolution when both JSON files are on this machine (what
     `validate` can check instantly: no network, no torch), else (None, why it was skipped)."""
-    uri = spec.data.uri.removeprefix("file://")
-    info = Path(uri).expanduser() / "meta" / "info.json"
-    if "://" in uri or not info.is_file():
-        return None, f"the dataset's meta/info.json is not a local file ({spec.data.uri})"
+    uris = (
+        {d.resolved_name: d.uri for d in spec.data.datasets}
+        if spec.data.datasets is not None
+        else {"": str(spec.data.uri)}
+    )
+    infos = {}
+    for name, full in uris.items():
+        uri = full.removeprefix("file://")
+        info = Path(uri).expanduser() / "meta" / "info.json"
+        if "://" in uri or not info.is_file():
+            return None, f"the dataset's meta/info.json is not a local file ({full})"
+        infos[name] = info
     text = None
     pretrained = spec.policy.pretrained
     if pretrained is not None:
@@ -84,11 +113,16 @@ def resolve_local(spec: JobSpec) -> tuple[FeatureResolution | None, str]:
         if "://" in pretrained.removeprefix("file://") or not local.is_dir():
             return None, f"policy.pretrained is not a local directory ({pretrained})"
         text = read_pretrained_config(str(local), {})
-    try:
-        features = json.loads(info.read_text())["features"]
-    except (ValueError, KeyError) as err:
-        raise ValueError(f"{info} is not a LeRobot info.json: {err}") from err
-    return resolve_run_features(RunSettings.from_spec(spec), text, features)[1], ""
+    features = {}
+    for name, info in infos.items():
+        try:
+            features[name] = json.loads(info.read_text())["features"]
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"{info} is not a LeRobot info.json: {err}") from err
+    settings = RunSettings.from_spec(spec)
+    first = next(iter(features.values()))
+    mixture = features if spec.data.datasets is not None else None
+    return resolve_run_features(settings, text, first, mixture_features=mixture)[1], ""
 
 
 def check_resume_spec(spec: JobSpec, storage_options: Mapping[str, Any]) -> list[str]:

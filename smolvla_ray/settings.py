@@ -61,8 +61,23 @@ class AugmentSettings:
 
 
 @dataclass(frozen=True)
+class DatasetSettings:
+    """One dataset of a mixture (`data.datasets`)."""
+
+    name: str
+    uri: str
+    revision: str | None
+    episodes: Episodes | None
+    cameras: tuple[str, ...] | None
+    rename_map: Mapping[str, str]
+    weight: float
+
+
+@dataclass(frozen=True)
 class DataSettings:
-    """The dataset and how workers read it (`data`)."""
+    """The dataset and how workers read it (`data`). For a mixture (`mixture` set) `uri`,
+    `revision`, `episodes`, `cameras` and `rename_map` are its first dataset's: the one an
+    export carries by default."""
 
     uri: str
     revision: str | None
@@ -70,6 +85,10 @@ class DataSettings:
     """The selected episodes (indices or a range); None = all."""
     cameras: tuple[str, ...] | None
     rename_map: Mapping[str, str]
+    mixture: tuple[DatasetSettings, ...] | None
+    """The datasets of a weighted mixture, in the spec's order; None: one dataset."""
+    epoch_samples: int | None
+    """Samples in one mixture epoch; None = the datasets' selected frames together."""
     num_loader_workers: int
     cache_dir: str | None
     cache_max_bytes: int
@@ -197,6 +216,10 @@ class RunSettings:
         pins its hub ids first)."""
         data, train, ev = spec.data, spec.train, spec.eval
         augment = data.augment
+        mixture = (
+            tuple(_dataset(entry) for entry in data.datasets) if data.datasets is not None else None
+        )
+        primary: Any = data.datasets[0] if data.datasets is not None else data
         return cls(
             name=spec.name,
             run_uri=run_uri(spec.checkpoint.storage, spec.name),
@@ -210,12 +233,17 @@ class RunSettings:
             ),
             data=_take(
                 DataSettings,
-                data,
-                episodes=_episodes(data.episodes),
-                cameras=tuple(data.cameras) if data.cameras is not None else None,
-                rename_map=dict(data.rename_map),
+                primary,
+                mixture=mixture,
+                epoch_samples=data.epoch_samples,
+                episodes=_episodes(primary.episodes),
+                cameras=tuple(primary.cameras) if primary.cameras is not None else None,
+                rename_map=dict(primary.rename_map),
+                num_loader_workers=data.num_loader_workers,
+                cache_dir=data.cache_dir,
                 cache_max_bytes=int(data.cache_max_bytes),
                 augment=_take(AugmentSettings, augment) if augment.enable else None,
+                feature_cache_dtype=data.feature_cache_dtype,
             ),
             train=_take(
                 TrainSettings,
@@ -266,6 +294,17 @@ def _take(cls: type[T], section: Any, **derived: Any) -> T:
     """`cls` with every field from `section`'s attribute of the same name, or `derived`."""
     names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
     return cls(**{n: derived[n] if n in derived else getattr(section, n) for n in names})
+
+
+def _dataset(entry: Any) -> DatasetSettings:
+    return _take(
+        DatasetSettings,
+        entry,
+        name=entry.resolved_name,
+        episodes=_episodes(entry.episodes),
+        cameras=tuple(entry.cameras) if entry.cameras is not None else None,
+        rename_map=dict(entry.rename_map),
+    )
 
 
 def _episodes(selection: Sequence[int] | EpisodeRange | None) -> Episodes | None:

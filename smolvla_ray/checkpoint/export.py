@@ -19,7 +19,8 @@ from typing import Any, Literal
 import torch
 
 from smolvla_ray.checkpoint.discovery import fetch_checkpoint
-from smolvla_ray.checkpoint.format import read_checkpoint
+from smolvla_ray.checkpoint.format import load_mixture_stats, read_checkpoint
+from smolvla_ray.features import FeatureResolution, dataset_resolution
 from smolvla_ray.policy.adapters import (
     add_adapters,
     has_adapters,
@@ -35,6 +36,10 @@ from smolvla_ray.run_layout import checkpoint_step
 from smolvla_ray.storage import absolute, filesystem
 
 
+class DatasetChoiceError(ValueError):
+    """`--dataset` names no dataset of the checkpoint's mixture, or the run had one."""
+
+
 @dataclass(frozen=True)
 class TrainedPolicy:
     """A checkpoint's policy and which of its trained tensors it holds."""
@@ -42,6 +47,9 @@ class TrainedPolicy:
     policy: SmolVLAPolicy
     weights: Literal["ema", "raw"]
     """`ema`: the run's EMA of the trainable weights; `raw`: the weights as trained."""
+    dataset: str | None = None
+    """For a mixture's checkpoint: the dataset whose statistics, camera keys and widths the
+    policy carries; None for a run on one dataset."""
 
 
 def policy_from_checkpoint(
@@ -49,10 +57,14 @@ def policy_from_checkpoint(
     storage_options: Mapping[str, Any] | None = None,
     *,
     raw_weights: bool = False,
+    dataset: str | None = None,
 ) -> SmolVLAPolicy:
     """The trained policy a checkpoint describes (base + trained tensors + processor): its
-    EMA weights when it has them and `raw_weights` is false."""
-    return load_trained(checkpoint_uri, storage_options, raw_weights=raw_weights).policy
+    EMA weights when it has them and `raw_weights` is false; for a mixture, as `dataset`
+    (default: the first) sees it."""
+    return load_trained(
+        checkpoint_uri, storage_options, raw_weights=raw_weights, dataset=dataset
+    ).policy
 
 
 def load_trained(
@@ -60,8 +72,12 @@ def load_trained(
     storage_options: Mapping[str, Any] | None = None,
     *,
     raw_weights: bool = False,
+    dataset: str | None = None,
 ) -> TrainedPolicy:
-    """`policy_from_checkpoint`, saying which weights it merged."""
+    """`policy_from_checkpoint`, saying which weights it merged and, for a mixture, for
+    which dataset (`dataset`, default the first): its statistics, its rename map, its
+    cameras and widths. The weights are the same for every dataset (every camera and width
+    shares them); only what the exported policy takes and returns differs."""
     options = dict(storage_options or {})
     with tempfile.TemporaryDirectory(prefix="smolvla-export-") as tmp:
         local = fetch_checkpoint(checkpoint_uri, Path(tmp), options)
@@ -106,7 +122,44 @@ def load_trained(
             for name, param in trainable.items():
                 param.copy_(tensors[name])
         policy.processor = PolicyProcessor.load(config, local)
-    return TrainedPolicy(policy, "ema" if use_ema else "raw")
+        name = _as_dataset(policy, state.features, local, dataset, checkpoint_uri)
+    return TrainedPolicy(policy, "ema" if use_ema else "raw", name)
+
+
+def mixture_datasets(features: Mapping[str, Any] | None) -> list[str]:
+    """The mixture datasets a checkpoint's recorded features name, in order ([]: one)."""
+    return list((features or {}).get("datasets") or {})
+
+
+def _as_dataset(
+    policy: SmolVLAPolicy,
+    features: Mapping[str, Any] | None,
+    local: Path,
+    dataset: str | None,
+    checkpoint_uri: str,
+) -> str | None:
+    """For a mixture's checkpoint, `policy` made `dataset`'s (default: the first): config
+    features, processor and resolution. Returns the name (None for one dataset)."""
+    names = mixture_datasets(features)
+    if not names:
+        if dataset is not None:
+            raise DatasetChoiceError(
+                f"--dataset {dataset!r}: checkpoint {checkpoint_uri} was trained on one "
+                "dataset, not a mixture; leave --dataset out"
+            )
+        return None
+    if dataset is not None and dataset not in names:
+        raise DatasetChoiceError(
+            f"--dataset {dataset!r}: checkpoint {checkpoint_uri} was trained on the mixture "
+            f"{names}; pick one of them"
+        )
+    name = dataset or names[0]
+    own = dataset_resolution(FeatureResolution.from_json(dict(features or {})), name)
+    config = own.apply(policy.config)
+    policy.config = config
+    policy.processor = PolicyProcessor(config, load_mixture_stats(local, name), own.rename_map)
+    policy.feature_resolution = own
+    return name
 
 
 def destination_problem(out: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
@@ -132,16 +185,20 @@ def export_checkpoint(
     *,
     raw_weights: bool = False,
     merge: bool = False,
+    dataset: str | None = None,
 ) -> TrainedPolicy:
     """Write the checkpoint's policy as a LeRobot `pretrained_model/` at `out`: its EMA
     weights when it has them and `raw_weights` is false (`weights` says which). A LoRA
     checkpoint (`policy.peft`) is written in LeRobot's adapter layout (`adapter_config.json`
     naming its base, `adapter_model.safetensors`, `config.json` with `use_peft: true`), or
-    with `merge` as full weights with the adapters merged in."""
+    with `merge` as full weights with the adapters merged in. A mixture's checkpoint is
+    written for `dataset` (default: the first; `TrainedPolicy.dataset` names it)."""
     problem = destination_problem(out, storage_options)
     if problem:
         raise ValueError(problem)
-    trained = load_trained(checkpoint_uri, storage_options, raw_weights=raw_weights)
+    trained = load_trained(
+        checkpoint_uri, storage_options, raw_weights=raw_weights, dataset=dataset
+    )
     if merge and has_adapters(trained.policy):
         merge_adapters(trained.policy)
     trained.policy.save_pretrained(out, **dict(storage_options or {}))

@@ -233,3 +233,32 @@ def read_checkpoint(directory: Path) -> LoadedCheckpoint:
         directory=directory,
         ema=load_file(str(directory / EMA)) if (directory / EMA).exists() else None,
     )
+
+
+MIXTURE_STATS = "mixture_stats.safetensors"
+
+
+def save_mixture_stats(directory: Path, processors: Mapping[str, Any]) -> None:
+    """Every mixture dataset's normalization statistics, `<name>/<key>.<stat>`, in one file
+    of the checkpoint (its processor files hold the first dataset's), for `export
+    --dataset NAME`."""
+    flat = {
+        f"{name}/{key}": value
+        for name, processor in processors.items()
+        for key, value in processor.flat_stats().items()
+    }
+    save_file(flat, str(Path(directory) / MIXTURE_STATS))
+
+
+def load_mixture_stats(directory: Path, name: str) -> dict[str, dict[str, torch.Tensor]]:
+    """One mixture dataset's statistics from a checkpoint, keyed by policy key."""
+    path = Path(directory) / MIXTURE_STATS
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the checkpoint holds no mixture statistics")
+    stats: dict[str, dict[str, torch.Tensor]] = {}
+    for flat_key, value in load_file(str(path)).items():
+        owner, _, rest = flat_key.partition("/")
+        if owner == name:
+            key, _, stat = rest.rpartition(".")
+            stats.setdefault(key, {})[stat] = value
+    return stats

@@ -82,6 +82,11 @@ RESUME_RULES: dict[str, Rule] = {
     "data.episodes": _refused(_DATA),
     "data.cameras": _refused("the cameras are the policy's image inputs"),
     "data.rename_map": _refused("the rename map decides which camera feeds which input"),
+    "data.datasets": _refused(
+        "the mixture (its datasets, selections, camera maps and weights) sets every epoch's "
+        "order, which the data cursor indexes, and the run so far trained on it"
+    ),
+    "data.epoch_samples": _refused("the length of a mixture epoch sets its order"),
     "data.augment": _refused("augmentation is part of what the run so far trained on"),
     "data.num_loader_workers": _applied("decode processes per worker"),
     "data.cache_dir": _applied("the node-local video and feature-shard caches"),

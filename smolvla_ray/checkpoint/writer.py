@@ -17,6 +17,7 @@ from smolvla_ray.checkpoint.format import (
     MANIFEST,
     TrainingState,
     optimizer_tensors,
+    save_mixture_stats,
     write_checkpoint,
 )
 from smolvla_ray.settings import RunSettings
@@ -85,6 +86,8 @@ class CheckpointWriter:
         directory.mkdir(parents=True, exist_ok=True)
         if self.policy.processor is not None:  # the dataset's stats, for export
             self.policy.processor.save(directory)
+        if self.policy.mixture_processors:  # every mixture dataset's, for export --dataset
+            save_mixture_stats(directory, self.policy.mixture_processors)
         write_checkpoint(
             directory,
             trainable=trainable,

@@ -115,7 +115,11 @@ class ShardedLoader:
         return self.batches_per_epoch * self.batch_size
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """The dataset rows of the whole epoch in order (all ranks), set by (seed, epoch)."""
+        """The dataset rows of the whole epoch in order (all ranks), set by (seed, epoch); a
+        dataset with its own `epoch_order(seed, epoch)` (a mixture, data/mixture.py) sets it."""
+        own_order = getattr(self.dataset, "epoch_order", None)
+        if own_order is not None:
+            return own_order(self.seed, epoch)
         if not self.shuffle:
             return np.arange(self.num_samples)
         rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))

@@ -22,10 +22,12 @@ from torch import Tensor, nn
 
 from smolvla_ray.keys import (
     ACTION,
+    ACTION_DIM_MASK,
     FEATURES_SUFFIX,
     OBS_LANGUAGE_ATTENTION_MASK,
     OBS_LANGUAGE_TOKENS,
     OBS_STATE,
+    PADDING_MASK_SUFFIX,
 )
 from smolvla_ray.policy.backbone import SmolVLMWithExpert
 from smolvla_ray.policy.config import PolicyConfig
@@ -315,6 +317,8 @@ class SmolVLAPolicy(nn.Module):
         self.prefix_mode: PrefixMode = prefix_mode
         self.model = VLAFlowMatching(config, fetch_vlm_weights=fetch_vlm_weights)
         self.processor = None  # a PolicyProcessor, set by from_pretrained or the caller
+        # A mixture's processors by dataset name (build.build_policy), else None.
+        self.mixture_processors: dict | None = None
         self._empty_features: Tensor | None = None  # see _empty_camera_features
         self.feature_resolution = None  # a FeatureResolution, set by the training setup
         self.reset()
@@ -419,7 +423,7 @@ class SmolVLAPolicy(nn.Module):
 
     @staticmethod
     def _image_mask(batch: dict[str, Tensor], key: str, like: Tensor) -> Tensor:
-        pad_key = f"{key}_padding_mask"
+        pad_key = f"{key}{PADDING_MASK_SUFFIX}"
         if pad_key in batch:
             return batch[pad_key].bool()
         return torch.ones(like.shape[0], dtype=torch.bool, device=like.device)
@@ -491,12 +495,15 @@ class SmolVLAPolicy(nn.Module):
         `{"loss": float}` (a host sync: the training step calls `per_sample_loss`)."""
         losses, is_pad = self._masked_losses(batch, noise, time)
         if reduction == "none":
-            loss = self._per_sample(losses, is_pad)
+            loss = self._per_sample(losses, is_pad, batch.get(ACTION_DIM_MASK))
             return loss, {"loss": loss.detach().mean().item()}
-        if is_pad is None:
+        dims = batch.get(ACTION_DIM_MASK)
+        if is_pad is None and dims is None:
             loss = losses.mean()
-        else:
+        elif dims is None:
             loss = losses.sum() / ((~is_pad.bool()).sum() * losses.shape[-1]).clamp_min(1)
+        else:
+            loss = losses.sum() / _valid_counts(losses, is_pad, dims).sum().clamp_min(1)
         return loss, {"loss": loss.detach().item()}
 
     def per_sample_loss(
@@ -504,10 +511,13 @@ class SmolVLAPolicy(nn.Module):
     ) -> Tensor:
         """`forward(..., reduction="none")`'s per-sample losses (B,), without reading
         anything back to the host."""
-        return self._per_sample(*self._masked_losses(batch, noise, time))
+        losses, is_pad = self._masked_losses(batch, noise, time)
+        return self._per_sample(losses, is_pad, batch.get(ACTION_DIM_MASK))
 
     @staticmethod
-    def _per_sample(losses: Tensor, is_pad: Tensor | None) -> Tensor:
+    def _per_sample(losses: Tensor, is_pad: Tensor | None, dims: Tensor | None = None) -> Tensor:
+        if dims is not None:  # a mixture: each sample's own action dims
+            return losses.sum(dim=(1, 2)) / _valid_counts(losses, is_pad, dims).clamp_min(1)
         if is_pad is None:
             return losses.mean(dim=(1, 2))
         valid = ((~is_pad.bool()).sum(dim=1) * losses.shape[-1]).clamp_min(1)
@@ -536,6 +546,9 @@ class SmolVLAPolicy(nn.Module):
         is_pad = batch.get("action_is_pad")
         if is_pad is not None:
             losses = losses * (~is_pad.bool()).unsqueeze(-1)
+        dims = batch.get(ACTION_DIM_MASK)
+        if dims is not None:  # a mixture's narrower sample: its padded dims carry no loss
+            losses = losses * dims.bool().unsqueeze(1)
         return losses, is_pad
 
     @torch.no_grad()
@@ -559,3 +572,13 @@ class SmolVLAPolicy(nn.Module):
             chunk = self.predict_action_chunk(batch, noise)
             self._action_queue.extend(chunk.transpose(0, 1)[: self.config.n_action_steps])
         return self._action_queue.popleft()
+
+
+def _valid_counts(losses: Tensor, is_pad: Tensor | None, dims: Tensor) -> Tensor:
+    """Valid elements per sample (B,): its unpadded steps times its real action dims."""
+    steps = (
+        (~is_pad.bool()).sum(dim=1)
+        if is_pad is not None
+        else torch.full((losses.shape[0],), losses.shape[1], device=losses.device)
+    )
+    return steps * dims.bool().sum(dim=1)

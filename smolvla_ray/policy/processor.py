@@ -140,6 +140,10 @@ class PolicyProcessor:
 
     # -- LeRobot's processor files --------------------------------------------------------
 
+    def flat_stats(self) -> dict[str, Tensor]:
+        """The statistics as LeRobot's processor state file keys them (`<key>.<stat>`)."""
+        return self._flat_stats()
+
     def _flat_stats(self) -> dict[str, Tensor]:
         return {
             f"{key}.{name}": value.contiguous()

@@ -162,6 +162,12 @@ class JobSpec(BaseModel):
                 f"(precision={train.precision!r}, use_gpu={scaling.use_gpu}); "
                 "set frozen_dtype auto or fp32"
             )
+        if self.data.feature_cache == "on" and self.data.is_mixture:
+            raise ValueError(
+                "data.feature_cache='on' but data.datasets is a mixture, and per-dataset "
+                "feature caches are not built yet; set data.feature_cache to auto (trains "
+                "from video, and says so) or off"
+            )
         if self.data.feature_cache == "on":
             reason = self.feature_cache_blocker()
             if reason is not None:
@@ -175,6 +181,7 @@ class JobSpec(BaseModel):
                 f"policy.preset={self.policy.preset!r} takes the dataset's cameras as they "
                 "are named; remove data.rename_map (or pick cameras with data.cameras)"
             )
+        self._check_mixture()
         self._check_eval()
         gpus = (scaling.resources_per_worker or {}).get("GPU")
         if gpus is not None and (gpus > 0) != scaling.use_gpu:
@@ -191,6 +198,25 @@ class JobSpec(BaseModel):
                 "it to 1, or leave it out, and use scaling.num_workers for more GPUs"
             )
         return self
+
+    def _check_mixture(self) -> None:
+        """What a mixture of datasets (`data.datasets`) does not do yet is refused, never
+        ignored: held-out evaluation and augmentation (keyed by one dataset's frames)."""
+        if not self.data.is_mixture:
+            return
+        if self.eval is not None:
+            raise ValueError(
+                "the eval section holds out episodes of one dataset, but data.datasets is a "
+                "mixture (held-out evaluation of mixtures is not implemented); remove the "
+                "eval section, and evaluate per dataset: `smolvla-ray export CKPT OUT "
+                "--dataset NAME`, then `smolvla-ray evaluate OUT --data DATASET`"
+            )
+        if self.data.augment.enable:
+            raise ValueError(
+                "data.augment.enable is true, but data.datasets is a mixture (augmentation "
+                "of mixtures is not implemented: its draws are keyed by one dataset's "
+                "frames); set data.augment.enable: false"
+            )
 
     def _check_eval(self) -> None:
         """Best-checkpoint retention and patience need evaluations, and retention needs
@@ -233,6 +259,8 @@ class JobSpec(BaseModel):
         the spec tells; a pretrained checkpoint's own overrides are checked on the workers)."""
         if self.data.augment.enable:
             return "data.augment.enable is true (random augmentation changes every image)"
+        if self.data.is_mixture:
+            return "data.datasets is a mixture (per-dataset feature caches are not built)"
         policy = self.policy
         if policy.freeze_vision_encoder is False and policy.train_expert_only is False:
             return "the vision encoder trains (freeze_vision_encoder and train_expert_only false)"

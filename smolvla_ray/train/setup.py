@@ -9,16 +9,24 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from smolvla_ray.build import cached_episodes, eval_episodes, run_episodes
+from smolvla_ray.build import (
+    cached_episodes,
+    eval_episodes,
+    mixture_episodes,
+    open_mixture,
+    run_episodes,
+)
 from smolvla_ray.cache.store import CachedFeatures, FeatureShards
 from smolvla_ray.data.augment import SampleAugmenter
 from smolvla_ray.data.loader import ShardedLoader
 from smolvla_ray.data.meta import DatasetMeta
+from smolvla_ray.data.mixture import MixtureDataset
 from smolvla_ray.data.samples import FrameDataset
 from smolvla_ray.data.storage import FileCache, Storage, node_cache_dir
 from smolvla_ray.policy.modeling import SmolVLAPolicy
 from smolvla_ray.settings import RunSettings
 from smolvla_ray.train.evaluation import HeldOut, evenly_spaced
+from smolvla_ray.train.mixture import ConformSample, TokenizeTasks
 
 
 def build_loader(
@@ -41,7 +49,16 @@ def build_loader(
     index and dataset camera key) and images stay float32 in [0, 1]: quantizing augmented
     images back to uint8 would change them. Otherwise frames travel as uint8, a quarter of
     the bytes, and the step's `to_device` scales them on the device, to exactly the same
-    floats. For a CUDA `device` batches are collated into pinned memory."""
+    floats. For a CUDA `device` batches are collated into pinned memory.
+
+    A mixture (`data.datasets`) draws its epochs by weight from every dataset's selected
+    frames (`data/mixture.py`), each sample made like the others in the loader processes
+    (`train/mixture.py`); it reads video (no feature cache) and is not augmented."""
+    if settings.data.mixture is not None:
+        return _mixture_loader(
+            settings, policy, rank=rank, world_size=world_size, cursor=cursor,
+            storage_options=storage_options, device=device,
+        )  # fmt: skip
     sources = policy.feature_resolution.sources  # policy camera key -> dataset camera key
     processor = policy.processor
     augment, seed = settings.data.augment, settings.train.seed
@@ -60,6 +77,64 @@ def build_loader(
         cursor=cursor,
         sample_transform=augmenter,
         batch_transform=processor.preprocess if processor is not None else None,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def _mixture_loader(
+    settings: RunSettings,
+    policy: SmolVLAPolicy,
+    *,
+    rank: int,
+    world_size: int,
+    cursor: dict[str, Any] | None,
+    storage_options: Mapping[str, Any],
+    device: torch.device,
+) -> ShardedLoader:
+    resolution, processors = policy.feature_resolution, policy.mixture_processors
+    if resolution is None or not resolution.datasets or not processors:
+        raise RuntimeError("a mixture's policy needs its per-dataset resolution and processors")
+    metas = open_mixture(settings, storage_options=storage_options)
+    episodes = mixture_episodes(settings, metas)
+    cache = FileCache(
+        directory=node_cache_dir(settings.data.cache_dir) / "files",
+        max_bytes=settings.data.cache_max_bytes,
+    )
+    uint8 = all(p.takes_uint8_images() for p in processors.values())
+    image_dtype = torch.uint8 if uint8 else torch.float32
+    datasets, transforms = [], []
+    for d in settings.data.mixture or ():
+        own = resolution.datasets[d.name]
+        sources = [v for v in own.sources.values() if v is not None]
+        datasets.append(
+            FrameDataset(
+                metas[d.name],
+                episodes=episodes[d.name],
+                cameras=sources,
+                chunk_size=policy.config.chunk_size,
+                storage_options=storage_options,
+                cache=cache,
+                image_dtype=image_dtype,
+            )
+        )
+        transforms.append(
+            ConformSample(own, resolution, processors[d.name], image_dtype=image_dtype)
+        )
+    mixture = MixtureDataset(
+        datasets,
+        [d.weight for d in settings.data.mixture or ()],
+        length=settings.data.epoch_samples,
+        transforms=transforms,
+    )
+    return ShardedLoader(
+        mixture,
+        batch_size=settings.train.batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=settings.train.seed,
+        num_workers=settings.data.num_loader_workers,
+        cursor=cursor,
+        batch_transform=TokenizeTasks(next(iter(processors.values()))),
         pin_memory=device.type == "cuda",
     )
 

@@ -34,21 +34,32 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from smolvla_ray.keys import ACTION
+from smolvla_ray.keys import ACTION, ACTION_DIM_MASK, DATASET_INDEX
 
 
-def _sample_seed(seed: int, step: int, index: int) -> int:
-    digest = hashlib.blake2b(f"{seed}:{step}:{index}".encode(), digest_size=8).digest()
+def _sample_seed(seed: int, step: int, index: int, dataset: int | None = None) -> int:
+    # One dataset keeps the key it always had (runs resume exactly); a mixture's samples are
+    # keyed by their dataset too, since two datasets share index values.
+    key = f"{seed}:{step}:{index}" if dataset is None else f"{seed}:{step}:{dataset}:{index}"
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def flow_noise_and_time(
-    indices: Sequence[int], *, seed: int, step: int, chunk_size: int, action_dim: int
+    indices: Sequence[int],
+    *,
+    seed: int,
+    step: int,
+    chunk_size: int,
+    action_dim: int,
+    datasets: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Noise (B, chunk_size, action_dim) and time (B,), a pure function of each sample."""
+    """Noise (B, chunk_size, action_dim) and time (B,), a pure function of each sample:
+    (seed, step, index), or for a mixture (seed, step, dataset position, index)."""
     noises, times = [], []
-    for index in indices:
-        g = torch.Generator().manual_seed(_sample_seed(seed, step, int(index)))
+    for position, index in enumerate(indices):
+        dataset = int(datasets[position]) if datasets is not None else None
+        g = torch.Generator().manual_seed(_sample_seed(seed, step, int(index), dataset))
         noises.append(torch.randn(chunk_size, action_dim, generator=g))
         u = torch.rand((), generator=g)
         times.append(u ** (2.0 / 3.0) * 0.999 + 0.001)
@@ -56,10 +67,19 @@ def flow_noise_and_time(
 
 
 def valid_elements(batch: dict, action_dim: int) -> Tensor:
-    """Valid (not padded) action elements of each sample, (B,) float64, on the batch's device."""
+    """Valid (not padded) action elements of each sample, (B,) float64, on the batch's device:
+    its unpadded steps times its action dims (a mixture's sample: its own dims)."""
     is_pad = batch.get("action_is_pad")
     actions = batch[ACTION]
     chunk = actions.shape[1]
+    dims = batch.get(ACTION_DIM_MASK)
+    if dims is not None:
+        steps = (
+            chunk - is_pad.sum(dim=1)
+            if is_pad is not None
+            else torch.full_like(dims[:, 0], chunk, dtype=torch.int64)
+        )
+        return steps.to(torch.float64) * dims.bool().sum(dim=1).to(torch.float64)
     if is_pad is None:
         return torch.full((actions.shape[0],), chunk * action_dim, dtype=torch.float64,
                           device=actions.device)  # fmt: skip
@@ -208,6 +228,7 @@ def train_step(
             step=step,
             chunk_size=config.chunk_size,
             action_dim=config.max_action_dim,
+            datasets=raw[DATASET_INDEX].tolist() if DATASET_INDEX in raw else None,
         )
         noise = _pinned(noise, device).to(device, non_blocking=True)
         flow_time = _pinned(flow_time, device).to(device, non_blocking=True)

@@ -18,7 +18,7 @@ COMMANDS = {
     "run": {"spec", "set_", "address", "progress", "force"},
     "checkpoints": {"uri", "verify"},
     "report": None,  # options owned by the report command's docs
-    "export": {"checkpoint", "out", "raw_weights", "merge"},
+    "export": {"checkpoint", "out", "raw_weights", "merge", "dataset"},
     "evaluate": {
         "source",
         "data",

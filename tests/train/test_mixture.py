@@ -1,0 +1,143 @@
+"""Dataset mixtures (`data.datasets`) in-process: two datasets with different camera names
+and state/action widths train together, a killed mixture run resumes to the very same
+weights, and `export --dataset` picks whose statistics, camera keys and widths the
+exported policy carries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from smolvla_ray.checkpoint.discovery import list_checkpoints
+from smolvla_ray.cli import app
+from smolvla_ray.data.meta import load_meta
+from smolvla_ray.data.synthetic import write_demo_dataset
+from smolvla_ray.policy.modeling import SmolVLAPolicy
+from smolvla_ray.run_layout import run_uri
+from smolvla_ray.spec import spec_from_dict
+from tests.inprocess import train_in_process
+from tests.integration.conftest import tiny_spec_dict
+from tests.train.test_trainer import trainable
+
+TRAIN = {"steps": 8, "log_every": 2, "batch_size": 4}
+
+
+@pytest.fixture(scope="module")
+def two_arms(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """`arm_a`: cameras top and wrist, 6-D state and action; `arm_b`: cameras top and
+    side, 4-D state, 3-D action (both narrower than the tiny policy's max dims of 8)."""
+    root = tmp_path_factory.mktemp("mixture")
+    a = write_demo_dataset(str(root / "arm_a"), num_episodes=3, episode_length=30,
+                           cameras=("top", "wrist"), state_dim=6, action_dim=6,
+                           height=48, width=64, codec="h264")  # fmt: skip
+    b = write_demo_dataset(str(root / "arm_b"), num_episodes=3, episode_length=20,
+                           cameras=("top", "side"), state_dim=4, action_dim=3,
+                           height=48, width=64, seed=1, codec="h264")  # fmt: skip
+    return a, b
+
+
+def mixture_spec(arms: tuple[str, str], storage: Path, name: str, **train):
+    spec = tiny_spec_dict(
+        arms[0], storage, name, scaling={"num_workers": 1}, train={**TRAIN, **train},
+        checkpoint={"storage": str(storage), "every_steps": 4},
+    )  # fmt: skip
+    spec["data"] = {
+        "datasets": [{"uri": arms[0], "weight": 2.0}, {"uri": arms[1], "name": "b"}],
+        "num_loader_workers": 0,
+        "feature_cache": "off",
+    }
+    return spec_from_dict(spec)
+
+
+def test_a_mixture_trains_and_a_killed_run_resumes_to_the_same_weights(
+    tmp_path: Path, two_arms: tuple[str, str]
+) -> None:
+    state, reporter = train_in_process(mixture_spec(two_arms, tmp_path, "whole"))
+    assert state is not None and state.step == 8
+    losses = [r["loss"] for r in reporter.reports]
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+
+    killed = mixture_spec(two_arms, tmp_path, "killed")
+    assert train_in_process(killed, stop_after=6)[0] is None  # newest checkpoint: 4
+    state, _ = train_in_process(killed)
+    assert state is not None and state.resumed_from_step == 4
+    a, b = trainable(tmp_path, "whole", 8), trainable(tmp_path, "killed", 8)
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+    # The checkpoint records both datasets' resolutions: the policy takes the union of the
+    # cameras and the widest state and action.
+    info = list_checkpoints(run_uri(str(tmp_path), "whole"))[-1]
+    state_json = json.loads((Path(info.uri) / "state.json").read_text())
+    assert list(state_json["features"]["datasets"]) == ["arm_a", "b"]
+    inputs = state_json["policy_config"]["input_features"]
+    assert sorted(inputs) == sorted(
+        ["observation.images.top", "observation.images.wrist", "observation.images.side",
+         "observation.state"]
+    )  # fmt: skip
+    assert inputs["observation.state"]["shape"] == [6]
+
+    # export --dataset: that dataset's statistics, cameras and widths; default the first.
+    runner = CliRunner()
+    for dataset, uri, cameras, widths in (
+        ("b", two_arms[1], {"top", "side"}, (4, 3)),
+        (None, two_arms[0], {"top", "wrist"}, (6, 6)),
+    ):
+        out = tmp_path / f"export-{dataset}"
+        args = ["export", info.uri, str(out)] + (["--dataset", dataset] if dataset else [])
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert f"dataset: {dataset or 'arm_a'}" in result.output
+        policy = SmolVLAPolicy.from_pretrained(str(out))
+        assert {k.rsplit(".", 1)[-1] for k in policy.config.image_features} == cameras
+        assert (policy.config.state_dim, policy.config.action_dim) == widths
+        stats = load_meta(uri).stats
+        for key in ("observation.state", "action"):
+            expected = torch.as_tensor(stats[key]["mean"], dtype=torch.float32)
+            assert torch.equal(policy.processor.stats[key]["mean"], expected), key
+    bad = runner.invoke(app, ["export", info.uri, str(tmp_path / "x"), "--dataset", "c"])
+    assert bad.exit_code == 2 and "['arm_a', 'b']" in bad.output
+
+
+def test_each_sample_is_normalized_padded_and_masked_as_its_dataset(
+    tmp_path: Path, two_arms: tuple[str, str]
+) -> None:
+    """A batch of the mixture loader: dataset b's samples normalized with b's statistics,
+    then zero-padded; the camera b lacks all zeros (-1 after scaling) with its mask off;
+    its real action dims marked; and a's samples as a's."""
+    from smolvla_ray.build import build_policy, open_dataset
+    from smolvla_ray.data.samples import FrameDataset
+    from smolvla_ray.settings import RunSettings
+    from smolvla_ray.train.setup import build_loader
+
+    settings = RunSettings.from_spec(mixture_spec(two_arms, tmp_path, "batch"))
+    meta = open_dataset(settings, storage_options={})
+    policy = build_policy(settings, meta, storage_options={})
+    loader = build_loader(settings, meta, policy, rank=0, world_size=1, cursor=None,
+                          storage_options={}, device=torch.device("cpu"))  # fmt: skip
+    seen = set()
+    for batch, _ in zip(loader, range(6), strict=False):
+        for i, (d, index) in enumerate(zip(batch["dataset_index"], batch["index"], strict=True)):
+            d, index = int(d), int(index)
+            seen.add(d)
+            uri, lacks, width = (two_arms[1], "wrist", 3) if d == 1 else (two_arms[0], "side", 6)
+            raw = FrameDataset(uri, chunk_size=policy.config.chunk_size)[index]
+            stats = load_meta(uri).stats
+            mean = torch.as_tensor(stats["observation.state"]["mean"], dtype=torch.float32)
+            std = torch.as_tensor(stats["observation.state"]["std"], dtype=torch.float32)
+            state = batch["observation.state"][i]
+            torch.testing.assert_close(
+                state[: len(mean)], (raw["observation.state"] - mean) / (std + 1e-8)
+            )
+            assert torch.count_nonzero(state[len(mean) :]) == 0
+            assert torch.count_nonzero(batch["action"][i, :, width:]) == 0
+            assert int(batch["action_dim_mask"][i].sum()) == width
+            assert not bool(batch[f"observation.images.{lacks}_padding_mask"][i])
+            assert torch.count_nonzero(batch[f"observation.images.{lacks}"][i]) == 0
+            assert bool(batch["observation.images.top_padding_mask"][i])
+    assert seen == {0, 1}
