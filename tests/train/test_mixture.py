@@ -185,6 +185,22 @@ def test_a_mixture_trains_from_per_dataset_feature_caches_as_from_video(
     assert ensure_feature_cache(cached, {}) == roots
     assert capfd.readouterr().err.count("using feature cache") == 2
 
+    # The loader reads features, never video: every camera as `.features`, masked per sample.
+    from smolvla_ray.build import build_policy, open_dataset
+    from smolvla_ray.settings import RunSettings
+    from smolvla_ray.train.setup import build_loader, fetch_feature_cache
+
+    settings = RunSettings.from_spec(cached)
+    meta = open_dataset(settings, storage_options={})
+    policy = build_policy(settings, meta, storage_options={})
+    features = fetch_feature_cache(settings, meta, roots, {})
+    batch = next(iter(build_loader(settings, meta, policy, rank=0, world_size=1, cursor=None,
+                                   storage_options={}, device=torch.device("cpu"),
+                                   features=features)))  # fmt: skip
+    images = {k for k in batch if k.startswith("observation.images.")}
+    assert images == {f"observation.images.{c}{s}" for c in ("top", "wrist", "side")
+                      for s in (".features", "_padding_mask")}  # fmt: skip
+
     state, from_cache = train_in_process(cached, feature_cache=roots)  # type: ignore[arg-type]
     assert state is not None and state.step == 8
     _, from_video = train_in_process(mixture_spec(two_arms, tmp_path, "video"))
