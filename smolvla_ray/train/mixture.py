@@ -3,12 +3,12 @@
 Each dataset of a mixture (`data.datasets`) keeps its own cameras, widths and statistics;
 in the loader processes `ConformSample` turns each of its samples into the policy's shape:
 cameras renamed to the policy's keys, a policy camera the dataset lacks filled with an all
--1 image (zeros before the device's scaling to [-1, 1]; from the feature cache, the features
-the encoder makes of that image) and its per-sample mask off, state
-and action normalized with the dataset's own statistics (its processor's `normalize`, the
-same arithmetic as the batched one) and then zero-padded to the policy's widths, with the
-sample's real action dims in `action_dim_mask` (the loss is masked to them). The batch
-transform then only tokenizes the tasks.
+-1 image (zeros before the device's scaling to [-1, 1]; with the feature cache, the features
+the encoder makes of that image) and its per-sample mask off, state and action normalized
+with the dataset's own statistics (its processor's `normalize`, the same arithmetic as the
+batched one) and then zero-padded to the policy's widths, with the sample's real action
+dims in `action_dim_mask` (the loss is masked to them). The batch transform then only
+tokenizes the tasks.
 """
 
 from __future__ import annotations
