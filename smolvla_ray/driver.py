@@ -268,7 +268,7 @@ def _check_writable(uri: str, options: Mapping[str, Any]) -> None:
 def build_trainer(
     spec: JobSpec,
     *,
-    feature_cache: str | None = None,
+    feature_cache: str | Mapping[str, str] | None = None,
     stop_key: str | None = None,
     shared_token: str | None = None,
 ):  # -> TorchTrainer
@@ -318,7 +318,9 @@ def build_trainer(
     )
 
 
-def validation_config(spec: JobSpec, feature_cache: str | None, storage_options_ref):
+def validation_config(
+    spec: JobSpec, feature_cache: str | Mapping[str, str] | None, storage_options_ref
+):
     """Ray Train's ValidationConfig for `eval.mode: async` (None otherwise): our
     `validate_checkpoint` on `eval.async_resources`, one at a time (evaluation/validation.py).
     The spec travels without secrets; the storage options by object reference."""

@@ -14,7 +14,7 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +37,10 @@ from smolvla_ray.spec import JobSpec
 from smolvla_ray.waits import ResourceWaitTimeout, resource_message, show_resources
 
 if TYPE_CHECKING:
+    from smolvla_ray.data.meta import DatasetMeta
+    from smolvla_ray.features import FeatureResolution
     from smolvla_ray.policy.adapters import LoraSettings
+    from smolvla_ray.policy.modeling import SmolVLAPolicy
 
 ENCODE_BATCH = 32
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -75,13 +78,20 @@ class CachePlan:
     max_bytes: int
     free_bytes: int
     cache_dir: str
+    parts: tuple[tuple[str, CachePlan], ...] = ()
+    """A mixture's plan (`combine_plans`): each dataset's own cache by name; the bound and
+    the disk hold them all together."""
 
     @property
     def total_bytes(self) -> int:
+        if self.parts:
+            return sum(p.total_bytes for _, p in self.parts)
         return self.frames * self.cameras * self.bytes_per_image
 
     @property
     def largest_shard_bytes(self) -> int:
+        if self.parts:
+            return max(p.largest_shard_bytes for _, p in self.parts)
         return self.longest_episode * self.cameras * self.bytes_per_image
 
     @property
@@ -113,6 +123,9 @@ class CachePlan:
         return None
 
     def line(self) -> str:
+        if self.parts:
+            each = "; ".join(f"dataset {name}: {p.line()}" for name, p in self.parts)
+            return f"{each}; {_size(self.total_bytes)} in all"
         return (
             f"{self.frames:,} frames x {self.cameras} camera(s) x {self.bytes_per_image:,} "
             f"bytes ({self.dtype}) = {_size(self.total_bytes)}"
@@ -158,29 +171,68 @@ def plan_cache(
     )
 
 
+def combine_plans(plans: Mapping[str, CachePlan]) -> CachePlan:
+    """A mixture's plan: one cache per dataset (by name, in the spec's order), sized and
+    bounded together, since every node holds all of them under one `data.cache_max_bytes`."""
+    first = next(iter(plans.values()))
+    return replace(
+        first,
+        frames=sum(p.frames for p in plans.values()),
+        episodes=sum(p.episodes for p in plans.values()),
+        longest_episode=max(p.longest_episode for p in plans.values()),
+        parts=tuple(plans.items()),
+    )
+
+
 def say(message: str) -> None:
     sys.stderr.write(f"[smolvla-ray] {message}\n")
     sys.stderr.flush()
 
 
 def encode_episodes(
-    settings: RunSettings, storage_options: Mapping[str, Any], root: str, episodes: list[int]
+    settings: RunSettings,
+    storage_options: Mapping[str, Any],
+    root: str,
+    episodes: list[int],
+    *,
+    dataset: str | None = None,
 ) -> dict[str, float]:
-    """Ray task body: encode and upload the shards of `episodes`, building the policy as the
-    workers do (from the run's settings); returns timing."""
-    from smolvla_ray.build import build_policy, open_dataset
-    from smolvla_ray.data.samples import FrameDataset
+    """Ray task body: encode and upload the shards of `episodes` (of mixture dataset
+    `dataset`, by name; None: the run's one dataset), building the policy as the workers do
+    (from the run's settings); returns timing."""
+    from smolvla_ray.build import build_policy, open_dataset, open_mixture
 
     device = torch.device("cuda" if settings.use_gpu and torch.cuda.is_available() else "cpu")
     meta = open_dataset(settings, storage_options=storage_options)
-    policy = build_policy(settings, meta, storage_options=storage_options).to(device).eval()
+    metas = open_mixture(settings, storage_options=storage_options)
+    policy = build_policy(settings, meta, storage_options=storage_options, metas=metas or None)
+    policy = policy.to(device).eval()
+    resolution = policy.feature_resolution
+    if dataset is not None:  # a mixture's dataset: its own cameras, as it feeds the policy
+        meta, resolution = metas[dataset], resolution.datasets[dataset]
+    return _encode(settings, policy, meta, resolution.sources, device, root, episodes,
+                   storage_options=storage_options)  # fmt: skip
+
+
+def _encode(
+    settings: RunSettings,
+    policy: SmolVLAPolicy,
+    meta: DatasetMeta,
+    sources: Mapping[str, str],
+    device: torch.device,
+    root: str,
+    episodes: list[int],
+    *,
+    storage_options: Mapping[str, Any],
+) -> dict[str, float]:
+    from smolvla_ray.data.samples import FrameDataset
+
     dtype = getattr(torch, settings.data.feature_cache_dtype)
     # The training step's precision: a bf16 run encodes its frames live under bf16 autocast,
     # so its cache does too (the key says which, `encode_precision`).
     autocast = settings.train.precision == "bf16"
     store = CacheStore(root, storage_options)
     # Shards hold the cameras under the policy's keys, each encoded from its renamed source.
-    sources = policy.feature_resolution.sources
     start, frames = time.perf_counter(), 0
     for episode in episodes:
         dataset = FrameDataset(
@@ -255,7 +307,12 @@ def adapter_blocker(settings: RunSettings, config: PolicyConfig) -> str | None:
 
 
 def _run_encode_tasks(
-    spec: JobSpec, storage_options: Mapping[str, Any], root: str, missing: list[int]
+    spec: JobSpec,
+    storage_options: Mapping[str, Any],
+    root: str,
+    missing: list[int],
+    *,
+    dataset: str | None = None,
 ) -> list[dict[str, float]]:
     """Encode `missing` in up to num_workers Ray tasks, one GPU (or CPU) each. Their
     resources are reserved first, as a placement group that must be granted within
@@ -286,7 +343,7 @@ def _run_encode_tasks(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     reserved, placement_group_bundle_index=i
                 )
-            ).remote(settings, options_ref, root, missing[i::groups])
+            ).remote(settings, options_ref, root, missing[i::groups], dataset=dataset)
             for i in range(groups)
         ]
         return ray.get(refs)
@@ -294,12 +351,52 @@ def _run_encode_tasks(
         remove_placement_group(reserved)
 
 
-def ensure_feature_cache(spec: JobSpec, storage_options: Mapping[str, Any]) -> str | None:
-    """The cache root to train from, building what is missing; None when not used."""
+@dataclass(frozen=True)
+class CachePart:
+    """One cache of the run: the run's dataset, or one dataset of a mixture (`name`), with
+    its own resolution against the policy and the episodes it holds."""
+
+    name: str | None
+    meta: DatasetMeta
+    resolution: FeatureResolution
+    episodes: list[int]
+
+    def key_config(self, config: PolicyConfig) -> PolicyConfig:
+        """`config` as this part's shards see it. A mixture's dataset keys only the cameras
+        it feeds (its shards hold no others), so another dataset joining the mixture with
+        a new camera leaves its cache as it is."""
+        if self.name is None:
+            return config
+        fed = self.resolution.sources
+        inputs = {k: f for k, f in config.input_features.items() if f.type != "VISUAL" or k in fed}
+        return config.model_copy(update={"input_features": inputs})
+
+
+def cache_parts(
+    settings: RunSettings, meta: DatasetMeta, resolution: FeatureResolution, metas
+) -> list[CachePart]:
+    """The run's caches: one for its dataset, or one per mixture dataset, in the spec's
+    order (`metas`: the mixture's metadata by name)."""
+    from smolvla_ray.build import cached_episodes, mixture_episodes
+
+    if settings.data.mixture is None:
+        return [CachePart(None, meta, resolution, cached_episodes(settings, meta))]
+    episodes = mixture_episodes(settings, metas)
+    return [
+        CachePart(d.name, metas[d.name], resolution.datasets[d.name], episodes[d.name])
+        for d in settings.data.mixture
+    ]
+
+
+def ensure_feature_cache(
+    spec: JobSpec, storage_options: Mapping[str, Any]
+) -> str | dict[str, str] | None:
+    """The cache root to train from, building what is missing; None when not used. For a
+    mixture, each dataset's own cache root by name (all of them, or none)."""
     mode = spec.data.feature_cache
     if mode == "off":
         return None
-    from smolvla_ray.build import cached_episodes, open_dataset, resolve_dataset_features
+    from smolvla_ray.build import open_dataset, open_mixture, resolve_dataset_features
 
     settings = RunSettings.from_spec(spec)
     blocker = spec.feature_cache_blocker()
@@ -307,8 +404,9 @@ def ensure_feature_cache(spec: JobSpec, storage_options: Mapping[str, Any]) -> s
         # Model-free: the resolved config (a checkpoint's config.json with the spec's
         # updates) decides, and the weights' files key the cache; only the tasks build it.
         meta = open_dataset(settings, storage_options=storage_options)
+        metas = open_mixture(settings, storage_options=storage_options)
         config, resolution = resolve_dataset_features(
-            settings, meta, storage_options=storage_options
+            settings, meta, storage_options=storage_options, metas=metas or None
         )
         blocker = (
             vision_blocker(config)
@@ -320,21 +418,26 @@ def ensure_feature_cache(spec: JobSpec, storage_options: Mapping[str, Any]) -> s
             raise ValueError(f"data.feature_cache='on' but {blocker}; use auto or off")
         say(f"feature cache not used: {blocker}")
         return None
-    wanted = cached_episodes(settings, meta)
-    plan = plan_cache(
-        config,
-        episode_frames=[meta.episodes[e].length for e in wanted],
-        cameras=len(resolution.sources),
-        dtype=spec.data.feature_cache_dtype,
-        max_bytes=int(spec.data.cache_max_bytes),
-        cache_dir=node_cache_dir(spec.data.cache_dir),
-    )
+    parts = cache_parts(settings, meta, resolution, metas)
+    plans = {
+        part.name or "": plan_cache(
+            config,
+            episode_frames=[part.meta.episodes[e].length for e in part.episodes],
+            cameras=len(part.resolution.sources),
+            dtype=spec.data.feature_cache_dtype,
+            max_bytes=int(spec.data.cache_max_bytes),
+            cache_dir=node_cache_dir(spec.data.cache_dir),
+        )
+        for part in parts
+    }
+    plan = combine_plans(plans) if settings.data.mixture is not None else plans[""]
     fix = (
         "raise data.cache_max_bytes (and the nodes' disk), or set "
         "data.feature_cache_dtype: bfloat16 to halve it"
     )
+    whole = "a whole copy of each on every node" if plan.parts else "a whole copy on every node"
     if plan.problem is None:
-        say(f"feature cache: {plan.line()}, a whole copy on every node")
+        say(f"feature cache: {plan.line()}, {whole}")
     elif mode == "auto":
         say(
             f"feature cache not used: {plan.line()}; {plan.problem} ({fix}); training decodes video"
@@ -353,24 +456,45 @@ def ensure_feature_cache(spec: JobSpec, storage_options: Mapping[str, Any]) -> s
             f"data.feature_cache is on, {cost}. To hold it whole, {fix} (auto would train "
             "from video)"
         )
-    inputs = key_inputs(settings, config, resolution, meta, storage_options=storage_options)
+    roots = {
+        part.name: _ensure_part(spec, settings, config, part, storage_options) for part in parts
+    }
+    return roots[None] if settings.data.mixture is None else roots  # type: ignore[return-value]
+
+
+def _ensure_part(
+    spec: JobSpec,
+    settings: RunSettings,
+    config: PolicyConfig,
+    part: CachePart,
+    storage_options: Mapping[str, Any],
+) -> str:
+    """One cache's root, its missing episodes encoded in Ray tasks."""
+    inputs = key_inputs(
+        settings, part.key_config(config), part.resolution, part.meta,
+        storage_options=storage_options,
+    )  # fmt: skip
     root = cache_root(spec.checkpoint.storage, cache_key(inputs))
+    whose = f" (dataset {part.name})" if part.name is not None else ""
     store = CacheStore(root, storage_options)
     present = store.shards()
-    missing = [e for e in wanted if e not in present]
+    missing = [e for e in part.episodes if e not in present]
     if not missing:
-        say(f"using feature cache {root}")
+        say(f"using feature cache {root}{whose}")
         return root
-    say(f"building feature cache {root}: {len(missing)} of {len(wanted)} episodes to encode")
+    say(
+        f"building feature cache {root}{whose}: {len(missing)} of {len(part.episodes)} "
+        "episodes to encode"
+    )
     store.write_json(KEY_FILE, inputs)
-    if missing:
-        stats = _run_encode_tasks(spec, storage_options, root, missing)
-        frames = sum(s["frames"] for s in stats)
-        seconds = sum(s["seconds"] for s in stats)
-        say(
-            f"feature cache built: {frames} frames in {seconds:.1f} task-seconds "
-            f"({seconds / max(frames, 1) * 1000:.1f} ms per frame)"
-        )
-    if len(store.shards()) == len(meta.episodes):
-        store.write_json(COMPLETE, {"episodes": len(meta.episodes)})
+    stats = _run_encode_tasks(spec, storage_options, root, missing, dataset=part.name)
+    frames = sum(s["frames"] for s in stats)
+    seconds = sum(s["seconds"] for s in stats)
+    say(
+        f"feature cache built: {frames} frames in {seconds:.1f} task-seconds "
+        f"({seconds / max(frames, 1) * 1000:.1f} ms per frame)"
+    )
+    episodes = len(part.meta.episodes)
+    if len(store.shards()) == episodes:
+        store.write_json(COMPLETE, {"episodes": episodes})
     return root

@@ -259,24 +259,25 @@ class FeatureShards:
             return Path(self.storage.path(name))
         return self.cache.local_path(self.storage, name)
 
-    def warm(self, episodes: Sequence[int]) -> list[int]:
-        """Download the shards of `episodes`, in order, while they fit within the cache's
-        bound (usually all of them); returns the episodes the node then holds."""
+    def warm(self, episodes: Sequence[int], *, max_bytes: int | None = None) -> int:
+        """Download the shards of `episodes`, in order, while they fit within `max_bytes`
+        (the cache's bound when None; usually all of them); returns the bytes the node then
+        holds of them (0 when read in place). A mixture warms each dataset's cache within
+        what the ones before it left of the one bound."""
         if self.storage.is_local:
-            return list(episodes)
+            return 0
+        bound = self.cache.max_bytes if max_bytes is None else max_bytes
         sizes = CacheStore(self.storage.url, self.storage.storage_options).shard_sizes()
-        held: list[int] = []
         total = 0
         for episode in episodes:
             name = shard_name(episode)
             if episode not in sizes:
                 raise FileNotFoundError(f"{self.storage.display(name)} does not exist")
-            total += sizes[episode]
-            if total > self.cache.max_bytes:
+            if total + sizes[episode] > bound:
                 break
             self.cache.local_path(self.storage, name, size=sizes[episode])
-            held.append(episode)
-        return held
+            total += sizes[episode]
+        return total
 
 
 class CachedFeatures(Dataset):

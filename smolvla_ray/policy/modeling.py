@@ -373,7 +373,7 @@ class SmolVLAPolicy(nn.Module):
                 f"batch is missing camera {missing[0]!r} (expected a float tensor of shape "
                 f"(B, {', '.join(map(str, shape))}) in [0, 1]); batch keys: {sorted(batch)}"
             )
-        for key, feature in self.config.image_features.items():
+        for key in self.config.image_features:
             cached = batch.get(f"{key}{FEATURES_SUFFIX}")
             if cached is not None:  # precomputed vision features: nothing to resize
                 images.append(cached)
@@ -381,17 +381,8 @@ class SmolVLAPolicy(nn.Module):
                 continue
             if key not in batch:
                 continue
-            img = batch[key]
-            img = img[:, -1] if img.ndim == 5 else img
-            if img.ndim != 4 or img.shape[1] != feature.shape[0]:
-                raise ValueError(
-                    f"{key} has shape {tuple(batch[key].shape)}; expected (B, "
-                    f"{', '.join(map(str, feature.shape))})"
-                )
-            if self.config.resize_imgs_with_padding is not None:
-                width, height = self.config.resize_imgs_with_padding
-                img = resize_with_pad(img, height, width, pad_value=0)
-            images.append(img * 2.0 - 1.0)
+            img = self._prepare_image(key, batch[key])
+            images.append(img)
             masks.append(self._image_mask(batch, key, img))
         # Covered by empty_cameras: -1 images (or, from the cache, their features), masked out.
         cached_mode = any(f"{k}{FEATURES_SUFFIX}" in batch for k in self.config.image_features)
@@ -404,20 +395,38 @@ class SmolVLAPolicy(nn.Module):
             masks.append(torch.zeros_like(masks[0]))
         return images, masks
 
+    def _prepare_image(self, key: str, img: Tensor) -> Tensor:
+        """One camera's batch of images in [0, 1] (its last observation step), resized with
+        padding and scaled to [-1, 1], as the vision encoder takes it."""
+        feature = self.config.image_features[key]
+        shape = tuple(img.shape)
+        img = img[:, -1] if img.ndim == 5 else img
+        if img.ndim != 4 or img.shape[1] != feature.shape[0]:
+            raise ValueError(
+                f"{key} has shape {shape}; expected (B, {', '.join(map(str, feature.shape))})"
+            )
+        if self.config.resize_imgs_with_padding is not None:
+            width, height = self.config.resize_imgs_with_padding
+            img = resize_with_pad(img, height, width, pad_value=0)
+        return img * 2.0 - 1.0
+
     @torch.no_grad()
+    def empty_camera_features(self, key: str | None = None) -> Tensor:
+        """What the frozen vision encoder + connector make of an empty camera: the all -1
+        image the video path feeds for camera `key` (the first camera when None), prepared
+        as `prepare_images` prepares it; (1, tokens, hidden), on the encoder's device."""
+        key = key or next(iter(self.config.image_features))
+        towers = self.model.vlm_with_expert
+        device = next(towers.vision_model.parameters()).device
+        # ConformSample's empty camera: 0 in [0, 1], so -1 once prepared (padding included).
+        blank = torch.zeros((1, *self.config.image_features[key].shape), device=device)
+        return towers.embed_image(self._prepare_image(key, blank))
+
     def _empty_camera_features(self, like: Tensor) -> Tensor:
-        """What the frozen encoder makes of an empty camera's all -1 image, shaped like the
-        cached features `like`; computed once (the encoder is frozen whenever the feature
-        cache is used)."""
+        """`empty_camera_features` shaped like the cached features `like`; computed once
+        (the encoder is frozen whenever the feature cache is used)."""
         if self._empty_features is None:
-            if self.config.resize_imgs_with_padding is not None:
-                width, height = self.config.resize_imgs_with_padding
-            else:
-                _, height, width = next(iter(self.config.image_features.values())).shape
-            towers = self.model.vlm_with_expert
-            device = next(towers.vision_model.parameters()).device
-            image = torch.full((1, 3, height, width), -1.0, device=device)
-            self._empty_features = towers.embed_image(image)
+            self._empty_features = self.empty_camera_features()
         features = self._empty_features.to(like.device, like.dtype)
         return features.expand(like.shape[0], *features.shape[1:])
 
@@ -432,12 +441,12 @@ class SmolVLAPolicy(nn.Module):
     def encode_images(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The frozen vision encoder + connector output per camera, keyed like the batch
         keys the feature cache provides (`<camera key>.features`)."""
-        images, _ = self.prepare_images(batch)
         towers = self.model.vlm_with_expert
-        present = [key for key in self.config.image_features if key in batch]  # empties last
+        # Only the cameras in the batch: a mixture dataset's shards hold the cameras it has.
         return {
-            f"{key}{FEATURES_SUFFIX}": towers.embed_image(img)
-            for key, img in zip(present, images, strict=False)
+            f"{key}{FEATURES_SUFFIX}": towers.embed_image(self._prepare_image(key, batch[key]))
+            for key in self.config.image_features
+            if key in batch
         }
 
     def prepare_state(self, batch: dict[str, Tensor]) -> Tensor:

@@ -162,12 +162,6 @@ class JobSpec(BaseModel):
                 f"(precision={train.precision!r}, use_gpu={scaling.use_gpu}); "
                 "set frozen_dtype auto or fp32"
             )
-        if self.data.feature_cache == "on" and self.data.is_mixture:
-            raise ValueError(
-                "data.feature_cache='on' but data.datasets is a mixture, and per-dataset "
-                "feature caches are not built yet; set data.feature_cache to auto (trains "
-                "from video, and says so) or off"
-            )
         if self.data.feature_cache == "on":
             reason = self.feature_cache_blocker()
             if reason is not None:
@@ -259,8 +253,6 @@ class JobSpec(BaseModel):
         the spec tells; a pretrained checkpoint's own overrides are checked on the workers)."""
         if self.data.augment.enable:
             return "data.augment.enable is true (random augmentation changes every image)"
-        if self.data.is_mixture:
-            return "data.datasets is a mixture (per-dataset feature caches are not built)"
         policy = self.policy
         if policy.freeze_vision_encoder is False and policy.train_expert_only is False:
             return "the vision encoder trains (freeze_vision_encoder and train_expert_only false)"

@@ -138,7 +138,7 @@ def loop_config(
     settings: RunSettings,
     storage_options: Mapping[str, Any],
     *,
-    feature_cache: str | None = None,
+    feature_cache: str | Mapping[str, str] | None = None,
     stop_key: str | None = None,
     shared_token: str | None = None,
 ) -> dict[str, Any]:

@@ -3,11 +3,12 @@
 Each dataset of a mixture (`data.datasets`) keeps its own cameras, widths and statistics;
 in the loader processes `ConformSample` turns each of its samples into the policy's shape:
 cameras renamed to the policy's keys, a policy camera the dataset lacks filled with an all
--1 image (zeros before the device's scaling to [-1, 1]) and its per-sample mask off, state
-and action normalized with the dataset's own statistics (its processor's `normalize`, the
-same arithmetic as the batched one) and then zero-padded to the policy's widths, with the
-sample's real action dims in `action_dim_mask` (the loss is masked to them). The batch
-transform then only tokenizes the tasks.
+-1 image (zeros before the device's scaling to [-1, 1]; with the feature cache, the features
+the encoder makes of that image) and its per-sample mask off, state and action normalized
+with the dataset's own statistics (its processor's `normalize`, the same arithmetic as the
+batched one) and then zero-padded to the policy's widths, with the sample's real action
+dims in `action_dim_mask` (the loss is masked to them). The batch transform then only
+tokenizes the tasks.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from smolvla_ray.features import FeatureResolution
 from smolvla_ray.keys import (
     ACTION,
     ACTION_DIM_MASK,
+    FEATURES_SUFFIX,
     IMAGE_PREFIX,
     OBS_LANGUAGE_ATTENTION_MASK,
     OBS_LANGUAGE_TOKENS,
@@ -45,11 +47,19 @@ class ConformSample:
         processor: PolicyProcessor,
         *,
         image_dtype: torch.dtype,
+        empty_features: Mapping[str, Tensor] | None = None,
     ) -> None:
         self.sources = {k: v for k, v in own.sources.items() if v is not None}
         self.cameras = policy.image_features  # policy camera key -> (C, H, W)
         self.processor = processor
         self.image_dtype = image_dtype
+        # With the feature cache (samples carry `<policy key>.features`): per camera, the
+        # cached features of the all -1 image, for the cameras this dataset lacks.
+        self.empty_features = (
+            {k: v for k, v in empty_features.items() if k not in self.sources}
+            if empty_features is not None
+            else None
+        )
         self.state_dim, self.action_dim = policy.state_dim, policy.action_dim
         self.dims = torch.arange(policy.action_dim) < own.action_dim
 
@@ -58,7 +68,11 @@ class ConformSample:
         for key, shape in self.cameras.items():
             source = self.sources.get(key)
             has = source is not None
-            out[key] = sample[source] if has else torch.zeros(shape, dtype=self.image_dtype)
+            if self.empty_features is not None:
+                cached = f"{key}{FEATURES_SUFFIX}"
+                out[cached] = sample[cached] if has else self.empty_features[key]
+            else:
+                out[key] = sample[source] if has else torch.zeros(shape, dtype=self.image_dtype)
             out[f"{key}{PADDING_MASK_SUFFIX}"] = torch.tensor(has)
         state = self.processor.normalize(OBS_STATE, sample[OBS_STATE].to(torch.float32))
         action = self.processor.normalize(ACTION, sample[ACTION].to(torch.float32))

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from smolvla_ray.build import (
@@ -39,7 +40,7 @@ def build_loader(
     cursor: dict[str, Any] | None,
     storage_options: Mapping[str, Any],
     device: torch.device,
-    features: FeatureShards | None = None,
+    features: FeatureShards | Mapping[str, FeatureShards] | None = None,
 ) -> ShardedLoader:
     """This worker's share of each epoch, preprocessed by the policy's processor. With
     `features` (the feature cache as this node reads it, `fetch_feature_cache`) the samples
@@ -53,12 +54,17 @@ def build_loader(
 
     A mixture (`data.datasets`) draws its epochs by weight from every dataset's selected
     frames (`data/mixture.py`), each sample made like the others in the loader processes
-    (`train/mixture.py`); it reads video (no feature cache) and is not augmented."""
+    (`train/mixture.py`), with each dataset's own feature cache when `features` holds them
+    by name; it is not augmented."""
     if settings.data.mixture is not None:
+        if isinstance(features, FeatureShards):
+            raise RuntimeError("a mixture reads one feature cache per dataset, by name")
         return _mixture_loader(
             settings, policy, rank=rank, world_size=world_size, cursor=cursor,
-            storage_options=storage_options, device=device,
+            storage_options=storage_options, device=device, features=features,
         )  # fmt: skip
+    if features is not None and not isinstance(features, FeatureShards):
+        raise RuntimeError("one dataset reads one feature cache, not one per dataset")
     sources = policy.feature_resolution.sources  # policy camera key -> dataset camera key
     processor = policy.processor
     augment, seed = settings.data.augment, settings.train.seed
@@ -90,6 +96,7 @@ def _mixture_loader(
     cursor: dict[str, Any] | None,
     storage_options: Mapping[str, Any],
     device: torch.device,
+    features: Mapping[str, FeatureShards] | None,
 ) -> ShardedLoader:
     resolution, processors = policy.feature_resolution, policy.mixture_processors
     if resolution is None or not resolution.datasets or not processors:
@@ -102,23 +109,30 @@ def _mixture_loader(
     )
     uint8 = all(p.takes_uint8_images() for p in processors.values())
     image_dtype = torch.uint8 if uint8 else torch.float32
-    datasets, transforms = [], []
+    # With the feature cache, a camera a dataset lacks is fed what the encoder makes of the
+    # video path's all -1 image, computed once here.
+    empty = empty_camera_features(settings, policy) if features else None
+    datasets: list[Dataset] = []
+    transforms = []
     for d in settings.data.mixture or ():
         own = resolution.datasets[d.name]
         sources = [v for v in own.sources.values() if v is not None]
-        datasets.append(
-            FrameDataset(
-                metas[d.name],
-                episodes=episodes[d.name],
-                cameras=sources,
-                chunk_size=policy.config.chunk_size,
-                storage_options=storage_options,
-                cache=cache,
-                image_dtype=image_dtype,
-            )
+        frames: Dataset = FrameDataset(
+            metas[d.name],
+            episodes=episodes[d.name],
+            cameras=[] if features else sources,
+            chunk_size=policy.config.chunk_size,
+            storage_options=storage_options,
+            cache=cache,
+            image_dtype=image_dtype,
         )
+        if features:  # this dataset's own cache, its cameras stored by policy key
+            frames = CachedFeatures(frames, features[d.name], list(own.sources))
+        datasets.append(frames)
         transforms.append(
-            ConformSample(own, resolution, processors[d.name], image_dtype=image_dtype)
+            ConformSample(
+                own, resolution, processors[d.name], image_dtype=image_dtype, empty_features=empty
+            )
         )
     mixture = MixtureDataset(
         datasets,
@@ -199,12 +213,27 @@ def _frames(
     return dataset
 
 
+def empty_camera_features(settings: RunSettings, policy: SmolVLAPolicy) -> dict[str, Tensor]:
+    """Per policy camera, (tokens, hidden): the cached features of an empty camera's all -1
+    image, as the cache build would store them (the run's precision, then the cache's dtype),
+    so a mixture sample lacking the camera gets from the cache what the video path encodes."""
+    device = next(policy.parameters()).device
+    dtype = getattr(torch, settings.data.feature_cache_dtype)
+    autocast = settings.train.precision == "bf16"
+    out = {}
+    for key in policy.config.image_features:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            features = policy.empty_camera_features(key)
+        out[key] = features[0].to("cpu", dtype).to(torch.float32)
+    return out
+
+
 def fetch_feature_cache(
     settings: RunSettings,
     meta: DatasetMeta,
-    feature_cache: str | None,
+    feature_cache: str | Mapping[str, str] | None,
     storage_options: Mapping[str, Any],
-) -> FeatureShards | None:
+) -> FeatureShards | dict[str, FeatureShards] | None:
     """The feature cache at `feature_cache` as this node reads it (None without a cache),
     its node-local copy warmed first.
 
@@ -219,6 +248,15 @@ def fetch_feature_cache(
         return None
     data = settings.data
     cache = FileCache(node_cache_dir(data.cache_dir) / "features", max_bytes=data.cache_max_bytes)
-    shards = FeatureShards(Storage(feature_cache, storage_options), cache)
-    shards.warm(cached_episodes(settings, meta))
-    return shards
+    if isinstance(feature_cache, str):
+        shards = FeatureShards(Storage(feature_cache, storage_options), cache)
+        shards.warm(cached_episodes(settings, meta))
+        return shards
+    # A mixture: each dataset's own cache (`feature_cache` by name), all through the node's
+    # one bounded copy, warmed in the spec's order while they fit it together.
+    episodes = mixture_episodes(settings, open_mixture(settings, storage_options=storage_options))
+    out, budget = {}, data.cache_max_bytes
+    for d in data.mixture or ():
+        out[d.name] = FeatureShards(Storage(feature_cache[d.name], storage_options), cache)
+        budget -= out[d.name].warm(episodes[d.name], max_bytes=max(budget, 0))
+    return out

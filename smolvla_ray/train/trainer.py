@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from smolvla_ray.build import build_policy, open_dataset
+from smolvla_ray.cache.store import FeatureShards
 from smolvla_ray.data.meta import DatasetMeta
 from smolvla_ray.policy.fingerprint import (
     check_frozen_fingerprint,
@@ -109,7 +110,8 @@ class WorkerContext:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     storage_options: Mapping[str, Any] = field(default_factory=dict)
-    feature_cache: str | None = None
+    feature_cache: str | Mapping[str, str] | None = None
+    """The feature cache's root, or a mixture's roots by dataset name (None: video)."""
     sample_log: str | None = field(default_factory=sample_log_path)
     """Where each step's sample indices are appended (train/sample_log.py); None: nowhere."""
 
@@ -148,7 +150,10 @@ def train(
     )  # fmt: skip
     batches = iter(loader)
     first_step = [next(batches) for _ in range(settings.train.grad_accum_steps)]
-    held_out = build_held_out(settings, meta, policy, storage_options=options, features=features)
+    held_out = build_held_out(
+        settings, meta, policy, storage_options=options,
+        features=features if isinstance(features, FeatureShards) else None,  # mixtures: no eval
+    )  # fmt: skip
     w = _build(settings, context, meta, policy)  # DDP over the trainable view, optimizer, schedule
     ddp, optimizer, scheduler = w.ddp, w.optimizer, w.scheduler
     ema = WeightEMA.from_settings(settings.train.ema, ddp.module.params)  # None when off

@@ -40,7 +40,9 @@ def two_arms(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     return a, b
 
 
-def mixture_spec(arms: tuple[str, str], storage: Path, name: str, **train):
+def mixture_spec(
+    arms: tuple[str, str], storage: Path, name: str, *, feature_cache: str = "off", **train
+):
     spec = tiny_spec_dict(
         arms[0], storage, name, scaling={"num_workers": 1}, train={**TRAIN, **train},
         checkpoint={"storage": str(storage), "every_steps": 4},
@@ -48,7 +50,7 @@ def mixture_spec(arms: tuple[str, str], storage: Path, name: str, **train):
     spec["data"] = {
         "datasets": [{"uri": arms[0], "weight": 2.0}, {"uri": arms[1], "name": "b"}],
         "num_loader_workers": 0,
-        "feature_cache": "off",
+        "feature_cache": feature_cache,
     }
     return spec_from_dict(spec)
 
@@ -141,3 +143,78 @@ def test_each_sample_is_normalized_padded_and_masked_as_its_dataset(
             assert torch.count_nonzero(batch[f"observation.images.{lacks}"][i]) == 0
             assert bool(batch["observation.images.top_padding_mask"][i])
     assert seen == {0, 1}
+
+
+def build_cache_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ensure_feature_cache` encodes in this process (the Ray task's body, no Ray)."""
+    from smolvla_ray.cache import build
+    from smolvla_ray.settings import RunSettings
+
+    def encode_here(spec, options, root, missing, *, dataset=None):
+        settings = RunSettings.from_spec(spec)
+        return [build.encode_episodes(settings, options, root, missing, dataset=dataset)]
+
+    monkeypatch.setattr(build, "_run_encode_tasks", encode_here)
+
+
+def test_a_mixture_trains_from_per_dataset_feature_caches_as_from_video(
+    tmp_path: Path, two_arms: tuple[str, str], monkeypatch: pytest.MonkeyPatch, capfd
+) -> None:
+    """One cache per dataset, each keyed by its own data and cameras; training from them
+    equals training from video (b lacks the wrist camera: the cache feeds the encoder's
+    features of the -1 image the video path encodes, masked out alike), and a killed cached
+    run resumes to the very same weights."""
+    from smolvla_ray.cache.build import ensure_feature_cache
+    from smolvla_ray.cache.store import KEY_FILE, CacheStore
+
+    build_cache_here(monkeypatch)
+    cached = mixture_spec(two_arms, tmp_path, "cached", feature_cache="on")
+    roots = ensure_feature_cache(cached, {})
+    assert isinstance(roots, dict) and list(roots) == ["arm_a", "b"]
+    assert roots["arm_a"] != roots["b"]  # the key differs per dataset
+    err = capfd.readouterr().err
+    assert "dataset arm_a: " in err and "dataset b: " in err and "in all" in err
+    for name, uri, cameras in (("arm_a", two_arms[0], {"top", "wrist"}),
+                               ("b", two_arms[1], {"top", "side"})):  # fmt: skip
+        store = CacheStore(roots[name], {})
+        assert store.shards() == {0, 1, 2}
+        key = json.loads((Path(roots[name]) / KEY_FILE).read_text())
+        assert key["dataset"]["url"].rstrip("/").endswith(Path(uri).name)
+        assert {k.rsplit(".", 1)[-1] for k in key["cameras"]} == cameras  # the ones it feeds
+    # Built once: a second run finds both.
+    assert ensure_feature_cache(cached, {}) == roots
+    assert capfd.readouterr().err.count("using feature cache") == 2
+
+    # The loader reads features, never video: every camera as `.features`, masked per sample.
+    from smolvla_ray.build import build_policy, open_dataset
+    from smolvla_ray.settings import RunSettings
+    from smolvla_ray.train.setup import build_loader, fetch_feature_cache
+
+    settings = RunSettings.from_spec(cached)
+    meta = open_dataset(settings, storage_options={})
+    policy = build_policy(settings, meta, storage_options={})
+    features = fetch_feature_cache(settings, meta, roots, {})
+    batch = next(iter(build_loader(settings, meta, policy, rank=0, world_size=1, cursor=None,
+                                   storage_options={}, device=torch.device("cpu"),
+                                   features=features)))  # fmt: skip
+    images = {k for k in batch if k.startswith("observation.images.")}
+    assert images == {f"observation.images.{c}{s}" for c in ("top", "wrist", "side")
+                      for s in (".features", "_padding_mask")}  # fmt: skip
+
+    state, from_cache = train_in_process(cached, feature_cache=roots)  # type: ignore[arg-type]
+    assert state is not None and state.step == 8
+    _, from_video = train_in_process(mixture_spec(two_arms, tmp_path, "video"))
+    cached_losses = [r["loss"] for r in from_cache.reports]
+    video_losses = [r["loss"] for r in from_video.reports]
+    assert cached_losses == pytest.approx(video_losses, rel=1e-6)
+    a, b = trainable(tmp_path, "cached", 8), trainable(tmp_path, "video", 8)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    killed = mixture_spec(two_arms, tmp_path, "killed-cached", feature_cache="on")
+    assert train_in_process(killed, stop_after=6, feature_cache=roots)[0] is None  # type: ignore[arg-type]
+    state, _ = train_in_process(killed, feature_cache=roots)  # type: ignore[arg-type]
+    assert state is not None and state.resumed_from_step == 4
+    resumed = trainable(tmp_path, "killed-cached", 8)
+    for name in a:
+        assert torch.equal(a[name], resumed[name]), name

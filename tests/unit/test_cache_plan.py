@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from smolvla_ray.cache.build import CachePlan, feature_bytes_per_image, plan_cache
+from smolvla_ray.cache.build import CachePlan, combine_plans, feature_bytes_per_image, plan_cache
 from smolvla_ray.policy.config import PolicyConfig
 
 GIB = 1024**3
@@ -84,3 +84,17 @@ def test_on_is_refused_only_when_the_bounded_copy_cannot_work() -> None:
     # Within the bound but not the disk: the copy is the whole cache.
     assert "copy of up to 4.0 MB" in plan([100] * 4, 1e7, 2.5e6).bounded_problem
     assert plan([100] * 4, max_bytes=3e6, free_bytes=3e6).bounded_problem is None
+
+
+def test_a_mixture_is_sized_and_bounded_over_all_its_datasets_caches() -> None:
+    # Two datasets' caches of 2 MB and 1.5 MB (largest shards 1 MB and 1.5 MB): each fits a
+    # 3 MB bound alone, not together; the largest shard is the larger one's.
+    mixed = combine_plans({"a": plan([100, 100], 3e6, 1e12), "b": plan([150], 3e6, 1e12)})
+    assert mixed.total_bytes == 3_500_000 and mixed.largest_shard_bytes == 1_500_000
+    assert (mixed.frames, mixed.episodes) == (350, 3)
+    assert mixed.problem == "it exceeds data.cache_max_bytes=3.0 MB"
+    assert mixed.bounded_problem is None
+    assert mixed.line() == (
+        "dataset a: 200 frames x 1 camera(s) x 10,000 bytes (float32) = 2.0 MB; dataset b: "
+        "150 frames x 1 camera(s) x 10,000 bytes (float32) = 1.5 MB; 3.5 MB in all"
+    )

@@ -101,7 +101,9 @@ def test_a_shard_evicted_and_fetched_again_reads_the_same(tmp_path: Path) -> Non
     def read(row: int) -> torch.Tensor:
         return dataset[row][key]
 
-    assert shards.warm([0, 1]) == [0]  # warming stops at the bound
+    assert shards.warm([0, 1], max_bytes=size - 1) == 0  # within a budget (a mixture's)
+    assert cache.total_bytes() == 0
+    assert shards.warm([0, 1]) == size  # warming stops at the bound: episode 0 held
     first = shards.path(0)
     inode = first.stat().st_ino
     assert torch.equal(read(0), features(0)[0])
@@ -117,7 +119,7 @@ def test_a_local_cache_is_read_in_place(tmp_path: Path) -> None:
     save_file({CAMERA: features(3)}, str(tmp_path / shard_name(3)))
     node = tmp_path / "node"
     shards = FeatureShards(Storage(str(tmp_path)), FileCache(node))
-    assert shards.warm([3]) == [3]
+    assert shards.warm([3]) == 0  # nothing held on the node: read in place
     assert shards.path(3) == tmp_path / shard_name(3)
     dataset = CachedFeatures(frame_rows(3), shards, [CAMERA])  # type: ignore[arg-type]
     assert torch.equal(dataset[1][f"{CAMERA}{FEATURES_SUFFIX}"], features(3)[1])

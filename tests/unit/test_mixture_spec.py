@@ -61,7 +61,6 @@ def test_a_mixture_validates_and_reaches_the_settings() -> None:
         ({"uri": "/a", "epoch_samples": 10}, {}, "data has one dataset (uri); remove it"),
         ({"datasets": MIX}, {"eval": {"split": 0.1}}, "--dataset NAME"),
         ({"datasets": MIX, "augment": {"enable": True}}, {}, "augmentation of mixtures"),
-        ({"datasets": MIX, "feature_cache": "on"}, {}, "per-dataset feature caches"),
     ],
 )
 def test_bad_mixtures_are_refused_naming_the_field_and_the_fix(data, sections, message) -> None:
@@ -70,9 +69,9 @@ def test_bad_mixtures_are_refused_naming_the_field_and_the_fix(data, sections, m
     assert message in str(err.value)
 
 
-def test_feature_cache_auto_is_off_for_a_mixture_and_says_why() -> None:
-    blocker = spec({"datasets": MIX}).feature_cache_blocker()
-    assert blocker is not None and "mixture" in blocker
+def test_a_mixture_takes_the_feature_cache_one_per_dataset() -> None:
+    assert spec({"datasets": MIX}).feature_cache_blocker() is None
+    assert spec({"datasets": MIX, "feature_cache": "on"}).data.feature_cache == "on"
 
 
 def test_a_changed_mixture_is_refused_on_resume() -> None:
