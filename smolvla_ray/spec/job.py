@@ -195,7 +195,7 @@ class JobSpec(BaseModel):
 
     def _check_mixture(self) -> None:
         """What a mixture of datasets (`data.datasets`) does not do yet is refused, never
-        ignored: held-out evaluation and augmentation (keyed by one dataset's frames)."""
+        ignored: held-out evaluation."""
         if not self.data.is_mixture:
             return
         if self.eval is not None:
@@ -204,12 +204,6 @@ class JobSpec(BaseModel):
                 "mixture (held-out evaluation of mixtures is not implemented); remove the "
                 "eval section, and evaluate per dataset: `smolvla-ray export CKPT OUT "
                 "--dataset NAME`, then `smolvla-ray evaluate OUT --data DATASET`"
-            )
-        if self.data.augment.enable:
-            raise ValueError(
-                "data.augment.enable is true, but data.datasets is a mixture (augmentation "
-                "of mixtures is not implemented: its draws are keyed by one dataset's "
-                "frames); set data.augment.enable: false"
             )
 
     def _check_eval(self) -> None:

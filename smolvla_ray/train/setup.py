@@ -18,7 +18,7 @@ from smolvla_ray.build import (
     run_episodes,
 )
 from smolvla_ray.cache.store import CachedFeatures, FeatureShards
-from smolvla_ray.data.augment import SampleAugmenter
+from smolvla_ray.data.augment import MixtureAugmenter, SampleAugmenter
 from smolvla_ray.data.loader import ShardedLoader
 from smolvla_ray.data.meta import DatasetMeta
 from smolvla_ray.data.mixture import MixtureDataset
@@ -55,7 +55,8 @@ def build_loader(
     A mixture (`data.datasets`) draws its epochs by weight from every dataset's selected
     frames (`data/mixture.py`), each sample made like the others in the loader processes
     (`train/mixture.py`), with each dataset's own feature cache when `features` holds them
-    by name; it is not augmented."""
+    by name; with `data.augment` on, the loader processes then augment the cameras each
+    sample's dataset has (`MixtureAugmenter`, keyed by its dataset's name too)."""
     if settings.data.mixture is not None:
         if isinstance(features, FeatureShards):
             raise RuntimeError("a mixture reads one feature cache per dataset, by name")
@@ -107,7 +108,10 @@ def _mixture_loader(
         directory=node_cache_dir(settings.data.cache_dir) / "files",
         max_bytes=settings.data.cache_max_bytes,
     )
-    uint8 = all(p.takes_uint8_images() for p in processors.values())
+    augment = settings.data.augment
+    if augment is not None and features:
+        raise RuntimeError("augmented images have no cached features: the feature cache is off")
+    uint8 = augment is None and all(p.takes_uint8_images() for p in processors.values())
     image_dtype = torch.uint8 if uint8 else torch.float32
     # With the feature cache, a camera a dataset lacks is fed what the encoder makes of the
     # video path's all -1 image, computed once here.
@@ -134,6 +138,21 @@ def _mixture_loader(
                 own, resolution, processors[d.name], image_dtype=image_dtype, empty_features=empty
             )
         )
+    # Augmented after ConformSample, so a camera the dataset lacks (the -1 fill, masked out)
+    # is never augmented, and by the dataset's own camera key, as one dataset's.
+    augmenter = (
+        MixtureAugmenter(
+            augment,
+            tuple(
+                (d.name, tuple((k, v) for k, v in resolution.datasets[d.name].sources.items()
+                               if v is not None))
+                for d in settings.data.mixture or ()
+            ),
+            seed=settings.train.seed,
+        )
+        if augment is not None
+        else None
+    )  # fmt: skip
     mixture = MixtureDataset(
         datasets,
         [d.weight for d in settings.data.mixture or ()],
@@ -148,6 +167,7 @@ def _mixture_loader(
         seed=settings.train.seed,
         num_workers=settings.data.num_loader_workers,
         cursor=cursor,
+        sample_transform=augmenter,
         batch_transform=TokenizeTasks(next(iter(processors.values()))),
         pin_memory=device.type == "cuda",
     )

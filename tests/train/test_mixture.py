@@ -41,7 +41,13 @@ def two_arms(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 
 def mixture_spec(
-    arms: tuple[str, str], storage: Path, name: str, *, feature_cache: str = "off", **train
+    arms: tuple[str, str],
+    storage: Path,
+    name: str,
+    *,
+    feature_cache: str = "off",
+    augment: bool = False,
+    **train,
 ):
     spec = tiny_spec_dict(
         arms[0], storage, name, scaling={"num_workers": 1}, train={**TRAIN, **train},
@@ -51,6 +57,7 @@ def mixture_spec(
         "datasets": [{"uri": arms[0], "weight": 2.0}, {"uri": arms[1], "name": "b"}],
         "num_loader_workers": 0,
         "feature_cache": feature_cache,
+        "augment": {"enable": augment},
     }
     return spec_from_dict(spec)
 
@@ -218,3 +225,51 @@ def test_a_mixture_trains_from_per_dataset_feature_caches_as_from_video(
     resumed = trainable(tmp_path, "killed-cached", 8)
     for name in a:
         assert torch.equal(a[name], resumed[name]), name
+
+
+def test_an_augmented_mixture_keys_each_dataset_apart_and_resumes_exactly(
+    tmp_path: Path, two_arms: tuple[str, str]
+) -> None:
+    """With data.augment on, the loader processes augment each mixture sample after it is
+    conformed: the cameras its dataset has, keyed by (seed, epoch, dataset, index, camera),
+    so a's and b's frames with the same index draw apart; the camera b lacks stays all
+    zeros (-1 after scaling). A killed augmented run resumes to the very same weights."""
+    from smolvla_ray.build import build_policy, open_dataset
+    from smolvla_ray.settings import RunSettings
+    from smolvla_ray.train.setup import build_loader
+
+    spec = mixture_spec(two_arms, tmp_path, "augmented", augment=True)
+    settings = RunSettings.from_spec(spec)
+    meta = open_dataset(settings, storage_options={})
+    policy = build_policy(settings, meta, storage_options={})
+    loader = build_loader(settings, meta, policy, rank=0, world_size=1, cursor=None,
+                          storage_options={}, device=torch.device("cpu"))  # fmt: skip
+    mixture, augment = loader.dataset, loader.sample_transform
+    assert augment is not None
+    top = "observation.images.top"
+    a, b = mixture[0], mixture[int(mixture.offsets[1])]  # each dataset's first frame
+    assert int(a["index"]) == int(b["index"]) == 0
+    assert a[top].dtype == torch.float32  # augmented images travel as float32
+    b_with_a_image = {**b, top: a[top]}
+    assert not torch.equal(augment(a, 0)[top], augment(b_with_a_image, 0)[top])
+
+    # The loader's first batch is the augmenter's output for its rows: b's wrist untouched.
+    batch = next(iter(loader))
+    for i, row in enumerate(loader.epoch_order(0)[: len(batch["index"])].tolist()):
+        alone = augment(mixture[row], 0)
+        for key in ("observation.images.top", "observation.images.wrist",
+                    "observation.images.side"):  # fmt: skip
+            assert torch.equal(batch[key][i], alone[key]), (row, key)
+        if int(alone["dataset_index"]) == 1:
+            assert torch.count_nonzero(batch["observation.images.wrist"][i]) == 0
+
+    state, _ = train_in_process(spec)
+    assert state is not None and state.step == 8
+    killed = mixture_spec(two_arms, tmp_path, "augmented-killed", augment=True)
+    assert train_in_process(killed, stop_after=6)[0] is None  # newest checkpoint: 4
+    state, _ = train_in_process(killed)
+    assert state is not None and state.resumed_from_step == 4
+    whole, resumed = trainable(tmp_path, "augmented", 8), trainable(tmp_path, "augmented-killed", 8)
+    assert set(whole) == set(resumed)
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name

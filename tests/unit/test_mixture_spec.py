@@ -60,7 +60,11 @@ def test_a_mixture_validates_and_reaches_the_settings() -> None:
         ({}, {}, "data needs a dataset: uri (one dataset) or datasets"),
         ({"uri": "/a", "epoch_samples": 10}, {}, "data has one dataset (uri); remove it"),
         ({"datasets": MIX}, {"eval": {"split": 0.1}}, "--dataset NAME"),
-        ({"datasets": MIX, "augment": {"enable": True}}, {}, "augmentation of mixtures"),
+        (
+            {"datasets": MIX, "augment": {"enable": True}, "feature_cache": "on"},
+            {},
+            "data.feature_cache='on' but data.augment.enable is true",
+        ),
     ],
 )
 def test_bad_mixtures_are_refused_naming_the_field_and_the_fix(data, sections, message) -> None:
@@ -72,6 +76,10 @@ def test_bad_mixtures_are_refused_naming_the_field_and_the_fix(data, sections, m
 def test_a_mixture_takes_the_feature_cache_one_per_dataset() -> None:
     assert spec({"datasets": MIX}).feature_cache_blocker() is None
     assert spec({"datasets": MIX, "feature_cache": "on"}).data.feature_cache == "on"
+    # Augmented, a mixture trains from video, as one dataset does.
+    augmented = spec({"datasets": MIX, "augment": {"enable": True}})
+    assert augmented.feature_cache_blocker() is not None
+    assert RunSettings.from_spec(augmented).data.augment is not None
 
 
 def test_a_changed_mixture_is_refused_on_resume() -> None:
