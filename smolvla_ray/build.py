@@ -252,12 +252,48 @@ def open_mixture(
 def mixture_episodes(
     settings: RunSettings, metas: Mapping[str, DatasetMeta]
 ) -> dict[str, list[int]]:
-    """Each mixture dataset's selected episodes by name (`episodes` checked against it;
-    mixtures hold nothing out)."""
+    """Each mixture dataset's selected episodes by name (`episodes` checked against it):
+    training and held-out together, what its feature cache holds."""
     out = {}
     for d in settings.data.mixture or ():
         try:
             out[d.name] = select_episodes(metas[d.name], d.episodes)
         except ValueError as err:
             raise ValueError(f"data.datasets {d.name!r} episodes: {err}") from None
+    return out
+
+
+def mixture_eval_episodes(
+    settings: RunSettings, metas: Mapping[str, DatasetMeta]
+) -> dict[str, list[int]]:
+    """Each mixture dataset's held-out episodes by name, in order (all [] without an eval
+    section): LeRobot's per-task split of its own selection, by `eval.split`."""
+    selected = mixture_episodes(settings, metas)
+    if settings.eval is None:
+        return {name: [] for name in selected}
+    if settings.eval.episodes is not None:  # the spec refuses it; settings may be built by hand
+        raise RuntimeError("eval.episodes names one dataset's episodes, not a mixture's")
+    return {
+        name: split_by_task(metas[name], episodes, settings.eval.split)
+        for name, episodes in selected.items()
+    }
+
+
+def mixture_run_episodes(
+    settings: RunSettings, metas: Mapping[str, DatasetMeta]
+) -> dict[str, list[int]]:
+    """Each mixture dataset's training episodes by name, in order: its selection minus its
+    held-out episodes. One answer for the loader and the checks, so a held-out frame never
+    reaches a training batch."""
+    held = mixture_eval_episodes(settings, metas)
+    out = {}
+    for name, selected in mixture_episodes(settings, metas).items():
+        kept = set(held[name])
+        out[name] = [e for e in selected if e not in kept]
+        if not out[name]:
+            raise ValueError(
+                f"the eval section holds out every selected episode of data.datasets "
+                f"{name!r} ({len(held[name])}: eval.split takes at least one episode of each "
+                "task); lower eval.split, or select more episodes of that dataset"
+            )
     return out

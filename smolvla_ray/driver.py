@@ -96,6 +96,7 @@ def preflight(spec: JobSpec) -> FeatureResolution:
     from smolvla_ray.build import (
         cached_episodes,
         mixture_episodes,
+        mixture_run_episodes,
         open_dataset,
         open_mixture,
         resolve_dataset_features,
@@ -115,6 +116,7 @@ def preflight(spec: JobSpec) -> FeatureResolution:
     if metas:
         for name, selected in mixture_episodes(settings, metas).items():
             check_readable(metas[name], selected, needs_stats=[OBS_STATE, ACTION])
+        mixture_run_episodes(settings, metas)  # a dataset held out whole is refused now
     else:
         try:
             select_episodes(meta, settings.data.episodes)

@@ -13,6 +13,11 @@ thread. The randomness of one image comes from a generator keyed by
 loader resumed from its cursor, or run with any number of loader processes, augments exactly
 as before, and every epoch sees each frame augmented anew. (Earlier versions augmented on the
 training thread keyed by the step, so augmented runs differ from theirs.)
+
+`MixtureAugmenter` does the same for a mixture's samples (`data.datasets`), whose datasets
+share frame index values and perhaps camera names: its key adds the dataset's name,
+(seed, epoch, dataset name, frame index, dataset camera key), and it augments only the
+cameras the sample's dataset has. One dataset keeps its key, so its runs resume unchanged.
 """
 
 from __future__ import annotations
@@ -27,14 +32,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from smolvla_ray.keys import DATASET_INDEX
+
 if TYPE_CHECKING:
     # Annotations only: the data layer does not depend on the run's settings; anything with
     # these fields (the job spec's `data.augment` section too) is accepted.
     from smolvla_ray.settings import AugmentSettings
 
 
-def _generator(seed: int, epoch: int, index: int, camera: str) -> torch.Generator:
-    digest = hashlib.blake2b(f"aug:{seed}:{epoch}:{index}:{camera}".encode(), digest_size=8)
+def _generator(
+    seed: int, epoch: int, index: int, camera: str, *, dataset: str | None = None
+) -> torch.Generator:
+    # One dataset's key must never change (augmented runs resume exactly); a mixture's adds
+    # the dataset's name (no ':' in it), as its datasets share frame index values.
+    where = f"{index}:{camera}" if dataset is None else f"{dataset}:{index}:{camera}"
+    digest = hashlib.blake2b(f"aug:{seed}:{epoch}:{where}".encode(), digest_size=8)
     return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
 
 
@@ -135,9 +147,40 @@ class SampleAugmenter:
         out = dict(sample)
         index = int(sample["index"])
         for key in self.cameras:
-            image = sample[key]
-            if not image.is_floating_point():
-                # uint8 frames would be clamped and blended in the wrong units.
-                raise TypeError(f"{key} is {image.dtype}; augmentation needs float images")
+            image = _float_image(sample, key)
             out[key] = augment_image(image, self.settings, _generator(self.seed, epoch, index, key))
         return out
+
+
+@dataclass(frozen=True)
+class MixtureAugmenter:
+    """Augments the camera images a mixture sample's dataset has, given the sample's epoch.
+
+    Runs on samples already in the policy's shape (`train/mixture.ConformSample`: images
+    under the policy's camera keys, `dataset_index` naming the dataset), so a camera the
+    dataset lacks (its -1 fill, masked out) is left alone. `datasets[d]` is dataset d's
+    (name, ((policy camera key, dataset camera key), ...)); each image is keyed by
+    (seed, epoch, name, index, dataset camera key), so two datasets' frames with the same
+    index draw apart. Picklable, so loader processes can run it.
+    """
+
+    settings: AugmentSettings
+    datasets: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
+    seed: int
+
+    def __call__(self, sample: Mapping[str, Any], epoch: int) -> dict[str, Any]:
+        out = dict(sample)
+        index = int(sample["index"])
+        name, cameras = self.datasets[int(sample[DATASET_INDEX])]
+        for key, source in cameras:
+            g = _generator(self.seed, epoch, index, source, dataset=name)
+            out[key] = augment_image(_float_image(sample, key), self.settings, g)
+        return out
+
+
+def _float_image(sample: Mapping[str, Any], key: str) -> Tensor:
+    image = sample[key]
+    if not image.is_floating_point():
+        # uint8 frames would be clamped and blended in the wrong units.
+        raise TypeError(f"{key} is {image.dtype}; augmentation needs float images")
+    return image

@@ -119,6 +119,17 @@ def evaluate(
     options = dict(storage_options or {})
     device = device or torch.device("cpu")
     policy, spec, weights = load_policy(source, options, raw_weights=raw_weights)
+    if spec and spec.get("data", {}).get("datasets"):
+        # Its policy as one dataset sees it (statistics, cameras, widths) is an export.
+        from smolvla_ray.settings import RunSettings
+
+        names = [d.name for d in RunSettings.from_spec_json(spec).data.mixture or ()]
+        raise ValueError(
+            f"{source} was trained on a mixture (data.datasets: {names}); `evaluate` takes "
+            "one dataset's policy: run `smolvla-ray export CHECKPOINT OUT --dataset NAME`, "
+            "then `smolvla-ray evaluate OUT --data DATASET` (the run's own eval section "
+            "evaluates each dataset's held-out episodes during training)"
+        )
     if policy.processor is None:
         raise ValueError(f"{source} has no processor files: its normalization is unknown")
     meta = load_meta(hub.dataset_url(data, revision), storage_options=options)

@@ -45,7 +45,7 @@ def validate_checkpoint(
     from smolvla_ray.run_layout import checkpoint_step
     from smolvla_ray.settings import RunSettings
     from smolvla_ray.storage import filesystem, join
-    from smolvla_ray.train.evaluation import evaluate_batches, write_table
+    from smolvla_ray.train.evaluation import HeldOut, evaluate_batches, write_table
     from smolvla_ray.train.setup import build_held_out, fetch_feature_cache
 
     settings = RunSettings.from_spec_json(spec_json)
@@ -65,7 +65,8 @@ def validate_checkpoint(
     policy.to(device)
     features = fetch_feature_cache(settings, meta, feature_cache, options)
     held_out = build_held_out(settings, meta, policy, storage_options=options, features=features)
-    assert held_out is not None
+    if not isinstance(held_out, HeldOut):  # the spec refuses eval.mode async for mixtures
+        raise RuntimeError("an async validation task evaluates one dataset's held-out samples")
     bf16 = settings.train.precision == "bf16" and device.type == "cuda"
     autocast = torch.bfloat16 if bf16 else None
     sums = evaluate_batches(

@@ -195,21 +195,20 @@ class JobSpec(BaseModel):
 
     def _check_mixture(self) -> None:
         """What a mixture of datasets (`data.datasets`) does not do yet is refused, never
-        ignored: held-out evaluation and augmentation (keyed by one dataset's frames)."""
-        if not self.data.is_mixture:
+        ignored: held-out episodes listed by hand and asynchronous evaluation."""
+        if not self.data.is_mixture or self.eval is None:
             return
-        if self.eval is not None:
+        if self.eval.episodes is not None:
             raise ValueError(
-                "the eval section holds out episodes of one dataset, but data.datasets is a "
-                "mixture (held-out evaluation of mixtures is not implemented); remove the "
-                "eval section, and evaluate per dataset: `smolvla-ray export CKPT OUT "
-                "--dataset NAME`, then `smolvla-ray evaluate OUT --data DATASET`"
+                f"eval.episodes={self.eval.episodes!r} lists one dataset's episodes, but "
+                "data.datasets is a mixture, whose held-out episodes are each dataset's per-task "
+                "split by eval.split; remove eval.episodes (or select a dataset's episodes "
+                "with its data.datasets episodes)"
             )
-        if self.data.augment.enable:
+        if self.eval.mode == "async":
             raise ValueError(
-                "data.augment.enable is true, but data.datasets is a mixture (augmentation "
-                "of mixtures is not implemented: its draws are keyed by one dataset's "
-                "frames); set data.augment.enable: false"
+                "eval.mode='async' is not implemented for a mixture (data.datasets): the "
+                "validation task evaluates one dataset; use eval.mode: inline"
             )
 
     def _check_eval(self) -> None:

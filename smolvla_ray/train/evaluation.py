@@ -18,6 +18,12 @@ Workers each evaluate their share (a fixed, evenly spaced subset of the held-out
 dealt round-robin) and add their sums into one all-reduce, so the result is the same as one
 worker's up to float64 summation order; the same weights, samples and workers give the same
 numbers, bit for bit.
+
+A mixture (`data.datasets`) holds out each dataset's episodes and evaluates each dataset's
+held-out samples apart (`evaluate_held_out`): conformed as in training, noise keyed by
+(seed, dataset, sample index), errors over the dataset's own action dims, robot units with
+its own statistics. Its summary is the overall metrics (every dataset's sums together) plus
+each dataset's under `eval/<name>/...`; its table holds each dataset's.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from smolvla_ray.data.samples import collate_samples
-from smolvla_ray.keys import ACTION
+from smolvla_ray.keys import ACTION, DATASET_INDEX
 from smolvla_ray.run_layout import EVAL_DIR, eval_table_name
 from smolvla_ray.storage import filesystem, join, with_retries
 from smolvla_ray.train.step import flow_noise_and_time, to_device, valid_elements
@@ -119,22 +125,36 @@ def evaluate_batches(
     seed: int,
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
+    action_dim: int | None = None,
+    postprocess: Callable[[Tensor], Tensor] | None = None,
 ) -> EvalSums:
     """This worker's totals over `batches` (preprocessed, as the training loader yields
     them), with the policy in eval mode (inline, offline and async evaluations alike); it is
-    put back in training mode afterwards if it was in it."""
+    put back in training mode afterwards if it was in it.
+
+    A mixture dataset's batches pass its own `action_dim` (errors over those dims only) and
+    its processor's `postprocess` (robot units by its statistics); by default the policy's."""
     config = policy.config
     processor = policy.processor
+    if postprocess is None and processor is not None:
+        postprocess = processor.postprocess
+    dim = action_dim if action_dim is not None else config.action_dim
     was_training = policy.training
-    sums = EvalSums.zeros(config.chunk_size, config.action_dim, device)
+    sums = EvalSums.zeros(config.chunk_size, dim, device)
     policy.eval()
     try:
         for raw in batches:
             batch = to_device(dict(raw), device)
             indices = raw["index"].tolist()
             shape = {"chunk_size": config.chunk_size, "action_dim": config.max_action_dim}
-            noise, time = flow_noise_and_time(indices, seed=seed, step=LOSS_KEY, **shape)
-            sample_noise, _ = flow_noise_and_time(indices, seed=seed, step=SAMPLING_KEY, **shape)
+            # A mixture's samples key their draws by dataset too, as in training.
+            datasets = raw[DATASET_INDEX].tolist() if DATASET_INDEX in raw else None
+            noise, time = flow_noise_and_time(
+                indices, seed=seed, step=LOSS_KEY, datasets=datasets, **shape
+            )
+            sample_noise, _ = flow_noise_and_time(
+                indices, seed=seed, step=SAMPLING_KEY, datasets=datasets, **shape
+            )
             autocast = (
                 torch.autocast(device.type, dtype=autocast_dtype)
                 if autocast_dtype is not None
@@ -146,8 +166,8 @@ def evaluate_batches(
             weights = valid_elements(batch, config.action_dim)
             sums.loss_sum += (per_sample.double() * weights).sum()
             sums.valid += weights.sum()
-            target = batch[ACTION][:, :, : config.action_dim].double()
-            predicted = predicted.double()
+            target = batch[ACTION][:, :, :dim].double()
+            predicted = predicted[:, :, :dim].double()
             is_pad = batch.get("action_is_pad")
             mask = (
                 (~is_pad.bool()).double()
@@ -155,8 +175,8 @@ def evaluate_batches(
                 else torch.ones(target.shape[:2], dtype=torch.float64, device=device)
             )
             robot = (
-                (processor.postprocess(predicted), processor.postprocess(target))
-                if processor is not None
+                (postprocess(predicted), postprocess(target))
+                if postprocess is not None
                 else (predicted, target)
             )
             diff = predicted - target
@@ -195,6 +215,10 @@ class HeldOut:
     batch_size: int
     num_workers: int = 0
     transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    action_dim: int | None = None
+    """A mixture dataset's own action dims (None: the policy's)."""
+    postprocess: Callable[[Tensor], Tensor] | None = None
+    """A mixture dataset's normalized -> robot units (None: the policy's processor)."""
 
     def batches(self, *, rank: int = 0, world_size: int = 1) -> Iterator[dict[str, Any]]:
         """This worker's batches: rows rank, rank + world_size, ... in order."""
@@ -210,6 +234,52 @@ class HeldOut:
         )
         for batch in loader:
             yield self.transform(batch) if self.transform is not None else batch
+
+
+def evaluate_held_out(
+    policy: torch.nn.Module,
+    held_out: HeldOut | Mapping[str, HeldOut],
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Every worker's evaluation of `held_out` together (a mixture's: one `HeldOut` per
+    dataset, by name, one all-reduce each): the summary and the table."""
+    parts = held_out if isinstance(held_out, Mapping) else {"": held_out}
+    sums = {}
+    for name, part in parts.items():
+        sums[name] = evaluate_batches(
+            policy, part.batches(rank=rank, world_size=world_size), seed=seed, device=device,
+            autocast_dtype=autocast_dtype, action_dim=part.action_dim,
+            postprocess=part.postprocess,
+        )  # fmt: skip
+        sums[name].all_reduce()
+    if not isinstance(held_out, Mapping):
+        return sums[""].summary(), sums[""].table()
+    return mixture_summary(sums), {
+        "samples": sum(s.samples for s in sums.values()),
+        "datasets": {name: s.table() for name, s in sums.items()},
+    }
+
+
+def mixture_summary(sums: Mapping[str, EvalSums]) -> dict[str, float]:
+    """A mixture's scalars: the overall ones over every dataset's sums together (the loss
+    per valid element, the errors per valid (step, own dim) element, as for one dataset),
+    then each dataset's own as `eval/<name>/...`."""
+    valid = sum(s.valid for s in sums.values())
+    elements = sum(s.counts.sum() * s.errors.shape[-1] for s in sums.values())
+    out = {"eval/loss": float(sum(s.loss_sum for s in sums.values()) / valid.clamp_min(1))}
+    for slot, name in enumerate(SUMS):
+        total = sum(s.errors[slot].sum() for s in sums.values())
+        out[f"eval/action_{name}"] = float(total / elements.clamp_min(1))
+    out["eval/samples"] = float(sum(s.samples for s in sums.values()))
+    for dataset, part in sums.items():
+        for key, value in part.summary().items():
+            out[f"eval/{dataset}/{key.removeprefix('eval/')}"] = value
+    return out
 
 
 # ---------------------------------------------------------------------------- tables

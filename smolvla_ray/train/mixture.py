@@ -19,11 +19,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from smolvla_ray.features import FeatureResolution
 from smolvla_ray.keys import (
     ACTION,
     ACTION_DIM_MASK,
+    DATASET_INDEX,
     FEATURES_SUFFIX,
     IMAGE_PREFIX,
     OBS_LANGUAGE_ATTENTION_MASK,
@@ -80,6 +82,22 @@ class ConformSample:
         out[ACTION] = _pad(action, self.action_dim)
         out[ACTION_DIM_MASK] = self.dims.clone()
         return out
+
+
+class ConformedDataset(Dataset):
+    """One mixture dataset's frames as the mixture yields them (conformed, with its
+    `dataset_index`), outside the mixture's weighted order: its held-out samples."""
+
+    def __init__(self, frames: Dataset, conform: ConformSample, position: int) -> None:
+        self.frames, self.conform, self.position = frames, conform, position
+
+    def __len__(self) -> int:
+        return len(self.frames)  # type: ignore[arg-type]
+
+    def __getitem__(self, row: int) -> Sample:
+        sample = self.conform(self.frames[row])
+        sample[DATASET_INDEX] = torch.tensor(self.position, dtype=torch.int64)
+        return sample
 
 
 def _pad(value: Tensor, width: int) -> Tensor:

@@ -14,11 +14,13 @@ from smolvla_ray.build import (
     cached_episodes,
     eval_episodes,
     mixture_episodes,
+    mixture_eval_episodes,
+    mixture_run_episodes,
     open_mixture,
     run_episodes,
 )
 from smolvla_ray.cache.store import CachedFeatures, FeatureShards
-from smolvla_ray.data.augment import SampleAugmenter
+from smolvla_ray.data.augment import MixtureAugmenter, SampleAugmenter
 from smolvla_ray.data.loader import ShardedLoader
 from smolvla_ray.data.meta import DatasetMeta
 from smolvla_ray.data.mixture import MixtureDataset
@@ -27,7 +29,7 @@ from smolvla_ray.data.storage import FileCache, Storage, node_cache_dir
 from smolvla_ray.policy.modeling import SmolVLAPolicy
 from smolvla_ray.settings import RunSettings
 from smolvla_ray.train.evaluation import HeldOut, evenly_spaced
-from smolvla_ray.train.mixture import ConformSample, TokenizeTasks
+from smolvla_ray.train.mixture import ConformedDataset, ConformSample, TokenizeTasks
 
 
 def build_loader(
@@ -55,7 +57,8 @@ def build_loader(
     A mixture (`data.datasets`) draws its epochs by weight from every dataset's selected
     frames (`data/mixture.py`), each sample made like the others in the loader processes
     (`train/mixture.py`), with each dataset's own feature cache when `features` holds them
-    by name; it is not augmented."""
+    by name; with `data.augment` on, the loader processes then augment the cameras each
+    sample's dataset has (`MixtureAugmenter`, keyed by its dataset's name too)."""
     if settings.data.mixture is not None:
         if isinstance(features, FeatureShards):
             raise RuntimeError("a mixture reads one feature cache per dataset, by name")
@@ -101,13 +104,139 @@ def _mixture_loader(
     resolution, processors = policy.feature_resolution, policy.mixture_processors
     if resolution is None or not resolution.datasets or not processors:
         raise RuntimeError("a mixture's policy needs its per-dataset resolution and processors")
+    augment = settings.data.augment
+    if augment is not None and features:
+        raise RuntimeError("augmented images have no cached features: the feature cache is off")
     metas = open_mixture(settings, storage_options=storage_options)
-    episodes = mixture_episodes(settings, metas)
+    datasets, transforms = _mixture_frames(
+        settings, policy, metas, mixture_run_episodes(settings, metas),
+        storage_options=storage_options, features=features, uint8=augment is None,
+    )  # fmt: skip
+    # Augmented after ConformSample, so a camera the dataset lacks (the -1 fill, masked out)
+    # is never augmented, and by the dataset's own camera key, as one dataset's.
+    augmenter = (
+        MixtureAugmenter(
+            augment,
+            tuple(
+                (d.name, tuple((k, v) for k, v in resolution.datasets[d.name].sources.items()
+                               if v is not None))
+                for d in settings.data.mixture or ()
+            ),
+            seed=settings.train.seed,
+        )
+        if augment is not None
+        else None
+    )  # fmt: skip
+    mixture = MixtureDataset(
+        datasets,
+        [d.weight for d in settings.data.mixture or ()],
+        length=settings.data.epoch_samples,
+        transforms=transforms,
+    )
+    return ShardedLoader(
+        mixture,
+        batch_size=settings.train.batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=settings.train.seed,
+        num_workers=settings.data.num_loader_workers,
+        cursor=cursor,
+        sample_transform=augmenter,
+        batch_transform=TokenizeTasks(next(iter(processors.values()))),
+        pin_memory=device.type == "cuda",
+    )
+
+
+def build_held_out(
+    settings: RunSettings,
+    meta: DatasetMeta,
+    policy: SmolVLAPolicy,
+    *,
+    storage_options: Mapping[str, Any],
+    features: FeatureShards | Mapping[str, FeatureShards] | None = None,
+) -> HeldOut | dict[str, HeldOut] | None:
+    """The run's held-out samples (None without an eval section): the frames of the
+    held-out episodes, read like the training frames (the feature cache when it is on),
+    never augmented, `eval.max_samples` of them evenly spaced. A mixture's: one `HeldOut`
+    per dataset, by name, each of its samples conformed as in training (its own statistics,
+    masks and dataset index), `eval.max_samples` per dataset."""
+    if settings.eval is None:
+        return None
+    if settings.data.mixture is not None:
+        if isinstance(features, FeatureShards):
+            raise RuntimeError("a mixture reads one feature cache per dataset, by name")
+        return _mixture_held_out(settings, policy, storage_options=storage_options,
+                                 features=features)  # fmt: skip
+    if features is not None and not isinstance(features, FeatureShards):
+        raise RuntimeError("one dataset reads one feature cache, not one per dataset")
+    dataset = _frames(
+        settings, meta, policy, eval_episodes(settings, meta), storage_options=storage_options,
+        features=features, uint8=True,
+    )  # fmt: skip
+    processor = policy.processor
+    return HeldOut(
+        dataset,
+        evenly_spaced(len(dataset), settings.eval.max_samples),  # type: ignore[arg-type]
+        batch_size=settings.eval.batch_size,
+        num_workers=min(settings.data.num_loader_workers, 1),
+        transform=processor.preprocess if processor is not None else None,
+    )
+
+
+def _mixture_held_out(
+    settings: RunSettings,
+    policy: SmolVLAPolicy,
+    *,
+    storage_options: Mapping[str, Any],
+    features: Mapping[str, FeatureShards] | None,
+) -> dict[str, HeldOut]:
+    assert settings.eval is not None
+    resolution, processors = policy.feature_resolution, policy.mixture_processors
+    if resolution is None or not resolution.datasets or not processors:
+        raise RuntimeError("a mixture's policy needs its per-dataset resolution and processors")
+    metas = open_mixture(settings, storage_options=storage_options)
+    held = mixture_eval_episodes(settings, metas)
+    datasets, transforms = _mixture_frames(
+        settings, policy, metas, held, storage_options=storage_options, features=features,
+        uint8=True,
+    )  # fmt: skip
+    tokenize = TokenizeTasks(next(iter(processors.values())))
+    out = {}
+    for position, (d, frames, conform) in enumerate(
+        zip(settings.data.mixture or (), datasets, transforms, strict=True)
+    ):
+        dataset = ConformedDataset(frames, conform, position)
+        out[d.name] = HeldOut(
+            dataset,
+            evenly_spaced(len(dataset), settings.eval.max_samples),
+            batch_size=settings.eval.batch_size,
+            num_workers=min(settings.data.num_loader_workers, 1),
+            transform=tokenize,
+            action_dim=resolution.datasets[d.name].action_dim,
+            postprocess=processors[d.name].postprocess,
+        )
+    return out
+
+
+def _mixture_frames(
+    settings: RunSettings,
+    policy: SmolVLAPolicy,
+    metas: Mapping[str, DatasetMeta],
+    episodes: Mapping[str, list[int]],
+    *,
+    storage_options: Mapping[str, Any],
+    features: Mapping[str, FeatureShards] | None,
+    uint8: bool,
+) -> tuple[list[Dataset], list[ConformSample]]:
+    """Each mixture dataset's frames of `episodes` (by name, in the spec's order) and the
+    `ConformSample` that puts them in the policy's shape."""
+    resolution, processors = policy.feature_resolution, policy.mixture_processors
+    assert resolution is not None and resolution.datasets and processors
     cache = FileCache(
         directory=node_cache_dir(settings.data.cache_dir) / "files",
         max_bytes=settings.data.cache_max_bytes,
     )
-    uint8 = all(p.takes_uint8_images() for p in processors.values())
+    uint8 = uint8 and all(p.takes_uint8_images() for p in processors.values())
     image_dtype = torch.uint8 if uint8 else torch.float32
     # With the feature cache, a camera a dataset lacks is fed what the encoder makes of the
     # video path's all -1 image, computed once here.
@@ -134,50 +263,7 @@ def _mixture_loader(
                 own, resolution, processors[d.name], image_dtype=image_dtype, empty_features=empty
             )
         )
-    mixture = MixtureDataset(
-        datasets,
-        [d.weight for d in settings.data.mixture or ()],
-        length=settings.data.epoch_samples,
-        transforms=transforms,
-    )
-    return ShardedLoader(
-        mixture,
-        batch_size=settings.train.batch_size,
-        rank=rank,
-        world_size=world_size,
-        seed=settings.train.seed,
-        num_workers=settings.data.num_loader_workers,
-        cursor=cursor,
-        batch_transform=TokenizeTasks(next(iter(processors.values()))),
-        pin_memory=device.type == "cuda",
-    )
-
-
-def build_held_out(
-    settings: RunSettings,
-    meta: DatasetMeta,
-    policy: SmolVLAPolicy,
-    *,
-    storage_options: Mapping[str, Any],
-    features: FeatureShards | None = None,
-) -> HeldOut | None:
-    """The run's held-out samples (None without an eval section): the frames of the
-    held-out episodes, read like the training frames (the feature cache when it is on),
-    never augmented, `eval.max_samples` of them evenly spaced."""
-    if settings.eval is None:
-        return None
-    dataset = _frames(
-        settings, meta, policy, eval_episodes(settings, meta), storage_options=storage_options,
-        features=features, uint8=True,
-    )  # fmt: skip
-    processor = policy.processor
-    return HeldOut(
-        dataset,
-        evenly_spaced(len(dataset), settings.eval.max_samples),  # type: ignore[arg-type]
-        batch_size=settings.eval.batch_size,
-        num_workers=min(settings.data.num_loader_workers, 1),
-        transform=processor.preprocess if processor is not None else None,
-    )
+    return datasets, transforms
 
 
 def _frames(

@@ -26,7 +26,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from smolvla_ray.build import build_policy, open_dataset
-from smolvla_ray.cache.store import FeatureShards
 from smolvla_ray.data.meta import DatasetMeta
 from smolvla_ray.policy.fingerprint import (
     check_frozen_fingerprint,
@@ -47,7 +46,7 @@ from smolvla_ray.train.checkpointer import (
 )
 from smolvla_ray.train.ddp import CommCounter, collective_timeout_s, wrap_ddp
 from smolvla_ray.train.ema import WeightEMA
-from smolvla_ray.train.evaluation import HeldOut, evaluate_batches, write_table
+from smolvla_ray.train.evaluation import HeldOut, evaluate_held_out, write_table
 from smolvla_ray.train.interrupt import Decision
 from smolvla_ray.train.metrics import MetricsLog
 from smolvla_ray.train.optim import build_optimizer, build_scheduler
@@ -150,10 +149,7 @@ def train(
     )  # fmt: skip
     batches = iter(loader)
     first_step = [next(batches) for _ in range(settings.train.grad_accum_steps)]
-    held_out = build_held_out(
-        settings, meta, policy, storage_options=options,
-        features=features if isinstance(features, FeatureShards) else None,  # mixtures: no eval
-    )  # fmt: skip
+    held_out = build_held_out(settings, meta, policy, storage_options=options, features=features)
     w = _build(settings, context, meta, policy)  # DDP over the trainable view, optimizer, schedule
     ddp, optimizer, scheduler = w.ddp, w.optimizer, w.scheduler
     ema = WeightEMA.from_settings(settings.train.ema, ddp.module.params)  # None when off
@@ -354,25 +350,26 @@ def _evaluate(
     settings: RunSettings,
     state: TrainState,
     policy: SmolVLAPolicy,
-    held_out: HeldOut,
+    held_out: HeldOut | Mapping[str, HeldOut],
     context: WorkerContext,
     autocast_dtype: torch.dtype | None,
     *,
     ema: WeightEMA | None = None,
 ) -> bool:
-    """Evaluate the held-out samples, sharded across the workers (one all-reduce), with the
-    EMA weights when the run keeps an EMA (the raw ones back afterwards); record the result
-    in `state` and rank 0's table in `<run>/eval/`. True when patience ran out."""
+    """Evaluate the held-out samples (a mixture's: each dataset's), sharded across the
+    workers (one all-reduce per dataset), with the EMA weights when the run keeps an EMA (the
+    raw ones back afterwards); record the result in `state` and rank 0's table in
+    `<run>/eval/`. True when patience ran out."""
     assert settings.eval is not None
     start = time.perf_counter()
     with ema.swapped_in() if ema is not None else nullcontext():
-        sums = evaluate_batches(
-            policy, held_out.batches(rank=context.rank, world_size=context.world_size),
+        summary, table = evaluate_held_out(
+            policy, held_out, rank=context.rank, world_size=context.world_size,
             seed=settings.train.seed, device=context.device, autocast_dtype=autocast_dtype,
         )  # fmt: skip
     weights: Literal["ema", "raw"] = "ema" if ema is not None else "raw"
-    sums.all_reduce()
-    summary = {**sums.summary(), "eval/seconds": time.perf_counter() - start}
+    summary = {**summary, "eval/seconds": time.perf_counter() - start}
+    samples = int(summary["eval/samples"])
     best = state.record_evaluation(
         summary, metric=settings.eval.metric, mode=settings.eval.metric_mode
     )
@@ -380,14 +377,14 @@ def _evaluate(
         say(
             f"evaluation at step {state.step}{' of the EMA weights' if ema else ''}: loss "
             f"{summary['eval/loss']:.4f}, action MSE "
-            f"{summary['eval/action_mse']:.4f} ({sums.samples} held-out samples, "
+            f"{summary['eval/action_mse']:.4f} ({samples} held-out samples, "
             f"{summary['eval/seconds']:.1f} s)"
             + (" - best so far" if best else f"; best {state.best_metric:.6g} at step "
                f"{state.best_step}")
         )  # fmt: skip
         write_table(
             settings.run_uri, context.storage_options,
-            step=state.step, summary=summary, table=sums.table(), best=best, weights=weights,
+            step=state.step, summary=summary, table=table, best=best, weights=weights,
         )  # fmt: skip
     patience = settings.eval.patience
     return patience is not None and state.evals_since_best >= patience

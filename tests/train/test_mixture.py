@@ -41,7 +41,14 @@ def two_arms(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 
 def mixture_spec(
-    arms: tuple[str, str], storage: Path, name: str, *, feature_cache: str = "off", **train
+    arms: tuple[str, str],
+    storage: Path,
+    name: str,
+    *,
+    feature_cache: str = "off",
+    augment: bool = False,
+    eval: dict | None = None,
+    **train,
 ):
     spec = tiny_spec_dict(
         arms[0], storage, name, scaling={"num_workers": 1}, train={**TRAIN, **train},
@@ -51,7 +58,10 @@ def mixture_spec(
         "datasets": [{"uri": arms[0], "weight": 2.0}, {"uri": arms[1], "name": "b"}],
         "num_loader_workers": 0,
         "feature_cache": feature_cache,
+        "augment": {"enable": augment},
     }
+    if eval is not None:
+        spec["eval"] = eval
     return spec_from_dict(spec)
 
 
@@ -218,3 +228,150 @@ def test_a_mixture_trains_from_per_dataset_feature_caches_as_from_video(
     resumed = trainable(tmp_path, "killed-cached", 8)
     for name in a:
         assert torch.equal(a[name], resumed[name]), name
+
+
+def test_an_augmented_mixture_keys_each_dataset_apart_and_resumes_exactly(
+    tmp_path: Path, two_arms: tuple[str, str]
+) -> None:
+    """With data.augment on, the loader processes augment each mixture sample after it is
+    conformed: the cameras its dataset has, keyed by (seed, epoch, dataset, index, camera),
+    so a's and b's frames with the same index draw apart; the camera b lacks stays all
+    zeros (-1 after scaling). A killed augmented run resumes to the very same weights."""
+    from smolvla_ray.build import build_policy, open_dataset
+    from smolvla_ray.settings import RunSettings
+    from smolvla_ray.train.setup import build_loader
+
+    spec = mixture_spec(two_arms, tmp_path, "augmented", augment=True)
+    settings = RunSettings.from_spec(spec)
+    meta = open_dataset(settings, storage_options={})
+    policy = build_policy(settings, meta, storage_options={})
+    loader = build_loader(settings, meta, policy, rank=0, world_size=1, cursor=None,
+                          storage_options={}, device=torch.device("cpu"))  # fmt: skip
+    mixture, augment = loader.dataset, loader.sample_transform
+    assert augment is not None
+    top = "observation.images.top"
+    a, b = mixture[0], mixture[int(mixture.offsets[1])]  # each dataset's first frame
+    assert int(a["index"]) == int(b["index"]) == 0
+    assert a[top].dtype == torch.float32  # augmented images travel as float32
+    b_with_a_image = {**b, top: a[top]}
+    assert not torch.equal(augment(a, 0)[top], augment(b_with_a_image, 0)[top])
+
+    # The loader's first batch is the augmenter's output for its rows: b's wrist untouched.
+    batch = next(iter(loader))
+    for i, row in enumerate(loader.epoch_order(0)[: len(batch["index"])].tolist()):
+        alone = augment(mixture[row], 0)
+        for key in ("observation.images.top", "observation.images.wrist",
+                    "observation.images.side"):  # fmt: skip
+            assert torch.equal(batch[key][i], alone[key]), (row, key)
+        if int(alone["dataset_index"]) == 1:
+            assert torch.count_nonzero(batch["observation.images.wrist"][i]) == 0
+
+    state, _ = train_in_process(spec)
+    assert state is not None and state.step == 8
+    killed = mixture_spec(two_arms, tmp_path, "augmented-killed", augment=True)
+    assert train_in_process(killed, stop_after=6)[0] is None  # newest checkpoint: 4
+    state, _ = train_in_process(killed)
+    assert state is not None and state.resumed_from_step == 4
+    whole, resumed = trainable(tmp_path, "augmented", 8), trainable(tmp_path, "augmented-killed", 8)
+    assert set(whole) == set(resumed)
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+
+
+@pytest.fixture(scope="module")
+def two_arms_six(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """`two_arms`' datasets with six episodes each (task = episode mod 3: two per task)."""
+    root = tmp_path_factory.mktemp("mixture-eval")
+    a = write_demo_dataset(str(root / "arm_a"), num_episodes=6, episode_length=12,
+                           cameras=("top", "wrist"), state_dim=6, action_dim=6,
+                           height=48, width=64, codec="h264")  # fmt: skip
+    b = write_demo_dataset(str(root / "arm_b"), num_episodes=6, episode_length=10,
+                           cameras=("top", "side"), state_dim=4, action_dim=3,
+                           height=48, width=64, seed=1, codec="h264")  # fmt: skip
+    return a, b
+
+
+EVAL = {"split": 0.3, "every_steps": 4, "max_samples": 8}
+
+
+def test_a_mixture_holds_out_each_datasets_episodes_and_evaluates_them_apart(
+    tmp_path: Path, two_arms_six: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """eval.split holds out the last ceil(2 x 0.3) = 1 episode of each task of each dataset;
+    no held-out frame of either reaches a training batch; every evaluation evaluates both
+    datasets' held-out samples and reports the overall metrics and each dataset's; a killed
+    run with eval on resumes to the very same weights and evaluation."""
+    from smolvla_ray.build import mixture_eval_episodes, mixture_run_episodes, open_mixture
+    from smolvla_ray.data.loader import ShardedLoader
+    from smolvla_ray.settings import RunSettings
+    from smolvla_ray.train.evaluation import HeldOut
+
+    spec = mixture_spec(two_arms_six, tmp_path, "eval", eval=EVAL)
+    settings = RunSettings.from_spec(spec)
+    metas = open_mixture(settings, storage_options={})
+    assert mixture_eval_episodes(settings, metas) == {"arm_a": [3, 4, 5], "b": [3, 4, 5]}
+    assert mixture_run_episodes(settings, metas) == {"arm_a": [0, 1, 2], "b": [0, 1, 2]}
+
+    trained: list[tuple[int, int]] = []
+    evaluated: list[tuple[int, int]] = []
+    real_iter, real_batches = ShardedLoader.__iter__, HeldOut.batches
+
+    def pairs(batch) -> list[tuple[int, int]]:
+        return list(zip(batch["dataset_index"].tolist(), batch["episode_index"].tolist(),
+                        strict=True))  # fmt: skip
+
+    def training_batches(loader):
+        for batch in real_iter(loader):
+            trained.extend(pairs(batch))
+            yield batch
+
+    def held_out_batches(held_out, **kwargs):
+        for batch in real_batches(held_out, **kwargs):
+            evaluated.extend(pairs(batch))
+            yield batch
+
+    monkeypatch.setattr(ShardedLoader, "__iter__", training_batches)
+    monkeypatch.setattr(HeldOut, "batches", held_out_batches)
+    state, reporter = train_in_process(spec)
+    assert state is not None and state.step == 8
+    assert len(trained) >= 8 * 4  # every training sample, checked one by one
+    assert {e for _, e in trained} <= {0, 1, 2} and {d for d, _ in trained} == {0, 1}
+    assert {e for _, e in evaluated} <= {3, 4, 5}
+    assert {(0, 3), (0, 5), (1, 3), (1, 5)} <= set(evaluated)  # first and last of each
+    assert len(evaluated) == 2 * (8 + 8)  # 2 evaluations x 8 samples of each dataset
+
+    evals = [r for r in reporter.reports if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    for report in evals:
+        assert report["eval/samples"] == 16
+        assert report["eval/arm_a/samples"] == report["eval/b/samples"] == 8
+        for key in ("loss", "action_mse", "action_l1", "action_mse_robot", "action_l1_robot"):
+            values = [report[f"eval/{key}"], report[f"eval/arm_a/{key}"], report[f"eval/b/{key}"]]
+            assert all(torch.isfinite(torch.tensor(values))), (key, values)
+        # The overall errors weigh each dataset by its valid (step, own dim) elements.
+        low, high = sorted([report["eval/arm_a/action_mse"], report["eval/b/action_mse"]])
+        assert low <= report["eval/action_mse"] <= high
+    table = json.loads((Path(run_uri(str(tmp_path), "eval")) / "eval/eval_000000008.json")
+                       .read_text())  # fmt: skip
+    assert list(table["datasets"]) == ["arm_a", "b"]
+    assert len(table["datasets"]["b"]["per_dimension"]["mse"]) == 3  # b's own action dims
+
+    killed = mixture_spec(two_arms_six, tmp_path, "eval-killed", eval=EVAL)
+    assert train_in_process(killed, stop_after=6)[0] is None  # newest checkpoint: 4
+    state, resumed = train_in_process(killed)
+    assert state is not None and state.resumed_from_step == 4
+    whole, again = trainable(tmp_path, "eval", 8), trainable(tmp_path, "eval-killed", 8)
+    for name in whole:
+        assert torch.equal(whole[name], again[name]), name
+    final = next(r for r in resumed.reports if r["step"] == 8)
+    for key, value in evals[-1].items():
+        if key.startswith("eval/") and key != "eval/seconds":
+            assert final[key] == value, key
+
+    # Offline `evaluate` takes one dataset's policy: a mixture checkpoint is refused, saying how.
+    last = list_checkpoints(run_uri(str(tmp_path), "eval"))[-1]
+    result = CliRunner().invoke(
+        app, ["evaluate", last.uri, "--data", two_arms_six[0], "--out", str(tmp_path / "ev")]
+    )
+    assert result.exit_code == 2, result.output
+    assert "['arm_a', 'b']" in result.output and "--dataset NAME" in result.output

@@ -59,8 +59,13 @@ def test_a_mixture_validates_and_reaches_the_settings() -> None:
         ({"datasets": [{"uri": "/a", "name": "A B"}, {"uri": "/b"}]}, {}, "must be 1-63"),
         ({}, {}, "data needs a dataset: uri (one dataset) or datasets"),
         ({"uri": "/a", "epoch_samples": 10}, {}, "data has one dataset (uri); remove it"),
-        ({"datasets": MIX}, {"eval": {"split": 0.1}}, "--dataset NAME"),
-        ({"datasets": MIX, "augment": {"enable": True}}, {}, "augmentation of mixtures"),
+        ({"datasets": MIX}, {"eval": {"episodes": [3]}}, "remove eval.episodes"),
+        ({"datasets": MIX}, {"eval": {"mode": "async"}}, "use eval.mode: inline"),
+        (
+            {"datasets": MIX, "augment": {"enable": True}, "feature_cache": "on"},
+            {},
+            "data.feature_cache='on' but data.augment.enable is true",
+        ),
     ],
 )
 def test_bad_mixtures_are_refused_naming_the_field_and_the_fix(data, sections, message) -> None:
@@ -72,6 +77,15 @@ def test_bad_mixtures_are_refused_naming_the_field_and_the_fix(data, sections, m
 def test_a_mixture_takes_the_feature_cache_one_per_dataset() -> None:
     assert spec({"datasets": MIX}).feature_cache_blocker() is None
     assert spec({"datasets": MIX, "feature_cache": "on"}).data.feature_cache == "on"
+    # Augmented, a mixture trains from video, as one dataset does.
+    augmented = spec({"datasets": MIX, "augment": {"enable": True}})
+    assert augmented.feature_cache_blocker() is not None
+    assert RunSettings.from_spec(augmented).data.augment is not None
+
+
+def test_a_mixture_takes_an_inline_eval_section() -> None:
+    settings = RunSettings.from_spec(spec({"datasets": MIX}, eval={"split": 0.2}))
+    assert settings.eval is not None and settings.eval.split == 0.2
 
 
 def test_a_changed_mixture_is_refused_on_resume() -> None:

@@ -3,12 +3,13 @@ processes, so batches are the same whatever num_workers and after a resume; boun
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 import torch
 
-from smolvla_ray.data.augment import SampleAugmenter, augment_image
+from smolvla_ray.data.augment import MixtureAugmenter, SampleAugmenter, augment_image
 from smolvla_ray.data.loader import ShardedLoader
 from smolvla_ray.data.samples import FrameDataset
 from smolvla_ray.keys import ACTION
@@ -117,3 +118,35 @@ def test_single_transforms_do_what_they_say() -> None:
 
 def test_disabled_spec_leaves_training_untouched() -> None:
     assert AugmentSpec().enable is False
+
+
+def test_one_datasets_key_is_the_one_it_always_was(dataset: FrameDataset) -> None:
+    """Augmented single-dataset runs resume exactly across the mixture change: each image
+    still draws from blake2b("aug:{seed}:{epoch}:{index}:{camera}"), computed here by hand."""
+    sample, epoch = dataset[7], 2
+    out = augmenter(dataset)(sample, epoch)
+    for camera in dataset.camera_keys:
+        key = f"aug:{SEED}:{epoch}:{int(sample['index'])}:{camera}".encode()
+        digest = hashlib.blake2b(key, digest_size=8).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        expected = augment_image(sample[camera], AugmentSpec(enable=True), g)
+        assert torch.equal(out[camera], expected), camera
+
+
+def test_a_mixture_keys_by_dataset_and_leaves_a_lacking_camera_alone() -> None:
+    """Two datasets' frames with the same index and camera name draw apart; a camera the
+    sample's dataset lacks (not in its list) is passed through untouched."""
+    cameras = (("observation.images.top", "observation.images.top"),)
+    mix = MixtureAugmenter(
+        AugmentSpec(enable=True), (("a", cameras), ("b", cameras[:0])), seed=SEED
+    )
+    image = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    sample = {"index": torch.tensor(4), "observation.images.top": image}
+    a = mix({**sample, "dataset_index": torch.tensor(0)}, 0)["observation.images.top"]
+    renamed = MixtureAugmenter(
+        AugmentSpec(enable=True), (("a", cameras), ("c", cameras)), seed=SEED
+    )
+    c = renamed({**sample, "dataset_index": torch.tensor(1)}, 0)["observation.images.top"]
+    assert not torch.equal(a, image) and not torch.equal(a, c)
+    b = mix({**sample, "dataset_index": torch.tensor(1)}, 0)["observation.images.top"]
+    assert b is image  # b lacks the camera: its fill stays as it is
