@@ -306,18 +306,24 @@ def _batch_rules(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> dic
     }
 
 
+def resume_changes_of(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[Change]:
+    """Every change from `recorded` to the public spec dict `current`, each with the rule it
+    falls under, `current` taken as it would run (`resumed_spec`: a batch derived for
+    another worker count)."""
+    current = resumed_spec(recorded, current)
+    rules = _batch_rules(recorded, current)
+    return [
+        Change(c.field, c.old, c.new, rules.get(c.field)) for c in spec_changes(recorded, current)
+    ]
+
+
 def check_resume_changes(
     recorded: Mapping[str, Any], current: Mapping[str, Any], *, checkpoint_uri: str
 ) -> list[str]:
     """Raise ResumeRefused listing every refused (or unknown) change from `recorded` to the
     public spec dict `current`; else the lines that announce the applied ones (empty when
-    nothing changed). `current` is taken as it would run (`resumed_spec`: a batch derived
-    for another worker count)."""
-    current = resumed_spec(recorded, current)
-    rules = _batch_rules(recorded, current)
-    changes = [
-        Change(c.field, c.old, c.new, rules.get(c.field)) for c in spec_changes(recorded, current)
-    ]
+    nothing changed)."""
+    changes = resume_changes_of(recorded, current)
     refused = [c for c in changes if not c.applied]
     if refused:
         listing = "\n".join(f"  {c.describe()}" for c in refused)

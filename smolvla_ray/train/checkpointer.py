@@ -24,7 +24,12 @@ import torch
 from smolvla_ray.checkpoint.base import base_identity, check_resume_base
 from smolvla_ray.checkpoint.discovery import fetch_checkpoint, latest_valid_checkpoint
 from smolvla_ray.checkpoint.format import LoadedCheckpoint, load_optimizer_state, read_checkpoint
-from smolvla_ray.checkpoint.resume import check_resume_changes, resumed_spec, spec_changes
+from smolvla_ray.checkpoint.resume import (
+    check_resume_changes,
+    resume_changes_of,
+    resumed_spec,
+    spec_changes,
+)
 from smolvla_ray.checkpoint.writer import CheckpointWriter
 from smolvla_ray.policy.modeling import SmolVLAPolicy
 from smolvla_ray.scratch import make_scratch_dir, scratch_tempdir
@@ -89,10 +94,10 @@ class TrainState:
 
 @dataclass
 class Restored:
-    """What a resume hands the trainer: its state, the loader cursor, the source."""
+    """What a resume hands the trainer: its state and the source (the loader's cursor came
+    before, from `data_cursor`)."""
 
     state: TrainState
-    cursor: dict[str, Any] | None
     source: str | None = None
     changes: list[str] = field(default_factory=list)
     """One line per spec change applied on this resume (rank 0 announces them)."""
@@ -117,12 +122,32 @@ def resume_changes(settings: RunSettings, uri: str, loaded: LoadedCheckpoint) ->
     """The spec changes since `loaded` was written, one line each: refused (ResumeRefused)
     on a resume of the run's own checkpoint where the table says so, else applied. The
     trainer asks before it builds a loader from the checkpoint's cursor, so a refused change
-    (say, the batch size) is reported as such, not as a cursor mismatch."""
+    (say, the batch size) is reported as such, not as a cursor mismatch. A new run from
+    `checkpoint.from_checkpoint` only announces; where it changes what a resume could not
+    (its data, seed or batch), its data order starts afresh (`data_cursor`), announced too."""
     recorded, current = loaded.state.spec, settings.spec_json
     if uri == settings.checkpoint.from_checkpoint:  # a new run: only announce
-        return [f"resume: {c.describe()}" for c in spec_changes(recorded, current) if c.applied]
+        lines = [f"resume: {c.describe()}" for c in spec_changes(recorded, current) if c.applied]
+        fresh = _fresh_data_order(settings, uri, loaded)
+        if fresh:
+            lines.append(
+                "resume: the data order starts afresh (epoch 0): this run changes "
+                f"{', '.join(fresh)} against the checkpoint, so its data position does not apply"
+            )
+        return lines
     # The run's own checkpoint (the driver checked it too, before Ray started).
     return check_resume_changes(recorded, current, checkpoint_uri=uri)
+
+
+def _fresh_data_order(settings: RunSettings, uri: str, loaded: LoadedCheckpoint) -> list[str]:
+    """The fields by which a new run from `checkpoint.from_checkpoint` differs from the
+    checkpoint where a resume would be refused (data, seed, batch, held-out split, ...):
+    its recorded data position means nothing under them. Empty for a resume, or a new run
+    whose data order goes on from the checkpoint's position."""
+    if uri != settings.checkpoint.from_checkpoint:
+        return []
+    changes = resume_changes_of(loaded.state.spec, settings.spec_json)
+    return [c.field for c in changes if not c.applied and c.field != "checkpoint.from_checkpoint"]
 
 
 def resume_settings(settings: RunSettings, uri: str, loaded: LoadedCheckpoint) -> RunSettings:
@@ -138,9 +163,13 @@ def resume_settings(settings: RunSettings, uri: str, loaded: LoadedCheckpoint) -
     return settings if resumed == settings.spec_json else RunSettings.from_spec_json(resumed)
 
 
-def data_cursor(loaded: LoadedCheckpoint) -> dict[str, Any]:
-    """The data cursor in `loaded`: (epoch, global sample offset), the same on every rank
-    that wrote it, so any world size with the same global batch resumes from it."""
+def data_cursor(settings: RunSettings, uri: str, loaded: LoadedCheckpoint) -> dict[str, Any] | None:
+    """The data cursor to go on from: `loaded`'s (epoch, global sample offset), the same on
+    every rank that wrote it, so any world size with the same global batch resumes from it;
+    None (the data order from its beginning) for a new run from `checkpoint.from_checkpoint`
+    on other data, seed or batch."""
+    if _fresh_data_order(settings, uri, loaded):
+        return None
     return loaded.state.cursors[0]
 
 
@@ -269,7 +298,6 @@ def _restore(
     # rank r is not the worker that saved state r, no state is restored.
     if len(loaded.rng_states) == world_size:
         torch.set_rng_state(loaded.rng_states[rank])
-    cursor = data_cursor(loaded)
     counters = dict(state.counters)
     best_step = counters.get("best_step")
     train_state = TrainState(
@@ -282,7 +310,7 @@ def _restore(
         best_step=int(best_step) if best_step is not None else None,
         evals_since_best=int(counters.get("evals_since_best", 0)),
     )
-    return Restored(train_state, cursor, source)
+    return Restored(train_state, source)
 
 
 def apply_optimizer_settings(opt: OptimizerSettings, optimizer, scheduler) -> None:

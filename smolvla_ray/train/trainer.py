@@ -144,7 +144,7 @@ def train(
     policy = build_policy(settings, meta, storage_options=options)
     loader = build_loader(
         settings, meta, policy, rank=rank, world_size=context.world_size,
-        cursor=data_cursor(loaded) if loaded is not None else None,
+        cursor=data_cursor(settings, source, loaded) if loaded is not None else None,
         storage_options=options, device=device, features=features,
     )  # fmt: skip
     batches = iter(loader)

@@ -65,3 +65,37 @@ def test_a_changed_lr_is_applied_and_announced_a_changed_batch_size_refused(
     assert recorded.param_groups[0]["betas"] == [0.8, 0.9]
     assert recorded.param_groups[0]["initial_lr"] == 5e-4
     assert recorded.scheduler["base_lrs"] == [5e-4]
+
+
+def test_a_new_run_from_a_checkpoint_on_other_data_starts_the_data_order_afresh(
+    tmp_path: Path,
+    demo_dataset: str,
+    lerobot_dataset: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`checkpoint.from_checkpoint` on another dataset and batch size (a finetune of a
+    finetune): the checkpoint's data position means nothing there, so the new run's data
+    order starts at its beginning, and says so; the weights, optimizer and step carry on."""
+    first = spec_for(demo_dataset, tmp_path, "first", train={"steps": 4, "log_every": 2})
+    assert train_in_process(first)[0] is not None
+    source = list_checkpoints(run_uri(str(tmp_path), "first"))[-1].uri
+    second = spec_for(
+        lerobot_dataset, tmp_path, "second",
+        train={"steps": 8, "log_every": 2, "batch_size": 2},
+        checkpoint={"storage": str(tmp_path), "every_steps": 4, "from_checkpoint": source},
+    )  # fmt: skip
+    capsys.readouterr()
+    state, _ = train_in_process(second)
+    assert state is not None and state.step == 8 and state.resumed_from_step == 4
+    out = capsys.readouterr().out
+    assert "resume: the data order starts afresh (epoch 0): this run changes" in out
+    assert "data.uri" in out and "train.batch_size" in out
+
+    # On the same data and batch a new run from the checkpoint goes on from its position.
+    third = spec_for(
+        demo_dataset, tmp_path, "third", train={"steps": 6, "log_every": 2},
+        checkpoint={"storage": str(tmp_path), "every_steps": 2, "from_checkpoint": source},
+    )  # fmt: skip
+    capsys.readouterr()
+    assert train_in_process(third)[0] is not None
+    assert "data order starts afresh" not in capsys.readouterr().out
