@@ -15,6 +15,7 @@ like any other URL. Nothing here imports torch; huggingface_hub is imported when
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import re
@@ -130,10 +131,21 @@ def _write_ref(repo_id: str, repo_type: RepoType, revision: str, commit: str) ->
         log.warning("could not record %s -> %s in %s: %s", revision, commit, ref, err)
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The network errors of the HTTP client huggingface_hub talks through: httpx for
+    huggingface_hub 1.x (LeRobot 0.6.1's), httpx2 for 2.x; whichever are installed."""
+    errors: list[type[BaseException]] = []
+    for client in ("httpx", "httpx2"):
+        try:
+            errors.append(importlib.import_module(client).TransportError)
+        except ImportError:
+            continue
+    return tuple(errors)
+
+
 def _hub_call(repo_id: str, repo_type: RepoType, revision: str, call: Callable[[], T]) -> T:
     """Run a huggingface_hub call, turning a missing repo or revision into HubIdError and
     an unreachable Hub into ConnectionError, each naming the spec field and the fix."""
-    import httpx
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HfHubHTTPError,
@@ -158,7 +170,7 @@ def _hub_call(repo_id: str, repo_type: RepoType, revision: str, call: Callable[[
         ) from err
     except EntryNotFoundError as err:
         raise FileNotFoundError(f"{what}: {err}") from err
-    except (httpx.TransportError, HfHubHTTPError, OfflineModeIsEnabled) as err:
+    except (*_transport_errors(), HfHubHTTPError, OfflineModeIsEnabled) as err:
         raise ConnectionError(
             f"{what}: cannot reach the Hugging Face Hub ({type(err).__name__}: {err}). Check "
             "the network (or HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use the local cache; "
