@@ -32,7 +32,7 @@ BASE = {
     "scratch", "waits",
     "__init__",
 }  # fmt: skip
-TOP = {"driver", "prepare", "jobs", "cli", "stop"}
+TOP = {"driver", "prepare", "jobs", "cli", "cli_common", "cli_jobs", "stop"}
 # Who may import `smolvla_ray.spec`: the spec itself, the driver side (it reads, checks and
 # pins the spec, and decides the feature cache; observe masks a recorded spec's storage
 # options by its rule) and `settings`, which turns it into the `RunSettings` that everything
